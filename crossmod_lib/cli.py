@@ -1,0 +1,213 @@
+"""The ``crossmod`` command-line tool.
+
+    crossmod run --profile NAME [--stage N ...] [--run-dir DIR]   execute the numbered notebooks
+    crossmod book --profile NAME [--run-dir DIR] [--no-run]       run them and build the HTML book
+    crossmod phantom --profile NAME --out DIR [--n-ct N] ...      write phantom cohorts to disk
+    crossmod metrics --reference A --prediction B [--json]       compare two label files
+    crossmod profile NAME                                         print a resolved profile
+    crossmod bench NAME                                           run a benchmark
+
+Errors a user can fix are printed as one line (``crossmod: error: ...``) with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from .bench import BENCHMARKS
+from .errors import CrossmodError
+
+
+def _add_profile(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    parser.add_argument(
+        "--profile", default=default, required=default is None,
+        help="profile name (smoke, demo, full, ...) or path to a profile .yaml"
+        + (f" (default: {default})" if default else ""),
+    )
+
+
+def _add_run_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run-dir", type=Path, default=None,
+                        help="run folder (default: runs/<profile name>)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="crossmod",
+        description="Cross-modality learning of MR parotid contours from annotated CT only "
+                    "(Kieselmann et al., Med Phys 2021), as an executable book.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("run", help="execute the numbered notebooks with papermill",
+                       description="Execute the numbered notebooks (all, or --stage N) headlessly "
+                                   "with papermill into the run folder.")
+    _add_profile(p)
+    _add_run_dir(p)
+    p.add_argument("--stage", type=int, action="append", metavar="N",
+                   help="run only notebook N (repeatable); default: all, in order")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("book", help="run the notebooks and build the HTML book",
+                       description="Execute every notebook for a profile, then build the book "
+                                   "with Jupyter Book into _build/html/.")
+    _add_profile(p, default="demo")
+    _add_run_dir(p)
+    p.add_argument("--no-run", action="store_true",
+                   help="build from the run folder's already executed notebooks")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder receiving _build/html/ (default: the repository root)")
+    p.set_defaults(func=cmd_book)
+
+    p = sub.add_parser("phantom", help="write the digital phantom's CT and MR cohorts to disk",
+                       description="Write the embedded head-and-neck phantom (CT and MR cohorts "
+                                   "of different patients) to a folder, with a profile's settings "
+                                   "and optional overrides.")
+    _add_profile(p, default="smoke")
+    p.add_argument("--out", type=Path, required=True, help="output folder (created)")
+    p.add_argument("--n-ct", type=int, help="number of CT patients")
+    p.add_argument("--n-mr", type=int, help="number of MR patients")
+    p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--workers", type=int, help="processes")
+    p.set_defaults(func=cmd_phantom)
+
+    p = sub.add_parser("metrics", help="compare two label files (DSC, HD, HD95, MSD)",
+                       description="Compare a prediction with a reference label file (NRRD, "
+                                   "NIfTI, MHA) per structure: DSC, Hausdorff distance, 95th "
+                                   "percentile HD and mean surface distance in mm.")
+    p.add_argument("--reference", type=Path, required=True, help="reference label file")
+    p.add_argument("--prediction", type=Path, required=True, help="predicted label file")
+    p.add_argument("--labels", default=None,
+                   help="label names as VALUE:NAME,... (e.g. 1:Parotid_L,2:Parotid_R); "
+                        "default: every label value present")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_metrics)
+
+    p = sub.add_parser("profile", help="print a profile with every setting resolved",
+                       description="Print a profile (its 'extends' chain resolved) as YAML.")
+    p.add_argument("name", nargs="?", default=None,
+                   help="profile name or path; omitted: list the shipped profiles")
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("bench", help="run a benchmark and print its table",
+                       description="Benchmarks of speed targets (never timed in the tests).")
+    p.add_argument("name", choices=sorted(BENCHMARKS),
+                   help="metrics: DSC/HD/HD95/MSD of a parotid-sized pair on a 512x512x150 grid")
+    p.add_argument("--repeats", type=int, default=20, help="timed repetitions")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def cmd_run(args) -> int:
+    from .pipeline import run_notebooks
+    from .runs import RunFolder
+
+    run = RunFolder.open(args.profile, args.run_dir)
+    run_notebooks(run, args.stage)
+    return 0
+
+
+def cmd_book(args) -> int:
+    from .pipeline import build_book, run_notebooks
+    from .runs import RunFolder
+
+    run = RunFolder.open(args.profile, args.run_dir)
+    if not args.no_run:
+        run_notebooks(run)
+    build_book(run, args.out)
+    return 0
+
+
+def cmd_phantom(args) -> int:
+    from . import phantom
+    from .config import load_profile
+    from .preparation import phantom_arguments
+
+    arguments = phantom_arguments(load_profile(args.profile))
+    overrides = {"n_ct": args.n_ct, "n_mr": args.n_mr, "seed": args.seed, "workers": args.workers}
+    arguments.update({k: v for k, v in overrides.items() if v is not None})
+    summary = phantom.write_phantom(args.out, **arguments)
+    print(f"phantom written to {args.out}: {arguments['n_ct']} CT, {arguments['n_mr']} MR patients")
+    if isinstance(summary, dict) and summary.get("defects") is not None:
+        print(f"injected CT contour defects: {len(summary['defects'])}")
+    return 0
+
+
+def _parse_labels(text: str | None) -> dict[int, str] | None:
+    if not text:
+        return None
+    labels = {}
+    for item in text.split(","):
+        value, sep, name = item.partition(":")
+        if not sep or not value.strip().isdigit() or not name.strip():
+            raise CrossmodError(f"--labels: expected VALUE:NAME pairs like 1:Parotid_L, got {item!r}")
+        labels[int(value)] = name.strip()
+    return labels
+
+
+def cmd_metrics(args) -> int:
+    from .metrics import compare_files
+
+    table = compare_files(args.reference, args.prediction, _parse_labels(args.labels))
+    if args.json:
+        records = []
+        for row in table.to_dict(orient="records"):
+            clean = {}
+            for key, value in row.items():
+                if isinstance(value, float) and not math.isfinite(value):
+                    clean[key] = None  # JSON has no infinity: an empty mask's distance
+                    clean.setdefault("note", "a mask is empty: distances undefined (inf)")
+                else:
+                    clean[key] = value.item() if hasattr(value, "item") else value
+            records.append(clean)
+        print(json.dumps({"reference": str(args.reference), "prediction": str(args.prediction),
+                          "units": {"hd": "mm", "hd95": "mm", "msd": "mm"},
+                          "structures": records}, indent=2))
+    else:
+        shown = table[["structure", "label", "dsc", "hd", "hd95", "msd"]].rename(
+            columns={"dsc": "DSC", "hd": "HD [mm]", "hd95": "HD95 [mm]", "msd": "MSD [mm]"})
+        print(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    return 0
+
+
+def cmd_profile(args) -> int:
+    import yaml
+
+    from .config import available_profiles, load_profile
+
+    if args.name is None:
+        for name in available_profiles():
+            print(f"{name:8s} {load_profile(name).get('description', '')}")
+        return 0
+    print(yaml.safe_dump(load_profile(args.name), sort_keys=False), end="")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from . import bench
+
+    result = bench.BENCHMARKS[args.name](repeats=args.repeats)
+    print(json.dumps(result, indent=2) if args.json else bench.format_table(result))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except CrossmodError as exc:
+        print(f"crossmod: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("crossmod: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Profiles: every setting of a run, in one YAML file per profile.
+
+``full.yaml`` holds every setting with the paper's values and a comment saying what it is. Other
+profiles start with ``extends: full`` (or another profile) and override only what differs, so a
+setting is written once. A profile is named (``smoke``, ``demo``, ``full``, shipped with the
+package) or given as a path to a user's own YAML file.
+
+Overrides are checked against the base: an unknown key (a typo) or a value of the wrong type is a
+one-line :class:`~crossmod_lib.errors.CrossmodError` naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import CrossmodError
+
+PROFILE_DIR = Path(__file__).parent / "profiles"
+
+
+def available_profiles() -> list[str]:
+    """Names of the profiles shipped with the package."""
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+
+
+def profile_path(name_or_path: str | Path) -> Path:
+    """The YAML file of a named profile, or the given path if it is a file."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml"):
+        if not candidate.is_file():
+            raise CrossmodError(f"{candidate}: profile file not found")
+        return candidate
+    shipped = PROFILE_DIR / f"{name_or_path}.yaml"
+    if not shipped.is_file():
+        raise CrossmodError(
+            f"profile '{name_or_path}' not found (available: {', '.join(available_profiles())}, "
+            "or give a path to a .yaml file)"
+        )
+    return shipped
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        first_line = str(exc).splitlines()[0]
+        raise CrossmodError(f"{path}: not valid YAML ({first_line})") from None
+    if not isinstance(data, dict):
+        raise CrossmodError(f"{path}: a profile must be a mapping of settings")
+    return data
+
+
+def _same_kind(base: Any, value: Any) -> bool:
+    if isinstance(base, bool) or isinstance(value, bool):
+        return isinstance(base, bool) and isinstance(value, bool)
+    if isinstance(base, (int, float)) and isinstance(value, (int, float)):
+        return True
+    if base is None or value is None:
+        return True
+    if isinstance(base, (list, tuple)):
+        return isinstance(value, (list, tuple))
+    return isinstance(value, type(base))
+
+
+def _merge(base: dict, override: dict, path: Path, prefix: str = "") -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        dotted = f"{prefix}{key}"
+        if key not in base:
+            raise CrossmodError(f"{path}: unknown setting '{dotted}' (not in the base profile)")
+        if isinstance(base[key], dict):
+            if not isinstance(value, dict):
+                raise CrossmodError(f"{path}: setting '{dotted}' must be a mapping")
+            merged[key] = _merge(base[key], value, path, prefix=f"{dotted}.")
+        elif not _same_kind(base[key], value):
+            raise CrossmodError(
+                f"{path}: setting '{dotted}' must be {type(base[key]).__name__}, got {value!r}"
+            )
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def load_profile(name_or_path: str | Path, _seen: tuple = ()) -> dict:
+    """Load a profile by name or path, resolving ``extends`` chains; returns a plain dict."""
+    path = profile_path(name_or_path)
+    if path.resolve() in _seen:
+        raise CrossmodError(f"{path}: 'extends' forms a cycle")
+    data = _read_yaml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        profile = data
+    else:
+        parent_ref = parent
+        if str(parent).endswith((".yaml", ".yml")) and not Path(parent).is_absolute():
+            parent_ref = path.parent / parent
+        base = load_profile(parent_ref, _seen + (path.resolve(),))
+        profile = _merge(base, data, path)
+    profile.setdefault("name", path.stem)
+    _validate(profile, path)
+    return profile
+
+
+def _validate(profile: dict, path: Path) -> None:
+    """Checks of values that a type check cannot catch."""
+    pre = profile.get("preprocessing", {})
+    phantom = profile.get("phantom", {})
+    checks = [
+        (pre.get("pixel_mm", 1) > 0, "preprocessing.pixel_mm must be > 0"),
+        (pre.get("crop", 1) >= 16, "preprocessing.crop must be at least 16 pixels"),
+        (pre.get("ct_window", {}).get("width", 1) > 0, "preprocessing.ct_window.width must be > 0"),
+        (0 < pre.get("mr_upper_percentile", 99) <= 100,
+         "preprocessing.mr_upper_percentile must be in (0, 100]"),
+        (0 <= pre.get("head_threshold", 0) < 255, "preprocessing.head_threshold must be in [0, 255)"),
+        (pre.get("cc_rule", "none") in ("parotid_centred", "parotid_extent", "none"),
+         "preprocessing.cc_rule must be parotid_centred, parotid_extent or none"),
+        (phantom.get("n_ct", 1) >= 1 and phantom.get("n_mr", 1) >= 1,
+         "phantom.n_ct and phantom.n_mr must be at least 1"),
+        (len(phantom.get("ct_slices", [1, 1])) == 2, "phantom.ct_slices must be [min, max]"),
+        (profile.get("data", {}).get("source", "phantom") in ("phantom",),
+         "data.source must be 'phantom' (real-data sources come with the data readers)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise CrossmodError(f"{path}: {message}")
+
+
+def save_profile(profile: dict, path: Path) -> None:
+    """Write the resolved profile (the run folder keeps the settings it ran with)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(profile, sort_keys=False))
+    tmp.replace(path)

@@ -1,0 +1,422 @@
+"""Paper section 2.A: data acquisition and preparation.
+
+CT and MR come with different resolutions and fields of view. Before the 2D networks see them:
+
+1. both are resampled to ``pixel_mm`` in-plane (paper: 1 x 1 mm); the slice spacing is kept, since
+   the method is 2D and the CycleGAN's input is unpaired;
+2. intensities are mapped to 0-255: CT through the soft-tissue window (level 40, width 350 HU),
+   MR by a histogram-based standardisation (:func:`standardise_mr`);
+3. the head is found from its outline (:func:`head_mask`) and a ``crop`` x ``crop`` window
+   (paper: 256 x 256) is cut centred on it;
+4. the CT's cranio-caudal range is restricted to match the MR's (:func:`cc_range`);
+5. 2D axial slices are extracted with their labels and head masks.
+
+The head outline of step 3 is the same mask the CycleGAN's geometric loss and the cleaning step
+use, so all three agree on what "the head" is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+from scipy import ndimage
+
+from .errors import CrossmodError
+from .io import PAROTIDS, Case, find_image, list_cases, read_case, read_header
+
+# ----------------------------------------------------------------------------------------------
+# Table I: acquisition parameters from the headers
+
+
+def _value_range(values) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n.a."
+    if all(isinstance(v, str) for v in values):
+        unique = sorted(set(values))
+        return unique[0] if len(unique) == 1 else " / ".join(unique)
+    lo, hi = min(values), max(values)
+    fmt = (lambda v: f"{v:g}") if all(float(v).is_integer() for v in values) else (lambda v: f"{v:.2f}")
+    return fmt(lo) if lo == hi else f"[{fmt(lo)}, {fmt(hi)}]"
+
+
+def _meta(reader: sitk.ImageFileReader, key: str):
+    if not reader.HasMetaDataKey(key):
+        return None
+    text = reader.GetMetaData(key).strip()
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def acquisition_table(cohorts: dict[str, str | Path]) -> pd.DataFrame:
+    """Table I: imaging parameters of each cohort, read from the image headers only.
+
+    ``cohorts`` maps a column title (e.g. "T2w MR") to a cohort folder. Numeric parameters that
+    vary between patients are shown as ``[min, max]``.
+    """
+    rows = {
+        "FOV [#pixels]": [], "#slices": [], "Voxel size [mm³]": [], "TE [ms]": [], "TR [ms]": [],
+        "Flip angle [°]": [], "Sequence type": [], "Field strength / tube voltage": [],
+        "#patients": [],
+    }
+    columns = []
+    for title, folder in cohorts.items():
+        headers = [read_header(find_image(case, "img")) for case in list_cases(folder)]
+        sizes = [h.GetSize() for h in headers]
+        spacing = np.array([h.GetSpacing() for h in headers])
+        fovs = sorted({f"{s[0]}×{s[1]}" for s in sizes})
+        rows["FOV [#pixels]"].append(" / ".join(fovs))
+        rows["#slices"].append(_value_range([s[2] for s in sizes]))
+        med = np.median(spacing, axis=0)
+        rows["Voxel size [mm³]"].append(f"{med[0]:.2g}×{med[1]:.2g}×{med[2]:.2g}")
+        rows["TE [ms]"].append(_value_range([_meta(h, "EchoTime") for h in headers]))
+        rows["TR [ms]"].append(_value_range([_meta(h, "RepetitionTime") for h in headers]))
+        rows["Flip angle [°]"].append(_value_range([_meta(h, "FlipAngle") for h in headers]))
+        rows["Sequence type"].append(_value_range([_meta(h, "SequenceName") for h in headers]))
+        field = [_meta(h, "MagneticFieldStrength") for h in headers]
+        kvp = [_meta(h, "KVP") for h in headers]
+        if any(v is not None for v in field):
+            rows["Field strength / tube voltage"].append(f"{_value_range(field)} T")
+        elif any(v is not None for v in kvp):
+            rows["Field strength / tube voltage"].append(f"{_value_range(kvp)} kVp")
+        else:
+            rows["Field strength / tube voltage"].append("n.a.")
+        rows["#patients"].append(str(len(headers)))
+        columns.append(title)
+    table = pd.DataFrame(rows, index=columns).T
+    table.index.name = "Parameter"
+    return table
+
+
+# ----------------------------------------------------------------------------------------------
+# Small transforms, one job each
+
+
+def resample_inplane(image: sitk.Image, pixel_mm: float, interpolator=sitk.sitkLinear,
+                     antialias: bool = True) -> sitk.Image:
+    """Resample to ``pixel_mm`` x ``pixel_mm`` in-plane, keeping the slice positions.
+
+    When shrinking, the image is first smoothed in-plane with a Gaussian matched to the new pixel
+    size so fine structures (noise, skin line) do not alias. Labels use a label interpolator and no
+    smoothing.
+    """
+    spacing = np.array(image.GetSpacing(), dtype=float)
+    size = np.array(image.GetSize())
+    new_spacing = np.array([pixel_mm, pixel_mm, spacing[2]])
+    new_size = np.maximum(1, np.round(size * spacing / new_spacing)).astype(int)
+    source = image
+    factor = pixel_mm / spacing[:2]
+    if antialias and np.any(factor > 1.0):
+        sigma_px = 0.5 * np.sqrt(np.maximum(factor**2 - 1.0, 0.0))  # in input pixels (x, y)
+        array = sitk.GetArrayFromImage(image).astype(np.float32)
+        array = ndimage.gaussian_filter(array, sigma=(0.0, sigma_px[1], sigma_px[0]))
+        source = sitk.GetImageFromArray(array)
+        source.CopyInformation(image)
+    # Centre the new grid on the old one: the first voxel centre moves by half the size change.
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    shift = direction @ ((new_spacing - spacing) / 2.0 * np.array([1, 1, 0]))
+    origin = np.array(image.GetOrigin()) + shift
+    return sitk.Resample(
+        source, [int(v) for v in new_size], sitk.Transform(), interpolator, origin.tolist(),
+        new_spacing.tolist(), image.GetDirection(), 0.0, source.GetPixelID(),
+    )
+
+
+def window_ct(hu: np.ndarray, level: float = 40.0, width: float = 350.0) -> np.ndarray:
+    """Map Hounsfield units through a window to 0-255 (float32): below the window 0, above 255."""
+    low = level - width / 2.0
+    return (np.clip((hu - low) / width, 0.0, 1.0) * 255.0).astype(np.float32)
+
+
+def standardise_mr(volume: np.ndarray, upper_percentile: float = 99.0) -> np.ndarray:
+    """Histogram-based MR intensity standardisation to 0-255 (float32).
+
+    MR intensities have no absolute scale (each scanner and patient differ). The head is separated
+    from the background by Otsu's threshold on the intensity histogram; the ``upper_percentile`` of
+    the head's intensities then maps to 255 and zero signal to 0, clipping above. This removes the
+    per-patient scale while keeping the tissue contrast.
+    """
+    values = volume.astype(np.float32)
+    if not np.any(values > 0):
+        raise CrossmodError("MR volume has no signal (all voxels <= 0)")
+    image = sitk.GetImageFromArray(values)
+    otsu = sitk.OtsuThresholdImageFilter()
+    otsu.Execute(image)
+    foreground = values[values > otsu.GetThreshold()]
+    if foreground.size == 0:
+        foreground = values[values > 0]
+    upper = float(np.percentile(foreground, upper_percentile))
+    return (np.clip(values / upper, 0.0, 1.0) * 255.0).astype(np.float32)
+
+
+def head_mask(image: np.ndarray, threshold: float = 20.0) -> np.ndarray:
+    """The head outline of 0-255 image(s) [..., H, W]: threshold, largest component, holes filled.
+
+    Works slice by slice (a 2D mask per axial slice), the form the 2D networks and the cleaning
+    step use. Dark structures inside the head (airway, cortical bone on MR) are holes and get
+    filled, so the mask is the external outline, as in the paper.
+    """
+    image = np.asarray(image)
+    flat = image.reshape((-1,) + image.shape[-2:])
+    out = np.zeros(flat.shape, dtype=bool)
+    for k, plane in enumerate(flat):
+        above = plane > threshold
+        labels, count = ndimage.label(above)
+        if count == 0:
+            continue
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        out[k] = ndimage.binary_fill_holes(labels == int(np.argmax(sizes)))
+    return out.reshape(image.shape)
+
+
+def slice_positions(image: sitk.Image) -> np.ndarray:
+    """Physical cranio-caudal position (mm) of each axial slice; refuses non-axial volumes."""
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    if not np.allclose(np.abs(direction[:, 2]), [0, 0, 1], atol=1e-3):
+        raise CrossmodError(
+            "volume is not axial (slice normal is not the z axis); reorient it to axial first"
+        )
+    z0 = image.GetOrigin()[2]
+    return z0 + direction[2, 2] * image.GetSpacing()[2] * np.arange(image.GetSize()[2])
+
+
+def cc_range(z: np.ndarray, labels: np.ndarray, rule: str, coverage_mm: float | None = None,
+             margin_mm: float = 0.0) -> np.ndarray:
+    """Which slices of a CT to keep (boolean per slice) so its range matches the MR's.
+
+    ``parotid_centred``: a window of the MR coverage (``coverage_mm``, from the MR headers) plus
+    ``margin_mm`` each side, centred on the parotids; ``parotid_extent``: the slices holding parotid
+    label, plus ``margin_mm``; ``none``: every slice.
+    """
+    if rule == "none":
+        return np.ones(len(z), dtype=bool)
+    labelled = labels.reshape(len(z), -1).any(axis=1)
+    if not labelled.any():
+        raise CrossmodError(f"no parotid voxels: cannot place the cranio-caudal range (cc_rule={rule})")
+    z_lab = z[labelled]
+    if rule == "parotid_extent":
+        lo, hi = z_lab.min() - margin_mm, z_lab.max() + margin_mm
+    elif rule == "parotid_centred":
+        if coverage_mm is None:
+            raise CrossmodError("cc_rule=parotid_centred needs the MR coverage (coverage_mm)")
+        centre = 0.5 * (z_lab.min() + z_lab.max())
+        half = coverage_mm / 2.0 + margin_mm
+        lo, hi = centre - half, centre + half
+    else:
+        raise CrossmodError(f"unknown cc_rule {rule!r}")
+    return (z >= lo - 1e-6) & (z <= hi + 1e-6)
+
+
+def crop_origin(mask: np.ndarray, crop: int) -> tuple[int, int]:
+    """Top-left (row, column) of a ``crop`` x ``crop`` window centred on the mask's centroid."""
+    if not mask.any():
+        raise CrossmodError("head outline is empty: nothing above the head threshold")
+    rows, cols = np.nonzero(mask.reshape((-1,) + mask.shape[-2:]).any(axis=0))
+    weights = mask.reshape((-1,) + mask.shape[-2:]).sum(axis=0)[rows, cols]
+    cy = np.average(rows, weights=weights)
+    cx = np.average(cols, weights=weights)
+    return int(round(cy - crop / 2.0)), int(round(cx - crop / 2.0))
+
+
+def crop_slices(volume: np.ndarray, y0: int, x0: int, crop: int, fill=0) -> np.ndarray:
+    """Cut [..., y0:y0+crop, x0:x0+crop], padding with ``fill`` where the window leaves the image."""
+    h, w = volume.shape[-2:]
+    out = np.full(volume.shape[:-2] + (crop, crop), fill, dtype=volume.dtype)
+    ys, ye = max(y0, 0), min(y0 + crop, h)
+    xs, xe = max(x0, 0), min(x0 + crop, w)
+    if ys < ye and xs < xe:
+        out[..., ys - y0:ye - y0, xs - x0:xe - x0] = volume[..., ys:ye, xs:xe]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Composed: one case, one cohort
+
+
+@dataclass
+class PreparedCase:
+    patient_id: str
+    modality: str
+    image: np.ndarray          # uint8 [n, crop, crop]
+    labels: np.ndarray         # uint8 [n, crop, crop]: 0 background, 1 Parotid_L, 2 Parotid_R
+    head_mask: np.ndarray      # bool  [n, crop, crop]
+    slice_index: np.ndarray    # int   [n]: index of the slice in the source volume
+    z_mm: np.ndarray           # float [n]
+    info: dict
+    labels_observer2: np.ndarray | None = None
+
+
+def normalise_intensity(array: np.ndarray, modality: str, settings: dict) -> np.ndarray:
+    if modality == "CT":
+        window = settings["ct_window"]
+        return window_ct(array, window["level"], window["width"])
+    if modality == "MR":
+        return standardise_mr(array, settings["mr_upper_percentile"])
+    raise CrossmodError(f"unknown modality {modality!r} (CT or MR)")
+
+
+def prepare_case(case: Case, modality: str, settings: dict, coverage_mm: float | None = None,
+                 observer2: Case | None = None) -> PreparedCase:
+    """Section 2.A for one patient: resample, normalise, range-restrict (CT), crop, slice."""
+    where = case.source or case.patient_id
+    try:
+        resampled = resample_inplane(case.image, settings["pixel_mm"])
+        array = sitk.GetArrayFromImage(resampled).astype(np.float32)
+        normalised = normalise_intensity(array, modality, settings)
+
+        def labels_on_grid(source: Case) -> np.ndarray:
+            label_image = sitk.GetImageFromArray(source.label_array(PAROTIDS))
+            label_image.CopyInformation(source.image)
+            label_image = resample_inplane(label_image, settings["pixel_mm"],
+                                           sitk.sitkLabelLinear, antialias=False)
+            return sitk.GetArrayFromImage(label_image).astype(np.uint8)
+
+        labels = labels_on_grid(case)
+        z = slice_positions(resampled)
+        if modality == "CT":
+            keep = cc_range(z, labels, settings["cc_rule"], coverage_mm, settings["cc_margin_mm"])
+        else:
+            keep = np.ones(len(z), dtype=bool)
+        index = np.flatnonzero(keep)
+        mask = head_mask(normalised[index], settings["head_threshold"])
+        y0, x0 = crop_origin(mask, settings["crop"])
+    except CrossmodError as exc:
+        raise CrossmodError(f"{where}: {exc}") from None
+    crop = settings["crop"]
+    image = np.round(crop_slices(normalised[index], y0, x0, crop)).astype(np.uint8)
+    prepared = PreparedCase(
+        patient_id=case.patient_id,
+        modality=modality,
+        image=image,
+        labels=crop_slices(labels[index], y0, x0, crop),
+        head_mask=crop_slices(mask, y0, x0, crop),
+        slice_index=index.astype(np.int32),
+        z_mm=z[index].astype(np.float32),
+        info={
+            "patient": case.patient_id,
+            "modality": modality,
+            "source": str(case.source) if case.source else "",
+            "slices_total": int(len(z)),
+            "slices_kept": int(len(index)),
+            "z_min_mm": float(z[index].min()),
+            "z_max_mm": float(z[index].max()),
+            "crop_row": y0,
+            "crop_col": x0,
+            "pixel_mm": float(settings["pixel_mm"]),
+            "slice_mm": float(resampled.GetSpacing()[2]),
+            "resampled_origin": ";".join(f"{v:.4f}" for v in resampled.GetOrigin()),
+            "resampled_size": "x".join(str(v) for v in resampled.GetSize()),
+            "structures": ";".join(sorted(case.structures)),
+        },
+    )
+    if observer2 is not None:
+        prepared.labels_observer2 = crop_slices(labels_on_grid(observer2)[index], y0, x0, crop)
+    return prepared
+
+
+def mr_coverage_mm(mr_cohort: str | Path) -> float:
+    """Median cranio-caudal coverage of the MR cohort (slices x spacing), from headers only."""
+    coverages = []
+    for case in list_cases(mr_cohort):
+        header = read_header(find_image(case, "img"))
+        coverages.append(header.GetSize()[2] * header.GetSpacing()[2])
+    return float(np.median(coverages))
+
+
+def save_slices(cases: list[PreparedCase], path: Path) -> None:
+    """All slices of a cohort in one compressed .npz (written atomically), the 2D networks' input."""
+    arrays = {
+        "image": np.concatenate([c.image for c in cases]),
+        "labels": np.concatenate([c.labels for c in cases]),
+        "head_mask": np.concatenate([c.head_mask for c in cases]),
+        "patient": np.concatenate([np.full(len(c.image), c.patient_id) for c in cases]),
+        "slice_index": np.concatenate([c.slice_index for c in cases]),
+        "z_mm": np.concatenate([c.z_mm for c in cases]),
+    }
+    if all(c.labels_observer2 is not None for c in cases):
+        arrays["labels_observer2"] = np.concatenate([c.labels_observer2 for c in cases])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        np.savez_compressed(handle, **arrays)
+    tmp.replace(path)
+
+
+def load_slices(path: str | Path) -> dict[str, np.ndarray]:
+    """Read a cohort's slices written by :func:`save_slices` (numpy only: usable on a bare GPU box)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CrossmodError(f"{path}: prepared slices not found")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+    except (OSError, ValueError) as exc:
+        raise CrossmodError(f"{path}: cannot read prepared slices ({exc})") from None
+
+
+def prepare_cohort(cohort_dir: str | Path, modality: str, settings: dict, out_dir: str | Path,
+                   coverage_mm: float | None = None, progress: bool = True) -> pd.DataFrame:
+    """Prepare every case of a cohort; writes ``<out>/<ct|mr>_slices.npz`` and ``..._cases.csv``."""
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    prepared = []
+    for folder in tqdm(list_cases(cohort_dir), desc=f"prepare {modality}", disable=not progress):
+        case = read_case(folder)
+        missing = [name for name in PAROTIDS if name not in case.structures]
+        if modality == "CT" and len(missing) == len(PAROTIDS):
+            raise CrossmodError(f"{folder}: no parotid structures (expected {', '.join(PAROTIDS)})")
+        observer2 = None
+        if (folder / "structures_observer2").is_dir():
+            observer2 = read_case(folder, structures_dir="structures_observer2")
+        prepared.append(prepare_case(case, modality, settings, coverage_mm, observer2))
+    stem = modality.lower()
+    save_slices(prepared, out_dir / f"{stem}_slices.npz")
+    table = pd.DataFrame([c.info for c in prepared])
+    tmp = out_dir / f".{stem}_cases.csv.tmp"
+    table.to_csv(tmp, index=False)
+    tmp.replace(out_dir / f"{stem}_cases.csv")
+    return table
+
+
+# ----------------------------------------------------------------------------------------------
+# Where the raw cohorts come from
+
+
+def phantom_arguments(profile: dict) -> dict:
+    """Keyword arguments of :func:`crossmod_lib.phantom.write_phantom` from a profile."""
+    settings = dict(profile["phantom"])
+    settings["ct_slices"] = tuple(settings["ct_slices"])
+    return {"seed": profile["seed"], **settings}
+
+
+def raw_cohorts(run, progress: bool = True) -> dict[str, Path]:
+    """The run's raw CT and MR cohort folders, generating the phantom first if needed.
+
+    The phantom is regenerated only when its settings changed (``phantom.json`` records them).
+    """
+    import json
+
+    from . import phantom
+
+    source = run.profile["data"]["source"]
+    if source != "phantom":
+        raise CrossmodError(f"data.source={source!r} is not supported yet (only 'phantom')")
+    folder = run.root / "raw" / "phantom"
+    wanted = phantom_arguments(run.profile)
+    record = folder / "phantom.json"
+    current = None
+    if record.is_file():
+        current = json.loads(record.read_text()).get("arguments")
+    comparable = {k: v for k, v in wanted.items() if k != "workers"}
+    if current is None or {k: (tuple(v) if isinstance(v, list) else v)
+                           for k, v in current.items() if k in comparable} != comparable:
+        phantom.write_phantom(folder, progress=progress, **wanted)
+    return {"CT": folder / "ct", "MR": folder / "mr"}

@@ -1,0 +1,213 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 1. Data acquisition and preparation
+#
+# ## Overview
+# This chapter reproduces **section 2.A** of {cite}`kieselmann2021`: the two cohorts (CT and MR of
+# different patients), their acquisition parameters (**Table I**), example views with the parotid
+# contours (**Fig. 1**), and the preprocessing that turns both into comparable 2D slices. It also
+# measures the **interobserver variability** of the MR contours, the reference the paper sets its
+# results against (section 2.G).
+#
+# | Prerequisite | Importance |
+# |---|---|
+# | CT Hounsfield units and display windows | helpful |
+# | T2-weighted MR contrast | helpful |
+# | Dice coefficient and surface distances | helpful |
+#
+# Everything here is computed by `crossmod_lib.preparation` (section 2.A), `crossmod_lib.metrics`
+# and `crossmod_lib.evaluation` (section 2.G); this notebook only calls them and shows the results.
+
+# %% tags=["parameters"]
+# Papermill injects these (crossmod run / crossmod book).
+profile = "smoke"
+run_dir = ""
+profile_path = ""
+
+# %%
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+from IPython.display import Markdown, display
+
+from crossmod_lib import evaluation, io, paper, plots, preparation, runs
+
+run = runs.RunFolder.open(profile_path or profile, run_dir or None)
+settings = run.profile["preprocessing"]
+figures = run.stage("figures")
+print(f"profile: {run.profile['name']} - {run.profile['description']}")
+print(f"run folder: {run.root}")
+
+# %% [markdown]
+# ## The cohorts
+# The paper used 202 annotated CT (TCIA {cite}`grossberg2017` and the MICCAI 2015 challenge
+# {cite}`raudaschl2017`) and 27 T2-weighted MR of other patients. Here both cohorts come from the
+# embedded digital phantom (see the introduction), generated into the run folder on first use.
+
+# %%
+cohorts = preparation.raw_cohorts(run, progress=False)
+for modality, folder in cohorts.items():
+    print(f"{modality}: {len(io.list_cases(folder))} patients in {folder}")
+
+# %% [markdown]
+# ### Table I: imaging parameters
+# Computed from the image headers of the cohorts in this run (size, spacing and the acquisition
+# tags stored with each image), not typed in. The paper's Table I is shown beside it.
+
+# %%
+table_1 = preparation.acquisition_table({"T2w MR (phantom)": cohorts["MR"], "CT (phantom)": cohorts["CT"]})
+table_1.to_csv(run.stage("metrics") / "table_1.csv")
+display(table_1.join(paper.TABLE_I))
+
+# %% [markdown]
+# ### Fig. 1: example views
+# Axial, coronal and sagittal views through the parotids of one MR (top) and one CT (bottom), left
+# parotid red, right parotid green. The CT is shown in the soft-tissue window (level 40, width 350
+# HU {cite}`hoang2010`); the MR from zero to its 99.5th percentile.
+
+# %%
+ct_case = io.read_case(io.list_cases(cohorts["CT"])[0])
+mr_case = io.read_case(io.list_cases(cohorts["MR"])[0])
+mr_values = sitk.GetArrayViewFromImage(mr_case.image)
+fig = plots.figure_views([
+    (f"T2w MR {mr_case.patient_id}", mr_case, (0.0, float(np.percentile(mr_values, 99.5)))),
+    (f"CT {ct_case.patient_id}", ct_case, (40 - 175, 40 + 175)),
+])
+fig.savefig(figures / "fig1_views.png", dpi=120, bbox_inches="tight")
+plt.show()
+
+# %% [markdown]
+# ## Interobserver variability
+# Each phantom MR carries two observers' parotid contours. The metrics of section 2.G between
+# them, per patient and gland, give this run's interobserver reference. Conventions
+# (from `crossmod_lib.metrics`): the surface of a mask is the mask minus its erosion by the
+# 6-connected cross; directed distances are Euclidean distances (in mm, with the voxel spacing) from
+# one surface's voxels to the nearest voxel of the other surface; HD is the larger of the two
+# directed maxima, HD95 the larger of the two directed 95th percentiles, and MSD the mean of the two
+# directed mean distances (MedPy's `assd` {cite}`medpy`). Both masks empty gives DSC 1 and
+# distances 0; exactly one empty gives DSC 0 and infinite distances (left out of means and counted).
+#
+# The paper's interobserver row comes from three observers on its real MR
+# {cite}`kieselmann2018`; the phantom's second observer is a smooth perturbation of the first, so
+# the two are comparable in kind only.
+
+# %%
+interobserver = evaluation.interobserver(cohorts["MR"])
+interobserver.to_csv(run.stage("metrics") / "interobserver_phantom.csv", index=False)
+summary = evaluation.mean_sd_table(interobserver)
+comparison = pd.concat({"this run (phantom MR)": summary.drop(columns="n"),
+                        "paper (real MR)": paper.INTEROBSERVER}, axis=0)
+display(comparison)
+
+# %% [markdown]
+# ## Preprocessing (section 2.A)
+# Both modalities are resampled to the profile's in-plane pixel size, mapped to 0-255 (CT through
+# the soft-tissue window, MR by a histogram-based standardisation: Otsu's threshold
+# {cite}`otsu1979` separates head from background and the 99th percentile of the head maps to
+# 255, in the spirit of {cite}`nyul2000`), cropped to a square window centred on the head outline,
+# and cut into axial slices. The CT's cranio-caudal range is restricted to the MR's coverage
+# centred on the parotids.
+
+# %%
+print(f"pixel {settings['pixel_mm']} mm, crop {settings['crop']} px, "
+      f"CT window L{settings['ct_window']['level']}/W{settings['ct_window']['width']}, "
+      f"range rule {settings['cc_rule']}")
+prepared_dir = run.stage("prepared")
+coverage_mm = preparation.mr_coverage_mm(cohorts["MR"])
+mr_cases = preparation.prepare_cohort(cohorts["MR"], "MR", settings, prepared_dir, progress=False)
+ct_cases = preparation.prepare_cohort(cohorts["CT"], "CT", settings, prepared_dir,
+                                      coverage_mm=coverage_mm, progress=False)
+print(f"MR coverage (median over the MR cohort): {coverage_mm:.0f} mm")
+display(pd.concat([mr_cases, ct_cases])[
+    ["patient", "modality", "slices_total", "slices_kept", "z_min_mm", "z_max_mm", "crop_row", "crop_col"]
+].set_index("patient"))
+
+# %% [markdown]
+# ### Prepared slices
+# Slices at the level of the parotids from each cohort, as the networks will see them: head outline
+# (yellow; the same mask the CycleGAN's geometric loss and the cleaning step use) and parotid labels.
+
+# %%
+ct_slices = preparation.load_slices(prepared_dir / "ct_slices.npz")
+mr_slices = preparation.load_slices(prepared_dir / "mr_slices.npz")
+
+
+def parotid_level_examples(slices, count=6):
+    """Indices of the slices with the most parotid label, one per patient first."""
+    area = (slices["labels"] > 0).reshape(len(slices["labels"]), -1).sum(axis=1)
+    picked = []
+    for patient in np.unique(slices["patient"]):
+        own = np.flatnonzero(slices["patient"] == patient)
+        picked.append(int(own[np.argmax(area[own])]))
+    return picked[:count]
+
+
+for name, slices in (("CT", ct_slices), ("MR", mr_slices)):
+    chosen = parotid_level_examples(slices)
+    fig = plots.slice_gallery(slices, chosen, titles=[f"{name} {slices['patient'][i]} z={slices['z_mm'][i]:.0f}"
+                                                      for i in chosen])
+    fig.savefig(figures / f"prepared_{name.lower()}_slices.png", dpi=120, bbox_inches="tight")
+    plt.show()
+
+# %% [markdown]
+# ### Intensities after preprocessing
+# The CT window and the MR standardisation put both modalities on 0-255. Within the head, the CT is
+# dominated by soft tissue around the middle of the window; MR shows dark muscle and bright fat and
+# glands. The MR standardisation removes the per-patient scale (raw MR values differ by up to an
+# order of magnitude between patients here).
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.2), constrained_layout=True)
+for ax, (name, slices) in zip(axes, (("CT", ct_slices), ("MR", mr_slices))):
+    for patient in np.unique(slices["patient"]):
+        own = slices["patient"] == patient
+        values = slices["image"][own][slices["head_mask"][own]]
+        ax.hist(values, bins=64, range=(0, 255), histtype="step", density=True, label=patient)
+    ax.set_title(f"{name}: intensities inside the head outline, per patient", fontsize=9)
+    ax.set_xlabel("intensity (0-255)")
+axes[1].legend(fontsize=6, ncol=2)
+fig.savefig(figures / "prepared_histograms.png", dpi=120, bbox_inches="tight")
+plt.show()
+
+# %% [markdown]
+# ## Summary
+# The run's counts, as computed above:
+
+# %%
+n_ct, n_mr = len(ct_cases), len(mr_cases)
+display(Markdown(
+    f"- **{n_ct} CT** patients gave **{len(ct_slices['image'])}** axial slices after restricting each CT "
+    f"to the MR coverage ({coverage_mm:.0f} mm) around its parotids "
+    f"(from {int(ct_cases['slices_total'].sum())} slices in total).\n"
+    f"- **{n_mr} MR** patients gave **{len(mr_slices['image'])}** slices.\n"
+    f"- Slices are {settings['crop']} × {settings['crop']} pixels of {settings['pixel_mm']} mm.\n"
+    f"- Interobserver DSC on the phantom MR: "
+    + ", ".join(f"{side} {row['DSC']}" for side, row in summary.iterrows()) + "."
+))
+
+# %% [markdown]
+# ## What's next
+# Chapter 2 trains the CycleGAN on these unpaired CT and MR slices to synthesise an MR for every CT
+# slice.
+#
+# ## Resources and references
+# The sources cited in this chapter are listed with full details on the [references](../references.md)
+# page.
+#
+# ## Provenance
+
+# %%
+display(Markdown(runs.provenance_markdown(run)))

@@ -1,0 +1,66 @@
+import pytest
+import yaml
+
+from crossmod_lib.config import available_profiles, load_profile
+from crossmod_lib.errors import CrossmodError
+
+
+def test_shipped_profiles_load():
+    assert {"smoke", "demo", "full"} <= set(available_profiles())
+    for name in available_profiles():
+        profile = load_profile(name)
+        assert profile["name"] == name
+        assert profile["preprocessing"]["crop"] >= 16
+
+
+def test_full_profile_has_the_papers_settings():
+    full = load_profile("full")
+    assert full["phantom"]["n_ct"] == 202 and full["phantom"]["n_mr"] == 27
+    assert full["preprocessing"]["pixel_mm"] == 1.0 and full["preprocessing"]["crop"] == 256
+    assert full["preprocessing"]["ct_window"] == {"level": 40, "width": 350}
+
+
+def test_extends_overrides_only_what_differs():
+    smoke, full = load_profile("smoke"), load_profile("full")
+    assert smoke["preprocessing"]["ct_window"] == full["preprocessing"]["ct_window"]
+    assert smoke["phantom"]["n_ct"] < full["phantom"]["n_ct"]
+
+
+def _write(tmp_path, data, name="custom.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_user_profile_file(tmp_path):
+    path = _write(tmp_path, {"extends": "smoke", "name": "mine", "phantom": {"n_ct": 5}})
+    profile = load_profile(path)
+    assert profile["name"] == "mine" and profile["phantom"]["n_ct"] == 5
+    assert profile["phantom"]["n_mr"] == load_profile("smoke")["phantom"]["n_mr"]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"phantom": {"n_cT": 5}}, "unknown setting 'phantom.n_cT'"),
+        ({"preprocessing": {"crop": "big"}}, "'preprocessing.crop' must be int"),
+        ({"preprocessing": {"pixel_mm": -1.0}}, "pixel_mm must be > 0"),
+        ({"preprocessing": {"cc_rule": "sideways"}}, "cc_rule must be"),
+        ({"preprocessing": 3}, "'preprocessing' must be a mapping"),
+    ],
+)
+def test_bad_profile_is_one_line_error_naming_file(tmp_path, override, message):
+    path = _write(tmp_path, {"extends": "smoke", **override})
+    with pytest.raises(CrossmodError) as info:
+        load_profile(path)
+    text = str(info.value)
+    assert message in text and str(path) in text and "\n" not in text
+
+
+def test_unknown_profile_and_invalid_yaml(tmp_path):
+    with pytest.raises(CrossmodError, match="not found"):
+        load_profile("no-such-profile")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("phantom: [unclosed\n")
+    with pytest.raises(CrossmodError, match="not valid YAML"):
+        load_profile(bad)
