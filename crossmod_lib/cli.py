@@ -4,6 +4,8 @@
     crossmod book --profile NAME [--run-dir DIR] [--no-run]       run them and build the HTML book
     crossmod phantom --profile NAME --out DIR [--n-ct N] ...      write phantom cohorts to disk
     crossmod metrics --reference A --prediction B [--json]       compare two label files
+    crossmod data list                                            the datasets of data_manifest.yaml
+    crossmod fetch NAME [--dest DIR]                              download and verify a dataset
     crossmod profile NAME                                         print a resolved profile
     crossmod bench NAME                                           run a benchmark
 
@@ -86,6 +88,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: every label value present")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_metrics)
+
+    p = sub.add_parser("data", help="the datasets of data_manifest.yaml",
+                       description="Datasets the book can use (data_manifest.yaml) and whether "
+                                   "each is present under the data root.")
+    data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    q = data_sub.add_parser("list", help="list the datasets with licence, citation and source",
+                            description="List the datasets of data_manifest.yaml.")
+    q.add_argument("--data-root", type=Path, default=None,
+                   help="folder holding datasets (default: $CROSSMOD_DATA, else ../shared/data)")
+    q.set_defaults(func=cmd_data_list)
+
+    p = sub.add_parser("fetch", help="download a dataset (pooch, sha256-verified, safe extraction)",
+                       description="Download a dataset's fixed files with pooch, verify their "
+                                   "sha256 and extract archives safely into DEST/NAME.")
+    p.add_argument("name", help="dataset name from data_manifest.yaml (see: crossmod data list)")
+    p.add_argument("--dest", type=Path, default=None,
+                   help="destination folder (default: the data root)")
+    p.set_defaults(func=cmd_fetch)
 
     p = sub.add_parser("profile", help="print a profile with every setting resolved",
                        description="Print a profile (its 'extends' chain resolved) as YAML.")
@@ -172,6 +192,22 @@ def cmd_metrics(args) -> int:
         shown = table[["structure", "label", "dsc", "hd", "hd95", "msd"]].rename(
             columns={"dsc": "DSC", "hd": "HD [mm]", "hd95": "HD95 [mm]", "msd": "MSD [mm]"})
         print(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    return 0
+
+
+def cmd_data_list(args) -> int:
+    from .datasets import format_dataset_list
+
+    print(format_dataset_list(root=args.data_root))
+    return 0
+
+
+def cmd_fetch(args) -> int:
+    from .datasets import data_root, fetch
+
+    dest = args.dest if args.dest is not None else data_root()
+    path = fetch(args.name, dest)
+    print(f"{args.name}: {path}")
     return 0
 
 

@@ -43,13 +43,18 @@ def _kernel_environment() -> None:
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
 
 
-def run_notebooks(run: RunFolder, stages: list[int] | None = None, log=print) -> list[Path]:
-    """Execute the numbered notebooks (all, or the given stage numbers) into the run folder."""
+def run_notebooks(run: RunFolder, stages: list[int] | None = None, log=print,
+                  source_root: Path | None = None) -> list[Path]:
+    """Execute the numbered notebooks (all, or the given stage numbers) into the run folder.
+
+    A failing cell stops the run with a one-line error naming the notebook and the cell; the
+    executed partial notebook is kept in ``<run>/notebooks/`` for inspection.
+    """
     import jupytext
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
-    available = notebooks()
+    available = notebooks(source_root)
     if stages:
         unknown = sorted(set(stages) - {n for n, _ in available})
         if unknown:

@@ -361,6 +361,16 @@ def load_slices(path: str | Path) -> dict[str, np.ndarray]:
         raise CrossmodError(f"{path}: cannot read prepared slices ({exc})") from None
 
 
+def parotid_level_slices(slices: dict[str, np.ndarray], count: int = 6) -> list[int]:
+    """Indices of example slices: per patient (in order), the slice with the most parotid label."""
+    area = (slices["labels"] > 0).reshape(len(slices["labels"]), -1).sum(axis=1)
+    picked = []
+    for patient in np.unique(slices["patient"]):
+        own = np.flatnonzero(slices["patient"] == patient)
+        picked.append(int(own[np.argmax(area[own])]))
+    return picked[:count]
+
+
 def prepare_cohort(cohort_dir: str | Path, modality: str, settings: dict, out_dir: str | Path,
                    coverage_mm: float | None = None, progress: bool = True) -> pd.DataFrame:
     """Prepare every case of a cohort; writes ``<out>/<ct|mr>_slices.npz`` and ``..._cases.csv``."""

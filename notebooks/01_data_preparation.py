@@ -30,8 +30,8 @@
 # Everything here is computed by `crossmod_lib.preparation` (section 2.A), `crossmod_lib.metrics`
 # and `crossmod_lib.evaluation` (section 2.G); this notebook only calls them and shows the results.
 
-# %% tags=["parameters"]
-# Papermill injects these (crossmod run / crossmod book).
+# %% tags=["parameters", "remove-cell"]
+# Defaults; papermill injects the run's values in the cell below (crossmod run / crossmod book).
 profile = "smoke"
 run_dir = ""
 profile_path = ""
@@ -133,7 +133,7 @@ ct_cases = preparation.prepare_cohort(cohorts["CT"], "CT", settings, prepared_di
 print(f"MR coverage (median over the MR cohort): {coverage_mm:.0f} mm")
 display(pd.concat([mr_cases, ct_cases])[
     ["patient", "modality", "slices_total", "slices_kept", "z_min_mm", "z_max_mm", "crop_row", "crop_col"]
-].set_index("patient"))
+].set_index("patient").round(1))
 
 # %% [markdown]
 # ### Prepared slices
@@ -145,18 +145,8 @@ ct_slices = preparation.load_slices(prepared_dir / "ct_slices.npz")
 mr_slices = preparation.load_slices(prepared_dir / "mr_slices.npz")
 
 
-def parotid_level_examples(slices, count=6):
-    """Indices of the slices with the most parotid label, one per patient first."""
-    area = (slices["labels"] > 0).reshape(len(slices["labels"]), -1).sum(axis=1)
-    picked = []
-    for patient in np.unique(slices["patient"]):
-        own = np.flatnonzero(slices["patient"] == patient)
-        picked.append(int(own[np.argmax(area[own])]))
-    return picked[:count]
-
-
 for name, slices in (("CT", ct_slices), ("MR", mr_slices)):
-    chosen = parotid_level_examples(slices)
+    chosen = preparation.parotid_level_slices(slices, count=6)
     fig = plots.slice_gallery(slices, chosen, titles=[f"{name} {slices['patient'][i]} z={slices['z_mm'][i]:.0f}"
                                                       for i in chosen])
     fig.savefig(figures / f"prepared_{name.lower()}_slices.png", dpi=120, bbox_inches="tight")

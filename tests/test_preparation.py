@@ -220,3 +220,13 @@ def test_cohort_errors(tmp_path):
     bad.write_bytes(b"not a zip")
     with pytest.raises(CrossmodError, match="broken.npz: cannot read prepared slices"):
         prep.load_slices(bad)
+
+
+def test_parotid_level_slices_one_per_patient():
+    labels = np.zeros((5, 4, 4), np.uint8)
+    labels[1, :2, :2] = 1
+    labels[3, :, :] = 2
+    labels[4, :1, :1] = 1
+    slices = {"labels": labels, "patient": np.array(["a", "a", "a", "b", "b"])}
+    assert prep.parotid_level_slices(slices) == [1, 3]
+    assert prep.parotid_level_slices(slices, count=1) == [1]

@@ -1,0 +1,75 @@
+"""End to end: the smoke profile's notebooks run with papermill and the HTML book builds."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from crossmod_lib.preparation import load_slices
+
+pytestmark = pytest.mark.book
+
+
+@pytest.fixture(scope="module")
+def smoke_book(tmp_path_factory):
+    crossmod = Path(sys.executable).parent / "crossmod"
+    if not crossmod.exists():
+        pytest.skip(f"crossmod script not installed beside {sys.executable} (pip install -e .)")
+    base = tmp_path_factory.mktemp("smoke")
+    run_dir, out = base / "run", base / "book"
+    result = subprocess.run(
+        [str(crossmod), "book", "--profile", "smoke", "--run-dir", str(run_dir), "--out", str(out)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return run_dir, out / "_build" / "html", crossmod
+
+
+def test_book_opens_at_index_with_intro(smoke_book):
+    _, html, _ = smoke_book
+    index = (html / "index.html").read_text()
+    assert 'url=book/intro.html' in index  # Jupyter Book's start page forwards to the root file
+    intro = (html / "book" / "intro.html").read_text()
+    assert "Contouring MR from annotated CT only" in intro
+    assert "What the phantom is not" in intro
+    assert "_executed/01_data_preparation.html" in intro  # chapter 1 linked from the start page
+
+
+def test_chapter_1_holds_table_i_and_figures(smoke_book):
+    _, html, _ = smoke_book
+    chapter = (html / "book" / "_executed" / "01_data_preparation.html").read_text()
+    assert "<table" in chapter
+    for row in ("FOV [#pixels]", "Voxel size", "TE [ms]", "TR [ms]", "Field strength"):
+        assert row in chapter, row
+    assert "0.98×0.98×2.5" in chapter and "0.5×0.5×4" in chapter  # computed from the headers
+    assert "Interobserver" in chapter and "paper (real MR)" in chapter
+    images = [line for line in chapter.split("<img")[1:] if ".png" in line.split(">")[0]]
+    assert len(images) >= 4, "Fig. 1, two slice galleries and the histograms"
+    for tag in images:
+        src = tag.split('src="', 1)[1].split('"', 1)[0]
+        assert (html / "book" / "_executed" / src).resolve().is_file(), src
+    assert "Provenance" in chapter and "commit" in chapter
+
+
+def test_run_folder_holds_the_prepared_slices(smoke_book):
+    run_dir, _, _ = smoke_book
+    for path in ("profile.yaml", "raw/phantom/phantom.json", "prepared/ct_slices.npz",
+                 "prepared/mr_slices.npz", "prepared/ct_cases.csv", "metrics/table_1.csv",
+                 "metrics/interobserver_phantom.csv", "figures/fig1_views.png",
+                 "notebooks/01_data_preparation.ipynb"):
+        assert (run_dir / path).is_file(), path
+    ct = load_slices(run_dir / "prepared" / "ct_slices.npz")
+    assert ct["image"].shape[1:] == (64, 64) and ct["image"].dtype == np.uint8
+    assert set(np.unique(ct["labels"])) <= {0, 1, 2} and (ct["labels"] > 0).any()
+
+
+def test_a_notebook_reruns_alone(smoke_book):
+    run_dir, _, crossmod = smoke_book
+    before = (run_dir / "raw" / "phantom" / "phantom.json").stat().st_mtime
+    result = subprocess.run([str(crossmod), "run", "--profile", "smoke", "--run-dir", str(run_dir),
+                             "--stage", "1"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # the raw phantom is reused, not regenerated
+    assert (run_dir / "raw" / "phantom" / "phantom.json").stat().st_mtime == before

@@ -1,0 +1,145 @@
+"""The crossmod command-line tool: help, metrics on files, one-line errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from crossmod_lib.cli import build_parser, main
+
+SUBCOMMANDS = ["run", "book", "phantom", "metrics", "data", "fetch", "profile", "bench"]
+
+
+@pytest.mark.parametrize("command", [[]] + [[c] for c in SUBCOMMANDS] + [["data", "list"]])
+def test_help_on_every_subcommand(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(command + ["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: crossmod" in out
+
+
+def test_parser_lists_all_subcommands():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert set(SUBCOMMANDS) <= set(sub.choices)
+
+
+def test_installed_entry_point():
+    script = Path(sys.executable).parent / "crossmod"
+    if not script.exists():
+        pytest.skip(f"crossmod script not installed beside {sys.executable} (pip install -e .)")
+    result = subprocess.run([str(script), "profile"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "smoke" in result.stdout and "demo" in result.stdout and "full" in result.stdout
+
+
+def _label_file(path, array, spacing=(0.98, 0.98, 2.5)):
+    image = sitk.GetImageFromArray(array.astype(np.uint8))
+    image.SetSpacing(spacing)
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+@pytest.fixture
+def label_pair(tmp_path):
+    reference = np.zeros((10, 30, 30), np.uint8)
+    reference[3:7, 5:12, 5:12] = 1
+    reference[3:7, 15:25, 15:22] = 2
+    prediction = np.roll(reference, 2, axis=2)  # shift 2 voxels in x: 1.96 mm
+    return (_label_file(tmp_path / "manual.nrrd", reference),
+            _label_file(tmp_path / "auto.nii.gz", prediction))
+
+
+def test_metrics_table(label_pair, capsys):
+    reference, prediction = label_pair
+    assert main(["metrics", "--reference", str(reference), "--prediction", str(prediction),
+                 "--labels", "1:Parotid_L,2:Parotid_R"]) == 0
+    out = capsys.readouterr().out
+    assert "Parotid_L" in out and "Parotid_R" in out and "HD95 [mm]" in out
+    assert "1.960" in out  # HD of a 2-voxel shift at 0.98 mm
+
+
+def test_metrics_json(label_pair, capsys):
+    reference, prediction = label_pair
+    assert main(["metrics", "--reference", str(reference), "--prediction", str(prediction), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    rows = {r["structure"]: r for r in result["structures"]}
+    assert set(rows) == {"label_1", "label_2"}
+    assert rows["label_1"]["hd"] == pytest.approx(1.96)
+    assert 0 < rows["label_1"]["dsc"] < 1
+
+
+def test_metrics_empty_prediction_json_has_no_infinity(tmp_path, capsys):
+    reference = np.zeros((5, 10, 10), np.uint8)
+    reference[2, 3:6, 3:6] = 1
+    ref = _label_file(tmp_path / "a.nrrd", reference)
+    pred = _label_file(tmp_path / "b.nrrd", np.zeros_like(reference))
+    assert main(["metrics", "--reference", str(ref), "--prediction", str(pred), "--json",
+                 "--labels", "1:Parotid_L"]) == 0
+    text = capsys.readouterr().out
+    assert "Infinity" not in text
+    row = json.loads(text)["structures"][0]
+    assert row["dsc"] == 0.0 and row["hd"] is None and "empty" in row["note"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["metrics", "--reference", "missing.nrrd", "--prediction", "missing2.nrrd"], "missing.nrrd"),
+        (["metrics", "--reference", "{ref}", "--prediction", "{pred}", "--labels", "one"], "--labels"),
+        (["run", "--profile", "nonexistent"], "profile 'nonexistent' not found"),
+        (["profile", "nonexistent"], "profile 'nonexistent' not found"),
+    ],
+)
+def test_errors_are_one_line(argv, message, label_pair, capsys):
+    reference, prediction = label_pair
+    argv = [a.format(ref=reference, pred=prediction) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("crossmod: error:") and message in err
+    assert err.count("\n") == 1
+
+
+def test_grid_mismatch_is_refused(tmp_path, capsys):
+    a = _label_file(tmp_path / "a.nrrd", np.ones((4, 8, 8)))
+    b = _label_file(tmp_path / "b.nrrd", np.ones((4, 8, 8)), spacing=(1.0, 1.0, 3.0))
+    assert main(["metrics", "--reference", str(a), "--prediction", str(b)]) == 2
+    err = capsys.readouterr().err
+    assert "not on the same grid" in err and "spacing" in err
+
+
+def test_unknown_stage_is_refused(tmp_path, capsys):
+    assert main(["run", "--profile", "smoke", "--run-dir", str(tmp_path / "run"), "--stage", "42"]) == 2
+    assert "no notebook for stage(s) [42]" in capsys.readouterr().err
+
+
+def test_profile_prints_resolved_settings(capsys):
+    assert main(["profile", "smoke"]) == 0
+    out = capsys.readouterr().out
+    assert "name: smoke" in out and "ct_window" in out and "extends" not in out
+
+
+def test_bench_metrics_runs(capsys):
+    assert main(["bench", "metrics", "--repeats", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["name"] == "metrics" and result["median_ms"] > 0
+
+
+def test_data_list_prints_every_manifest_entry(capsys):
+    from crossmod_lib.datasets import load_manifest
+
+    assert main(["data", "list"]) == 0
+    out = capsys.readouterr().out
+    for name in load_manifest():
+        assert name in out
+
+
+def test_fetch_unknown_dataset_is_one_line(tmp_path, capsys):
+    assert main(["fetch", "no-such-dataset", "--dest", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-dataset" in err and err.count("\n") == 1
