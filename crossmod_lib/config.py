@@ -121,12 +121,14 @@ def _validate(profile: dict, path: Path) -> None:
         (phantom.get("n_ct", 1) >= 1 and phantom.get("n_mr", 1) >= 1,
          "phantom.n_ct and phantom.n_mr must be at least 1"),
         (len(phantom.get("ct_slices", [1, 1])) == 2, "phantom.ct_slices must be [min, max]"),
-        (profile.get("data", {}).get("source", "phantom") in ("phantom",),
-         "data.source must be 'phantom' (real-data sources come with the data readers)"),
     ]
     for ok, message in checks:
         if not ok:
             raise CrossmodError(f"{path}: {message}")
+    for side in ("ct", "mr"):
+        dataset = profile.get("data", {}).get(side, {}).get("dataset")
+        if dataset is not None and not isinstance(dataset, str):
+            raise CrossmodError(f"{path}: data.{side}.dataset must be a dataset name")
 
 
 def save_profile(profile: dict, path: Path) -> None:

@@ -27,9 +27,17 @@ def label_image(case: Case) -> sitk.Image:
     return image
 
 
+def compare_observers(patient: str, first: Case, second: Case, names=("observer 1", "observer 2")
+                      ) -> pd.DataFrame:
+    """Metrics between two Cases' parotids (same grid), one row per gland."""
+    table = compare_images(label_image(first), label_image(second), PAROTID_LABELS, names=names)
+    table.insert(0, "patient", patient)
+    return table
+
+
 def interobserver(cohort_dir: str | Path, reference: str = "structures",
                   other: str = "structures_observer2") -> pd.DataFrame:
-    """Metrics between two observers' parotid contours for every case of a cohort.
+    """Metrics between two observers' parotid contours for every case of a cohort folder.
 
     One row per patient and gland: patient, structure, dsc, hd, hd95, msd (mm).
     """
@@ -37,12 +45,33 @@ def interobserver(cohort_dir: str | Path, reference: str = "structures",
     for folder in list_cases(cohort_dir):
         if not (folder / other).is_dir():
             raise CrossmodError(f"{folder}: no second observer's contours ({other}/)")
-        first = read_case(folder, structures_dir=reference)
-        second = read_case(folder, structures_dir=other)
-        table = compare_images(label_image(first), label_image(second), PAROTID_LABELS,
-                               names=(reference, other))
-        table.insert(0, "patient", folder.name)
+        rows.append(compare_observers(folder.name, read_case(folder, structures_dir=reference),
+                                      read_case(folder, structures_dir=other), (reference, other)))
+    return pd.concat(rows, ignore_index=True)
+
+
+def interobserver_deepmind(root: str | Path, scans=None, progress: bool = False) -> pd.DataFrame:
+    """Oncologist vs radiographer on the DeepMind TCIA scans (Nikolov et al. 2018), scan by scan.
+
+    Reads one pair at a time (each scan is a 512 x 512 x ~150 grid per observer and gland), so the
+    memory stays that of one scan. Adds the split (test / validation) of each scan.
+    """
+    from tqdm.auto import tqdm
+
+    from .datasets import DEEPMIND_OBSERVERS, deepmind_pairs, deepmind_scans
+
+    chosen = [s for s in deepmind_scans(root) if all(o in s.folders for o in DEEPMIND_OBSERVERS)]
+    if scans is not None:
+        wanted = set(scans)
+        chosen = [s for s in chosen if s.scan in wanted]
+    rows = []
+    for scan in tqdm(chosen, desc="DeepMind interobserver", disable=not progress):
+        ((name, oncologist, radiographer),) = deepmind_pairs(root, scans=[scan.scan])
+        table = compare_observers(name, oncologist, radiographer, ("oncologist", "radiographer"))
+        table.insert(1, "split", scan.split)
         rows.append(table)
+    if not rows:
+        raise CrossmodError(f"{root}: no DeepMind scan with both observers' contours")
     return pd.concat(rows, ignore_index=True)
 
 

@@ -95,3 +95,23 @@ def slice_gallery(slices: dict[str, np.ndarray], indices, titles=None, ncols: in
         _overlay(ax, slices["labels"][i], extent, "upper")
         ax.set_title(titles[k] if titles else str(i), fontsize=7)
     return fig
+
+
+def metric_boxplots(table, metrics=(("dsc", "DSC"), ("hd", "HD (mm)"), ("msd", "MSD (mm)")),
+                    group="structure", title: str = ""):
+    """One box plot per metric, one box per group (e.g. left / right gland), points per case."""
+    groups = sorted(table[group].unique())
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.4 * len(metrics), 3.0),
+                             constrained_layout=True, squeeze=False)
+    for ax, (key, label) in zip(axes[0], metrics):
+        values = [table.loc[table[group] == g, key].to_numpy(dtype=float) for g in groups]
+        values = [v[np.isfinite(v)] for v in values]
+        ax.boxplot(values, positions=range(len(groups)), widths=0.5, showfliers=False)
+        for k, v in enumerate(values):
+            jitter = np.random.default_rng(k).uniform(-0.12, 0.12, len(v))
+            ax.plot(k + jitter, v, "o", ms=3, alpha=0.5, color=STRUCTURE_COLOURS.get(groups[k], "k"))
+        ax.set_xticks(range(len(groups)), [str(g).replace("_", " ") for g in groups])
+        ax.set_title(label, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig

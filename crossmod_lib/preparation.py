@@ -54,11 +54,18 @@ def _meta(reader: sitk.ImageFileReader, key: str):
         return text
 
 
-def acquisition_table(cohorts: dict[str, str | Path]) -> pd.DataFrame:
-    """Table I: imaging parameters of each cohort, read from the image headers only.
+def _headers(cohort) -> list:
+    if isinstance(cohort, CohortSource):
+        return list(cohort.headers())
+    return [read_header(find_image(case, "img")) for case in list_cases(cohort)]
 
-    ``cohorts`` maps a column title (e.g. "T2w MR") to a cohort folder. Numeric parameters that
-    vary between patients are shown as ``[min, max]``.
+
+def acquisition_table(cohorts: dict) -> pd.DataFrame:
+    """Table I: imaging parameters of each cohort, read from the image headers.
+
+    ``cohorts`` maps a column title (e.g. "T2w MR") to a :class:`CohortSource` or a cohort folder
+    of ``<case>/img.*``. Numeric parameters that vary between patients are shown as ``[min, max]``;
+    a parameter no header records is "n.a.".
     """
     rows = {
         "FOV [#pixels]": [], "#slices": [], "Voxel size [mm³]": [], "TE [ms]": [], "TR [ms]": [],
@@ -67,7 +74,7 @@ def acquisition_table(cohorts: dict[str, str | Path]) -> pd.DataFrame:
     }
     columns = []
     for title, folder in cohorts.items():
-        headers = [read_header(find_image(case, "img")) for case in list_cases(folder)]
+        headers = _headers(folder)
         sizes = [h.GetSize() for h in headers]
         spacing = np.array([h.GetSpacing() for h in headers])
         fovs = sorted({f"{s[0]}×{s[1]}" for s in sizes})
@@ -321,13 +328,9 @@ def prepare_case(case: Case, modality: str, settings: dict, coverage_mm: float |
     return prepared
 
 
-def mr_coverage_mm(mr_cohort: str | Path) -> float:
-    """Median cranio-caudal coverage of the MR cohort (slices x spacing), from headers only."""
-    coverages = []
-    for case in list_cases(mr_cohort):
-        header = read_header(find_image(case, "img"))
-        coverages.append(header.GetSize()[2] * header.GetSpacing()[2])
-    return float(np.median(coverages))
+def mr_coverage_mm(mr_cohort) -> float:
+    """Median cranio-caudal coverage of the MR cohort (slices x spacing), from its headers."""
+    return float(np.median([h.GetSize()[2] * h.GetSpacing()[2] for h in _headers(mr_cohort)]))
 
 
 def save_slices(cases: list[PreparedCase], path: Path) -> None:
@@ -371,22 +374,28 @@ def parotid_level_slices(slices: dict[str, np.ndarray], count: int = 6) -> list[
     return picked[:count]
 
 
-def prepare_cohort(cohort_dir: str | Path, modality: str, settings: dict, out_dir: str | Path,
+def prepare_cohort(cohort, modality: str, settings: dict, out_dir: str | Path,
                    coverage_mm: float | None = None, progress: bool = True) -> pd.DataFrame:
-    """Prepare every case of a cohort; writes ``<out>/<ct|mr>_slices.npz`` and ``..._cases.csv``."""
+    """Prepare every case of a cohort; writes ``<out>/<ct|mr>_slices.npz`` and ``..._cases.csv``.
+
+    ``cohort`` is a :class:`CohortSource` or a folder of ``<case>/img.*`` + ``structures/``.
+    """
     from tqdm.auto import tqdm
 
+    if not isinstance(cohort, CohortSource):
+        cohort = CohortSource(modality, "folder", list_cases(cohort), Path(cohort))
+        reader = read_case
+    else:
+        reader = cohort.read
     out_dir = Path(out_dir)
     prepared = []
-    for folder in tqdm(list_cases(cohort_dir), desc=f"prepare {modality}", disable=not progress):
-        case = read_case(folder)
+    for item in tqdm(cohort.items, desc=f"prepare {modality}", disable=not progress):
+        case = reader(item)
         missing = [name for name in PAROTIDS if name not in case.structures]
         if modality == "CT" and len(missing) == len(PAROTIDS):
-            raise CrossmodError(f"{folder}: no parotid structures (expected {', '.join(PAROTIDS)})")
-        observer2 = None
-        if (folder / "structures_observer2").is_dir():
-            observer2 = read_case(folder, structures_dir="structures_observer2")
-        prepared.append(prepare_case(case, modality, settings, coverage_mm, observer2))
+            raise CrossmodError(f"{case.source or case.patient_id}: no parotid structures "
+                                f"(expected {', '.join(PAROTIDS)})")
+        prepared.append(prepare_case(case, modality, settings, coverage_mm, cohort.observer2(item)))
     stem = modality.lower()
     save_slices(prepared, out_dir / f"{stem}_slices.npz")
     table = pd.DataFrame([c.info for c in prepared])
@@ -407,26 +416,125 @@ def phantom_arguments(profile: dict) -> dict:
     return {"seed": profile["seed"], **settings}
 
 
-def raw_cohorts(run, progress: bool = True) -> dict[str, Path]:
-    """The run's raw CT and MR cohort folders, generating the phantom first if needed.
-
-    The phantom is regenerated only when its settings changed (``phantom.json`` records them).
-    """
+def _phantom_folder(run, progress: bool = True) -> Path:
+    """The run's phantom (``raw/phantom``), generated first if missing or made with other settings."""
     import json
 
     from . import phantom
 
-    source = run.profile["data"]["source"]
-    if source != "phantom":
-        raise CrossmodError(f"data.source={source!r} is not supported yet (only 'phantom')")
     folder = run.root / "raw" / "phantom"
     wanted = phantom_arguments(run.profile)
     record = folder / "phantom.json"
-    current = None
-    if record.is_file():
-        current = json.loads(record.read_text()).get("arguments")
+    current = json.loads(record.read_text()).get("arguments") if record.is_file() else None
     comparable = {k: v for k, v in wanted.items() if k != "workers"}
     if current is None or {k: (tuple(v) if isinstance(v, list) else v)
                            for k, v in current.items() if k in comparable} != comparable:
         phantom.write_phantom(folder, progress=progress, **wanted)
-    return {"CT": folder / "ct", "MR": folder / "mr"}
+    return folder
+
+
+@dataclass
+class CohortSource:
+    """Where one cohort's cases come from, and how to read each (lazily: one case in memory)."""
+
+    modality: str                   # "CT" or "MR"
+    dataset: str                    # phantom, openkbp, pddca, dicom, nnunet, ...
+    items: list                     # case folders (or, for nnU-Net, preloaded Cases)
+    root: Path | None = None
+
+    @property
+    def title(self) -> str:
+        return f"{self.modality} ({self.dataset})"
+
+    def patient_ids(self) -> list[str]:
+        return [item.patient_id if isinstance(item, Case) else Path(item).name for item in self.items]
+
+    def read(self, item) -> Case:
+        from . import datasets
+
+        if isinstance(item, Case):
+            return item
+        if self.dataset == "dicom":
+            from .dicom import read_dicom_case
+
+            return read_dicom_case(item)
+        if self.dataset == "phantom":
+            return datasets.read_pddca_case(item)
+        return datasets.read_dataset_case(self.dataset, item)
+
+    def observer2(self, item) -> Case | None:
+        """The second observer's contours, where the layout has them (``structures_observer2/``)."""
+        if isinstance(item, Case) or not (Path(item) / "structures_observer2").is_dir():
+            return None
+        from .datasets import read_pddca_case
+
+        return read_pddca_case(item, structures_dir="structures_observer2")
+
+    def headers(self):
+        """Per case, an object with the header accessors (size, spacing, metadata): the file's
+        header where there is an image file, else the image read from the case."""
+        for item in self.items:
+            image_file = None if isinstance(item, Case) else find_image(Path(item), "img")
+            yield read_header(image_file) if image_file else self.read(item).image
+
+
+def cohort_sources(run, progress: bool = True) -> dict[str, CohortSource]:
+    """The CT and MR cohorts a run's profile names (``data.ct`` / ``data.mr``).
+
+    ``phantom`` is generated into the run folder; ``dicom`` reads one folder per patient (image
+    series + RTSTRUCT) under ``root``; ``nnunet`` reads an nnU-Net raw dataset folder; any other
+    name is a dataset of ``data_manifest.yaml`` read by :mod:`crossmod_lib.datasets`.
+    """
+    from . import datasets
+
+    data = run.profile["data"]
+    sources = {}
+    for side, modality in (("ct", "CT"), ("mr", "MR")):
+        spec = {k: v for k, v in data[side].items() if v is not None}
+        dataset = spec.get("dataset")
+        if dataset == "phantom":
+            folder = _phantom_folder(run, progress) / side
+            sources[modality] = CohortSource(modality, dataset, list_cases(folder), folder)
+        elif dataset in ("dicom", "nnunet"):
+            if not spec.get("root"):
+                raise CrossmodError(f"data.{side}: dataset {dataset!r} needs root: the folder to read")
+            root = Path(spec["root"]).expanduser()
+            if dataset == "nnunet":
+                items = datasets.read_nnunet_dataset(root)
+            elif not root.is_dir():
+                raise CrossmodError(f"{root}: folder of data.{side} not found")
+            else:
+                items = sorted(p for p in root.iterdir() if p.is_dir())
+                if not items:
+                    raise CrossmodError(f"{root}: no patient folders (data.{side}, dataset dicom)")
+            sources[modality] = CohortSource(modality, dataset, items, root)
+        else:
+            items = datasets.cohort_cases(spec, root=data.get("root"))
+            sources[modality] = CohortSource(modality, dataset, items, items[0].parent if items else None)
+    return sources
+
+
+def real_data_sources(run) -> dict:
+    """Public real-data examples for chapter 1, where the data root holds them.
+
+    ``openkbp``: a :class:`CohortSource` of the first ``data.openkbp_examples`` OpenKBP patients;
+    ``deepmind``: the DeepMind two-observer dataset folder. A missing dataset (or data root, or
+    ``data.real_examples: false``) gives None, so the book builds without them.
+    """
+    from . import datasets
+
+    data = run.profile["data"]
+    found = {"openkbp": None, "deepmind": None}
+    if not data["real_examples"]:
+        return found
+    try:
+        root = datasets.data_root(data["root"])
+    except CrossmodError:
+        return found
+    if (root / "openkbp").is_dir():
+        spec = {"dataset": "openkbp", "patients": {"first": int(data["openkbp_examples"])}}
+        items = datasets.cohort_cases(spec, root=root)
+        found["openkbp"] = CohortSource("CT", "openkbp", items, root / "openkbp")
+    if (root / "deepmind-tcia-hn").is_dir():
+        found["deepmind"] = root / "deepmind-tcia-hn"
+    return found

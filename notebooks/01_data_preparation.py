@@ -43,7 +43,7 @@ import pandas as pd
 import SimpleITK as sitk
 from IPython.display import Markdown, display
 
-from crossmod_lib import evaluation, io, paper, plots, preparation, runs
+from crossmod_lib import evaluation, paper, plots, preparation, runs
 
 run = runs.RunFolder.open(profile_path or profile, run_dir or None)
 settings = run.profile["preprocessing"]
@@ -54,13 +54,16 @@ print(f"run folder: {run.root}")
 # %% [markdown]
 # ## The cohorts
 # The paper used 202 annotated CT (TCIA {cite}`grossberg2017` and the MICCAI 2015 challenge
-# {cite}`raudaschl2017`) and 27 T2-weighted MR of other patients. Here both cohorts come from the
-# embedded digital phantom (see the introduction), generated into the run folder on first use.
+# {cite}`raudaschl2017`) and 27 T2-weighted MR of other patients. The profile says where this
+# run's cohorts come from (`data.ct`, `data.mr`): the embedded digital phantom (see the
+# introduction), generated into the run folder on first use, a public dataset of
+# `data_manifest.yaml` (e.g. OpenKBP CT {cite}`babier2021`), or a folder of the user's own DICOM
+# (image series + RTSTRUCT) or nnU-Net/NIfTI data.
 
 # %%
-cohorts = preparation.raw_cohorts(run, progress=False)
-for modality, folder in cohorts.items():
-    print(f"{modality}: {len(io.list_cases(folder))} patients in {folder}")
+cohorts = preparation.cohort_sources(run, progress=False)
+for modality, source in cohorts.items():
+    print(f"{modality}: {len(source.items)} patients from {source.dataset} ({source.root})")
 
 # %% [markdown]
 # ### Table I: imaging parameters
@@ -68,7 +71,8 @@ for modality, folder in cohorts.items():
 # tags stored with each image), not typed in. The paper's Table I is shown beside it.
 
 # %%
-table_1 = preparation.acquisition_table({"T2w MR (phantom)": cohorts["MR"], "CT (phantom)": cohorts["CT"]})
+table_1 = preparation.acquisition_table({f"T2w {cohorts['MR'].title}": cohorts["MR"],
+                                        cohorts["CT"].title: cohorts["CT"]})
 table_1.to_csv(run.stage("metrics") / "table_1.csv")
 display(table_1.join(paper.TABLE_I))
 
@@ -79,8 +83,8 @@ display(table_1.join(paper.TABLE_I))
 # HU {cite}`hoang2010`); the MR from zero to its 99.5th percentile.
 
 # %%
-ct_case = io.read_case(io.list_cases(cohorts["CT"])[0])
-mr_case = io.read_case(io.list_cases(cohorts["MR"])[0])
+ct_case = cohorts["CT"].read(cohorts["CT"].items[0])
+mr_case = cohorts["MR"].read(cohorts["MR"].items[0])
 mr_values = sitk.GetArrayViewFromImage(mr_case.image)
 fig = plots.figure_views([
     (f"T2w MR {mr_case.patient_id}", mr_case, (0.0, float(np.percentile(mr_values, 99.5)))),
@@ -105,12 +109,15 @@ plt.show()
 # the two are comparable in kind only.
 
 # %%
-interobserver = evaluation.interobserver(cohorts["MR"])
-interobserver.to_csv(run.stage("metrics") / "interobserver_phantom.csv", index=False)
-summary = evaluation.mean_sd_table(interobserver)
-comparison = pd.concat({"this run (phantom MR)": summary.drop(columns="n"),
-                        "paper (real MR)": paper.INTEROBSERVER}, axis=0)
-display(comparison)
+if cohorts["MR"].observer2(cohorts["MR"].items[0]) is not None:
+    interobserver = evaluation.interobserver(cohorts["MR"].root)
+    interobserver.to_csv(run.stage("metrics") / "interobserver_mr.csv", index=False)
+    summary = evaluation.mean_sd_table(interobserver)
+    display(pd.concat({f"this run ({cohorts['MR'].title})": summary.drop(columns="n"),
+                       "paper (real MR)": paper.INTEROBSERVER}, axis=0).fillna("n.a."))
+else:
+    summary = None
+    display(Markdown(f"The MR cohort ({cohorts['MR'].dataset}) has no second observer's contours."))
 
 # %% [markdown]
 # ## Preprocessing (section 2.A)
@@ -126,7 +133,7 @@ print(f"pixel {settings['pixel_mm']} mm, crop {settings['crop']} px, "
       f"CT window L{settings['ct_window']['level']}/W{settings['ct_window']['width']}, "
       f"range rule {settings['cc_rule']}")
 prepared_dir = run.stage("prepared")
-coverage_mm = preparation.mr_coverage_mm(cohorts["MR"])
+coverage_mm = preparation.mr_coverage_mm(cohorts["MR"])  # from the MR headers only
 mr_cases = preparation.prepare_cohort(cohorts["MR"], "MR", settings, prepared_dir, progress=False)
 ct_cases = preparation.prepare_cohort(cohorts["CT"], "CT", settings, prepared_dir,
                                       coverage_mm=coverage_mm, progress=False)
@@ -173,6 +180,53 @@ fig.savefig(figures / "prepared_histograms.png", dpi=120, bbox_inches="tight")
 plt.show()
 
 # %% [markdown]
+# ## Real data
+# Two public datasets with real anatomy sit beside the project when a data root is present
+# (`$CROSSMOD_DATA`, else `../shared/data`; see `crossmod data list`). They are read by
+# `crossmod_lib.datasets` and measured with the same code as above.
+#
+# ### OpenKBP CT: Table I and Fig. 1 on real anatomy
+# OpenKBP {cite}`babier2021` distributes head-and-neck CTs (from TCIA collections) with organ masks
+# as sparse CSV on 128 × 128 × 128 grids. The reader works out the axis order, orientation and the
+# HU offset (stored values are HU + 1000): the axial view below shows the face at the top, the spine
+# at the bottom and the left parotid (red) on the image's right, as in every figure of this book.
+
+# %%
+real = preparation.real_data_sources(run)
+if real.get("openkbp") is not None:
+    openkbp = real["openkbp"]
+    display(preparation.acquisition_table({f"OpenKBP CT (first {len(openkbp.items)})": openkbp}))
+    openkbp_case = openkbp.read(openkbp.items[0])
+    fig = plots.figure_views([(f"OpenKBP CT {openkbp_case.patient_id}", openkbp_case, (40 - 175, 40 + 175))])
+    fig.savefig(figures / "fig1_openkbp.png", dpi=120, bbox_inches="tight")
+    plt.show()
+else:
+    display(Markdown("*OpenKBP is not under the data root on this machine: section skipped.*"))
+
+# %% [markdown]
+# ### Interobserver variability of the parotid glands on real CT contours
+# The DeepMind TCIA set {cite}`nikolov2018` holds parotid contours of 31 CT scans drawn
+# independently by a radiation oncologist and by a radiographer. The metrics of section 2.G between
+# the two, per scan and gland, give a real two-observer variability. **These are CT contours by two
+# observers of a public dataset, not the paper's MR observers**: they are set beside the paper's
+# interobserver row as a reference of the same kind, not as a reproduction of it.
+
+# %%
+deepmind_summary = None
+if real.get("deepmind") is not None:
+    deepmind = evaluation.interobserver_deepmind(real["deepmind"])
+    deepmind.to_csv(run.stage("metrics") / "interobserver_deepmind.csv", index=False)
+    columns = (("dsc", "DSC"), ("hd", "HD (mm)"), ("hd95", "HD95 (mm)"), ("msd", "MSD (mm)"))
+    deepmind_summary = evaluation.mean_sd_table(deepmind, columns=columns)
+    display(pd.concat({"DeepMind CT, oncologist vs radiographer": deepmind_summary.drop(columns="n"),
+                       "paper, MR observers": paper.INTEROBSERVER}, axis=0).fillna("n.a."))
+    fig = plots.metric_boxplots(deepmind, title="DeepMind parotid contours: oncologist vs radiographer, per scan")
+    fig.savefig(figures / "interobserver_deepmind.png", dpi=120, bbox_inches="tight")
+    plt.show()
+else:
+    display(Markdown("*The DeepMind contours are not under the data root on this machine: section skipped.*"))
+
+# %% [markdown]
 # ## Summary
 # The run's counts, as computed above:
 
@@ -184,8 +238,13 @@ display(Markdown(
     f"(from {int(ct_cases['slices_total'].sum())} slices in total).\n"
     f"- **{n_mr} MR** patients gave **{len(mr_slices['image'])}** slices.\n"
     f"- Slices are {settings['crop']} × {settings['crop']} pixels of {settings['pixel_mm']} mm.\n"
-    f"- Interobserver DSC on the phantom MR: "
-    + ", ".join(f"{side} {row['DSC']}" for side, row in summary.iterrows()) + "."
+    + (f"- Interobserver DSC on the {cohorts['MR'].dataset} MR: "
+       + ", ".join(f"{side} {row['DSC']}" for side, row in summary.iterrows()) + ".\n"
+       if summary is not None else "")
+    + (f"- Interobserver DSC of the DeepMind CT contours (oncologist vs radiographer, "
+       f"{deepmind_summary['n'].iloc[0]} scans): "
+       + ", ".join(f"{side} {row['DSC']}" for side, row in deepmind_summary.iterrows()) + "."
+       if deepmind_summary is not None else "")
 ))
 
 # %% [markdown]

@@ -57,7 +57,7 @@ def test_run_folder_holds_the_prepared_slices(smoke_book):
     run_dir, _, _ = smoke_book
     for path in ("profile.yaml", "raw/phantom/phantom.json", "prepared/ct_slices.npz",
                  "prepared/mr_slices.npz", "prepared/ct_cases.csv", "metrics/table_1.csv",
-                 "metrics/interobserver_phantom.csv", "figures/fig1_views.png",
+                 "metrics/interobserver_mr.csv", "figures/fig1_views.png",
                  "notebooks/01_data_preparation.ipynb"):
         assert (run_dir / path).is_file(), path
     ct = load_slices(run_dir / "prepared" / "ct_slices.npz")
@@ -73,3 +73,25 @@ def test_a_notebook_reruns_alone(smoke_book):
     assert result.returncode == 0, result.stderr[-3000:]
     # the raw phantom is reused, not regenerated
     assert (run_dir / "raw" / "phantom" / "phantom.json").stat().st_mtime == before
+
+
+def test_real_data_section(smoke_book):
+    from crossmod_lib.datasets import data_root
+    from crossmod_lib.errors import CrossmodError
+
+    run_dir, html, _ = smoke_book
+    chapter = (html / "book" / "_executed" / "01_data_preparation.html").read_text()
+    try:
+        root = data_root()
+    except CrossmodError:
+        root = None
+    if root is None or not (root / "deepmind-tcia-hn").is_dir():
+        assert "section skipped" in chapter
+        pytest.skip("no DeepMind data under the data root: the section is skipped, as checked")
+    assert "oncologist vs radiographer" in chapter
+    assert "not the paper’s MR observers" in chapter or "not the paper's MR observers" in chapter
+    table = (run_dir / "metrics" / "interobserver_deepmind.csv").read_text().splitlines()
+    assert len(table) == 1 + 2 * 31  # header + 31 scans x 2 glands
+    if (root / "openkbp").is_dir():
+        assert (run_dir / "figures" / "fig1_openkbp.png").is_file()
+        assert "OpenKBP CT (first" in chapter
