@@ -5,6 +5,7 @@
     crossmod phantom --profile NAME --out DIR [--n-ct N] ...      write phantom cohorts to disk
     crossmod metrics --reference A --prediction B [--json]       compare two label files
     crossmod data list                                            the datasets of data_manifest.yaml
+    crossmod data inspect PATH                                    read a file/folder, summarise it
     crossmod fetch NAME [--dest DIR]                              download and verify a dataset
     crossmod profile NAME                                         print a resolved profile
     crossmod bench NAME                                           run a benchmark
@@ -98,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--data-root", type=Path, default=None,
                    help="folder holding datasets (default: $CROSSMOD_DATA, else ../shared/data)")
     q.set_defaults(func=cmd_data_list)
+    q = data_sub.add_parser("inspect", help="read a file or folder and summarise it",
+                            description="Read an image file, a DICOM folder (series + RTSTRUCT), an "
+                                        "OpenKBP, PDDCA, DeepMind or nnU-Net folder and print size, "
+                                        "spacing and parotid volumes; bad input is a one-line error.")
+    q.add_argument("path", type=Path, help="file or folder")
+    q.add_argument("--layout", choices=["image", "dicom", "openkbp", "pddca", "nnunet", "deepmind"],
+                   default=None, help="layout (default: detected)")
+    q.set_defaults(func=cmd_data_inspect)
 
     p = sub.add_parser("fetch", help="download a dataset (pooch, sha256-verified, safe extraction)",
                        description="Download a dataset's fixed files with pooch, verify their "
@@ -199,6 +208,18 @@ def cmd_data_list(args) -> int:
     from .datasets import format_dataset_list
 
     print(format_dataset_list(root=args.data_root))
+    return 0
+
+
+def cmd_data_inspect(args) -> int:
+    import pandas as pd
+
+    from .datasets import describe_case, detect_layout, read_any
+
+    layout = args.layout or detect_layout(args.path)
+    cases = read_any(args.path, layout)
+    print(f"{args.path}: {layout}, {len(cases)} case(s)")
+    print(pd.DataFrame([describe_case(c) for c in cases]).to_string(index=False))
     return 0
 
 

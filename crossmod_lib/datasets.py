@@ -1298,3 +1298,71 @@ def load_cohort(spec: Mapping, root: str | os.PathLike | None = None, allow_empt
     """The Cases of a cohort definition (see :func:`cohort_cases`)."""
     return [read_dataset_case(spec["dataset"], folder, allow_empty=allow_empty, observer=spec.get("observer"))
             for folder in cohort_cases(spec, root)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Any path: what layout is it, and read it
+
+
+def detect_layout(path: str | os.PathLike) -> str:
+    """The layout of a file or folder: image, dicom, openkbp, pddca, nnunet or deepmind."""
+    path = Path(path)
+    if not path.exists():
+        raise CrossmodError(f"{path}: no such file or folder")
+    if path.is_file():
+        if path.name.lower().endswith((".nrrd", ".nii", ".nii.gz", ".mha", ".mhd")):
+            return "image"
+        return "dicom"
+    if (path / "dataset.json").is_file():
+        return "nnunet"
+    if _openkbp_file(path, "ct") is not None:
+        return "openkbp"
+    if find_image(path, "img") is not None:
+        return "pddca"
+    if (path / "segmentations").is_dir():
+        return "deepmind"
+    return "dicom"
+
+
+def read_any(path: str | os.PathLike, layout: str | None = None) -> list[Case]:
+    """Read whatever ``path`` holds (see :func:`detect_layout`) as Cases; a label or image file
+    gives one Case without structures."""
+    path = Path(path)
+    layout = layout or detect_layout(path)
+    if layout == "image":
+        return [Case(path.name, read_image(path), {}, path)]
+    if layout == "nnunet":
+        return read_nnunet_dataset(path, allow_empty=True)
+    if layout == "openkbp":
+        return [read_openkbp_case(path, allow_empty=True)]
+    if layout == "pddca":
+        return [read_pddca_case(path, allow_empty=True)]
+    if layout == "deepmind":
+        return [read_deepmind_scan(path, allow_empty=True)]
+    if layout == "dicom":
+        from .dicom import read_dicom_case, read_dicom_series
+
+        try:
+            return [read_dicom_case(path)]
+        except CrossmodError as exc:
+            if "RTSTRUCT" not in str(exc):
+                raise
+            folder = path if path.is_dir() else path.parent
+            return [Case(folder.name, read_dicom_series(folder), {}, folder)]
+    raise CrossmodError(f"{path}: unknown layout {layout!r}")
+
+
+def describe_case(case: Case) -> dict:
+    """Size, spacing, modality and per-structure voxel counts and volumes of a Case."""
+    image = case.image
+    voxel_cc = float(np.prod(image.GetSpacing())) / 1000.0
+    info = {
+        "patient": case.patient_id,
+        "size": "x".join(str(v) for v in image.GetSize()),
+        "spacing_mm": "x".join(f"{v:.3g}" for v in image.GetSpacing()),
+        "modality": image.GetMetaData("Modality") if image.HasMetaDataKey("Modality") else "",
+    }
+    for name, mask in case.structures.items():
+        voxels = int(np.count_nonzero(sitk.GetArrayViewFromImage(mask)))
+        info[f"{name}_cc"] = round(voxels * voxel_cc, 2)
+    return info

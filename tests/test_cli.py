@@ -14,7 +14,7 @@ from crossmod_lib.cli import build_parser, main
 SUBCOMMANDS = ["run", "book", "phantom", "metrics", "data", "fetch", "profile", "bench"]
 
 
-@pytest.mark.parametrize("command", [[]] + [[c] for c in SUBCOMMANDS] + [["data", "list"]])
+@pytest.mark.parametrize("command", [[]] + [[c] for c in SUBCOMMANDS] + [["data", "list"], ["data", "inspect"]])
 def test_help_on_every_subcommand(command, capsys):
     with pytest.raises(SystemExit) as info:
         main(command + ["--help"])
@@ -143,3 +143,35 @@ def test_fetch_unknown_dataset_is_one_line(tmp_path, capsys):
     assert main(["fetch", "no-such-dataset", "--dest", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "no-such-dataset" in err and err.count("\n") == 1
+
+
+def test_data_inspect_bad_input_is_one_line(tmp_path, capsys):
+    empty = tmp_path / "nodicom"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image")
+    assert main(["data", "inspect", str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert "nodicom: no DICOM" in err and err.count("\n") == 1
+    truncated = tmp_path / "cut.nrrd"
+    good = _label_file(tmp_path / "good.nrrd", np.random.default_rng(0).integers(0, 3, (20, 40, 40)))
+    truncated.write_bytes(good.read_bytes()[:400])
+    assert main(["data", "inspect", str(truncated)]) == 2
+    err = capsys.readouterr().err
+    assert "cut.nrrd" in err and err.count("\n") == 1
+
+
+def test_data_inspect_dicom_with_rtstruct(tmp_path, capsys):
+    from crossmod_lib import dicom
+
+    volume = np.zeros((6, 40, 40))
+    volume[:, 5:35, 5:35] = 40
+    dicom.write_test_series(tmp_path / "pat", volume, spacing=(1, 1, 2.5), origin=(0, 0, 0))
+    image = dicom.read_dicom_series(tmp_path / "pat")
+    mask = np.zeros((6, 40, 40), np.uint8)
+    mask[2:4, 10:20, 25:32] = 1
+    mask_image = sitk.GetImageFromArray(mask)
+    mask_image.CopyInformation(image)
+    dicom.write_rtstruct({"Parotid_L": mask_image, "Parotid_R": mask_image}, image, tmp_path / "pat" / "rs.dcm")
+    assert main(["data", "inspect", str(tmp_path / "pat")]) == 0
+    out = capsys.readouterr().out
+    assert "dicom, 1 case(s)" in out and "Parotid_L_cc" in out and "0.35" in out  # 140 voxels x 2.5 mm3
