@@ -175,3 +175,13 @@ def test_data_inspect_dicom_with_rtstruct(tmp_path, capsys):
     assert main(["data", "inspect", str(tmp_path / "pat")]) == 0
     out = capsys.readouterr().out
     assert "dicom, 1 case(s)" in out and "Parotid_L_cc" in out and "0.35" in out  # 140 voxels x 2.5 mm3
+
+
+def test_phantom_command_writes_cohorts(tmp_path, capsys):
+    out = tmp_path / "phantom"
+    assert main(["phantom", "--profile", "smoke", "--out", str(out), "--n-ct", "1", "--n-mr", "1",
+                 "--workers", "1"]) == 0
+    assert "1 CT, 1 MR" in capsys.readouterr().out
+    assert (out / "ct" / "ct_000" / "img.nrrd").is_file()
+    assert (out / "mr" / "mr_000" / "structures_observer2" / "Parotid_R.nrrd").is_file()
+    assert (out / "phantom.json").is_file()
