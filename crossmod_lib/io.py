@@ -235,3 +235,31 @@ def write_image(image: sitk.Image, path: str | Path, compress: bool = True) -> N
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def label_map(masks: dict[str, sitk.Image], reference: sitk.Image, names=PAROTIDS) -> sitk.Image:
+    """One uint8 label image on ``reference``'s grid: 0 background, i + 1 for ``names[i]``.
+
+    Every mask must already lie on the reference grid (an error names the structure otherwise);
+    absent names simply have no voxels.
+    """
+    array = np.zeros(sitk.GetArrayViewFromImage(reference).shape, dtype=np.uint8)
+    for value, name in enumerate(names, start=1):
+        if name not in masks:
+            continue
+        differences = grid_differences(masks[name], reference)
+        if differences:
+            raise CrossmodError(f"{name}: mask grid differs from the reference image: "
+                                + "; ".join(differences))
+        array[sitk.GetArrayViewFromImage(masks[name]) > 0] = value
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(reference)
+    return image
+
+
+def write_label_map(masks: dict[str, sitk.Image], reference: sitk.Image, path: str | Path,
+                    names=PAROTIDS) -> Path:
+    """Write named masks as one label map (NIfTI ``.nii.gz`` or NRRD by suffix) on the source grid."""
+    path = Path(path)
+    write_image(label_map(masks, reference, names), path)
+    return path
