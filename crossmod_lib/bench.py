@@ -20,7 +20,8 @@ import numpy as np
 
 from crossmod_lib.metrics import compare_masks
 
-__all__ = ["BENCHMARKS", "bench_metrics", "format_table", "parotid_pair"]
+__all__ = ["BENCHMARKS", "bench_cyclegan_profile", "bench_metrics", "bench_registration_profile",
+           "format_table", "parotid_pair"]
 
 GRID_XYZ = (512, 512, 150)
 SPACING_XYZ_MM = (0.98, 0.98, 2.5)
@@ -137,4 +138,27 @@ def format_table(result: dict) -> str:
 
 
 #: ``crossmod bench NAME`` → the function that runs it.
-BENCHMARKS: dict[str, Callable[..., dict]] = {"metrics": bench_metrics}
+def bench_registration_profile(repeats: int = 5, profile: str = "full") -> dict:
+    """``crossmod bench registration``: elastix rigid + B-spline per slice at the profile's
+    settings on 256 x 256 slices of 1 mm (target: <= 0.5 s per slice per core after the first)."""
+    from .cleaning import bench_registration
+
+    return bench_registration(size=256, pixel_mm=1.0, n=repeats, profile=profile)
+
+
+def bench_cyclegan_profile(repeats: int = 10, profile: str = "demo") -> dict:
+    """``crossmod bench cyclegan``: training image-iterations per second at the profile's crop
+    size and widths, reference mode (fp32, batch 1, eager) vs fast mode, on this machine."""
+    from .config import load_profile
+    from .cyclegan import bench_cyclegan, settings_from_profile
+
+    settings = load_profile(profile)
+    return bench_cyclegan(settings_from_profile(settings), size=int(settings["preprocessing"]["crop"]),
+                          iterations=repeats, warmup=3)
+
+
+BENCHMARKS: dict[str, Callable[..., dict]] = {
+    "metrics": lambda repeats=20, profile=None: bench_metrics(repeats=repeats),
+    "registration": bench_registration_profile,
+    "cyclegan": bench_cyclegan_profile,
+}

@@ -38,6 +38,7 @@ def notebooks(root: Path | None = None) -> list[tuple[int, Path]]:
 def _kernel_environment() -> None:
     # The "python3" kernel spec launches `python` from PATH; put this interpreter's folder first so
     # the notebooks run in the same environment as crossmod itself (e.g. the project's .venv).
+    os.environ["CROSSMOD_HEADLESS"] = "1"  # no live front end: widgets degrade to static figures
     bin_dir = str(Path(sys.executable).parent)
     if os.environ.get("PATH", "").split(os.pathsep)[0] != bin_dir:
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")

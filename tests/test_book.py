@@ -95,3 +95,27 @@ def test_real_data_section(smoke_book):
     if (root / "openkbp").is_dir():
         assert (run_dir / "figures" / "fig1_openkbp.png").is_file()
         assert "OpenKBP CT (first" in chapter
+
+
+@pytest.mark.parametrize("chapter, needles", [
+    ("02_cyclegan", ("geometric", "synthetic MR", "without geometric loss")),
+    ("03_cleaning", ("Fig. 6", "decisions", "kept")),
+    ("08_review", ("review",)),
+])
+def test_later_chapters_render_with_figures(smoke_book, chapter, needles):
+    _, html, _ = smoke_book
+    page = (html / "book" / "_executed" / f"{chapter}.html").read_text()
+    for needle in needles:
+        assert needle in page, needle
+    assert "<img" in page and "Traceback" not in page
+
+
+def test_run_folder_holds_later_stages(smoke_book):
+    run_dir, _, _ = smoke_book
+    for path in ("synthetic/synthetic_mr.npz", "synthetic/cyclegan/checkpoint.pt",
+                 "synthetic/cyclegan/losses.csv", "metrics/cyclegan_ablation.csv",
+                 "cleaned/decisions.csv", "cleaned/training_slices.npz", "cleaned/elastix/bspline.txt"):
+        assert (run_dir / path).is_file(), path
+    synthetic = np.load(run_dir / "synthetic" / "synthetic_mr.npz")
+    ct = load_slices(run_dir / "prepared" / "ct_slices.npz")
+    assert synthetic["image"].shape == ct["image"].shape

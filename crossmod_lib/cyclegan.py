@@ -1,0 +1,1580 @@
+"""Paper section 2.C: the 2D CycleGAN that turns every CT slice into a synthetic MR slice.
+
+Everything here needs only ``torch`` and ``numpy`` (the standard library aside), so the module can
+be copied to a bare GPU machine together with the prepared ``.npz`` slices and run there with
+``python -m crossmod_lib.cyclegan train ...`` (see :func:`main`).
+
+Networks (paper Fig. 4, the reference implementation of Zhu et al.)
+    :class:`Generator` is the reference ``ResnetGenerator``: a 7 x 7 convolution (``ngf``
+    features), two stride-2 3 x 3 convolutions (2 ``ngf``, 4 ``ngf``), ``n_blocks`` residual blocks,
+    two stride-2 3 x 3 transposed convolutions (2 ``ngf``, ``ngf``) and a 7 x 7 convolution to one
+    channel followed by tanh; reflection padding, instance normalisation without affine parameters
+    (so every convolution has a bias, as the reference's ``use_bias``) and ReLU. At the paper's
+    size (``ngf`` 64, 9 blocks, one channel in and out) it has 11,365,633 parameters.
+    :class:`Discriminator` is the reference 70 x 70 PatchGAN (``NLayerDiscriminator``, 3 layers):
+    4 x 4 convolutions with 64 (stride 2, no normalisation), 128, 256 (stride 2), 512 (stride 1)
+    and 1 (stride 1) features, LeakyReLU 0.2 and instance normalisation; 2,762,689 parameters at
+    ``ndf`` 64; a 256 x 256 slice gives 30 x 30 patch scores. Weights start from N(0, 0.02), biases
+    zero (the reference's ``init_type normal``).
+
+Objective (section 2.C.1 and eq. 1)
+    Least-squares GAN loss (targets 1 for real, 0 for fake; weight ``lambda_adv``), the cycle L1
+    loss in both directions (``lambda_cycle``), the reference's identity loss
+    ``lambda_cycle * lambda_identity * |G_MR(MR) - MR|_1`` (and the same for G_CT; the paper does
+    not mention it but used the reference's defaults, where ``lambda_identity`` is 0.5) and the
+    paper's geometric consistency loss (``lambda_geo``): the binary cross-entropy between the
+    prepared binary head mask of the source slice and the differentiable head mask
+    (:func:`soft_head_mask`) of the generated slice, for CT -> synthetic MR and for MR -> synthetic
+    CT. Eq. (1) as printed has the roles of the two masks swapped and no minus sign; the only form
+    that is finite with a binary source mask and differentiable in the generator is the usual one,
+    ``BCE(prediction = M(G(I_source)), target = M(I_source))``, used here. Each discriminator is
+    trained on the real slices and on a history pool of 50 generated ones (:class:`ImagePool`).
+
+Training (section 2.C.2)
+    Adam (lr 2e-4, beta1 0.5), the learning rate constant for ``epochs_constant`` epochs, then
+    decaying linearly to zero over ``epochs_decay`` epochs (the reference's ``linear`` policy,
+    :func:`lr_factor`). One epoch visits every CT slice once in a shuffled order; each CT slice is
+    paired with an MR slice drawn at random (unpaired data). Intensities 0-255 are scaled to
+    [-1, 1]. :func:`train` checkpoints every epoch (atomically) and continues a stopped run exactly
+    (``resume=True``); on a GPU it can use bf16 autocast, channels_last, torch.compile and several
+    GPUs through ``torchrun`` (DistributedDataParallel).
+
+Then :func:`synthesise` writes a synthetic MR for every CT slice, :func:`example_grid` gives the
+arrays of an example figure, :func:`architecture_table` the networks' sizes and FLOPs and
+:func:`bench_cyclegan` the training throughput.
+
+Command line (what a bare GPU machine needs: this package, torch, numpy, the two ``.npz`` files)::
+
+    python -m crossmod_lib.cyclegan config --profile full --out cfg.json        # needs PyYAML
+    python -m crossmod_lib.cyclegan train --ct ct_slices.npz --mr mr_slices.npz --out run \\
+        --config cfg.json [--resume]
+    torchrun --nproc-per-node 8 -m crossmod_lib.cyclegan train ...              # several GPUs
+    python -m crossmod_lib.cyclegan synthesise --checkpoint run/checkpoint.pt \\
+        --ct ct_slices.npz --out synthetic_mr.npz
+    python -m crossmod_lib.cyclegan bench --config cfg.json --size 256
+
+``cfg.json`` is the profile's ``cyclegan`` block with ``seed`` resolved and
+``preprocessing.head_threshold`` added (:func:`settings_from_profile`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import CrossmodError
+
+__all__ = [
+    "DEFAULT_SETTINGS", "LOSS_TERMS", "CycleGAN", "Discriminator", "Generator", "ImagePool",
+    "ablation_settings", "architecture_table", "bench_cyclegan", "check_settings",
+    "count_parameters", "example_grid", "flops_per_slice", "geometric_loss", "head_logits",
+    "init_weights", "load_checkpoint", "load_generators", "lr_factor", "lsgan_loss", "main",
+    "settings_from_profile", "soft_head_mask", "synthesise", "train", "training_flops_per_image",
+]
+
+# The paper's settings; ``crossmod_lib/profiles/full.yaml`` (block ``cyclegan``) holds the same
+# values with a comment on each. ``head_threshold`` comes from ``preprocessing.head_threshold``.
+DEFAULT_SETTINGS: dict = {
+    "ngf": 64,
+    "ndf": 64,
+    "n_blocks": 9,
+    "epochs_constant": 100,
+    "epochs_decay": 100,
+    "max_iterations_per_epoch": None,
+    "batch_size": 1,
+    "lr": 2e-4,
+    "beta1": 0.5,
+    "beta2": 0.999,
+    "lambda_adv": 1.0,
+    "lambda_cycle": 10.0,
+    "lambda_identity": 0.5,
+    "lambda_geo": 10.0,
+    "geometric_loss": True,
+    "mask_temperature": 5.0,
+    "pool_size": 50,
+    "init_gain": 0.02,
+    "bf16": True,
+    "channels_last": True,
+    "compile": False,
+    "deterministic": True,
+    "cpu_threads": 0,
+    "seed": None,
+    "ablation_iterations_per_epoch": None,
+}
+DEFAULT_SEED = 2021
+DEFAULT_HEAD_THRESHOLD = 20.0
+
+# Settings a resumed run must share with its checkpoint (the others only change speed).
+_TRAINING_KEYS = (
+    "ngf", "ndf", "n_blocks", "epochs_constant", "epochs_decay", "max_iterations_per_epoch",
+    "batch_size", "lr", "beta1", "beta2", "lambda_adv", "lambda_cycle", "lambda_identity",
+    "lambda_geo", "geometric_loss", "mask_temperature", "pool_size", "init_gain", "seed",
+    "head_threshold",
+)
+
+# Columns of losses.csv besides epoch, iteration, lr and seconds. Unweighted values except
+# ``G_total`` (the weighted generator objective that is minimised). ``geo_*`` is logged also when
+# ``geometric_loss`` is false (then computed without gradient), for the ablation.
+LOSS_TERMS = (
+    "G_total", "G_adv_MR", "G_adv_CT", "cycle_CT", "cycle_MR", "identity_MR", "identity_CT",
+    "geo_CT", "geo_MR", "D_MR", "D_CT",
+)
+
+CHECKPOINT_NAME = "checkpoint.pt"
+LOSSES_NAME = "losses.csv"
+SUMMARY_NAME = "summary.json"
+SETTINGS_NAME = "settings.json"
+_LOG_EVERY = 20          # iterations between moving logged losses off the GPU (one sync)
+_FILL_CHECK_EVERY = 8    # hole-filling iterations between convergence checks
+_HEAD_CLIP = 10.0        # head logits are clipped here inside the hole fill (see soft_head_mask)
+
+# Dense tensor-core peaks (TFLOP/s) from NVIDIA's datasheets, SXM parts unless named otherwise.
+# H200 has the H100's compute (more and faster memory), hence the same numbers.
+PEAK_TFLOPS = {
+    "H100 PCIe": {"bf16": 756.0, "tf32": 378.0},
+    "H100": {"bf16": 989.0, "tf32": 494.0},
+    "H200": {"bf16": 989.0, "tf32": 494.0},
+    "A100": {"bf16": 312.0, "tf32": 156.0},
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings
+
+
+def _setting_error(source: str, key: str, problem: str) -> CrossmodError:
+    return CrossmodError(f"{source}: setting 'cyclegan.{key}' {problem}")
+
+
+def check_settings(settings: dict, source: str = "cyclegan settings") -> dict:
+    """The settings completed with :data:`DEFAULT_SETTINGS` and checked; unknown keys refused.
+
+    ``head_threshold`` may be included (it is in the JSON config of the command line); ``seed``
+    ``None`` becomes 2021 (the full profile's seed). Problems are one-line
+    :class:`~crossmod_lib.errors.CrossmodError` naming ``source`` and the setting.
+    """
+    if not isinstance(settings, dict):
+        raise CrossmodError(f"{source}: the cyclegan settings must be a mapping")
+    unknown = sorted(set(settings) - set(DEFAULT_SETTINGS) - {"head_threshold"})
+    if unknown:
+        raise _setting_error(source, unknown[0], "is unknown")
+    s = {**DEFAULT_SETTINGS, **settings}
+    if s["seed"] is None:
+        s["seed"] = DEFAULT_SEED
+
+    def integer(key, low, allow_none=False):
+        value = s[key]
+        if value is None and allow_none:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise _setting_error(source, key, f"must be an integer >= {low}, got {value!r}")
+
+    def number(key, low, high=math.inf, low_open=False):
+        value = s[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _setting_error(source, key, f"must be a number, got {value!r}")
+        if value < low or (low_open and value == low) or value > high:
+            bound = f"> {low}" if low_open else f">= {low}"
+            if high < math.inf:
+                bound += f" and <= {high}"
+            raise _setting_error(source, key, f"must be {bound}, got {value!r}")
+
+    for key in ("ngf", "ndf", "batch_size"):
+        integer(key, 1)
+    for key in ("n_blocks", "epochs_constant", "epochs_decay", "pool_size", "cpu_threads", "seed"):
+        integer(key, 0)
+    integer("max_iterations_per_epoch", 1, allow_none=True)
+    integer("ablation_iterations_per_epoch", 1, allow_none=True)
+    if s["epochs_constant"] + s["epochs_decay"] < 1:
+        raise _setting_error(source, "epochs_decay", "and epochs_constant must add up to >= 1")
+    number("lr", 0.0, low_open=True)
+    number("beta1", 0.0, 0.999999)
+    number("beta2", 0.0, 0.999999)
+    for key in ("lambda_adv", "lambda_cycle", "lambda_identity", "lambda_geo", "init_gain"):
+        number(key, 0.0)
+    number("mask_temperature", 0.0, low_open=True)
+    if "head_threshold" in s:
+        number("head_threshold", 0.0, 255.0)
+    for key in ("geometric_loss", "bf16", "channels_last", "compile", "deterministic"):
+        if not isinstance(s[key], bool):
+            raise _setting_error(source, key, f"must be true or false, got {s[key]!r}")
+    return s
+
+
+def settings_from_profile(profile: dict) -> dict:
+    """The JSON config of the command line: the profile's ``cyclegan`` block, its seed resolved
+    (``null`` takes the profile's top-level ``seed``) and ``preprocessing.head_threshold``."""
+    block = dict(profile.get("cyclegan") or {})
+    if block.get("seed") is None:
+        block["seed"] = int(profile.get("seed", DEFAULT_SEED))
+    block["head_threshold"] = float(profile["preprocessing"]["head_threshold"])
+    return check_settings(block, f"profile {profile.get('name', '?')}")
+
+
+def ablation_settings(settings: dict, geometric_loss: bool) -> dict:
+    """Settings of one arm of the ablation (with or without the geometric loss).
+
+    Both arms use ``ablation_iterations_per_epoch`` (when set) as their iterations per epoch, so
+    they are compared at the same budget; when it is null the ablation arms have the main run's
+    budget and the main run itself can serve as the arm with the geometric loss.
+    """
+    s = check_settings(settings)
+    s["geometric_loss"] = bool(geometric_loss)
+    if s["ablation_iterations_per_epoch"] is not None:
+        s["max_iterations_per_epoch"] = s["ablation_iterations_per_epoch"]
+    return s
+
+
+def lr_factor(epoch: int, epochs_constant: int, epochs_decay: int) -> float:
+    """Multiplier of the initial learning rate during (0-based) ``epoch``.
+
+    1 for the first ``epochs_constant`` epochs, then ``1 - (epoch + 1 - epochs_constant) /
+    (epochs_decay + 1)``: the reference's ``linear`` policy, which falls by the same step every
+    epoch and would reach zero one epoch after the last (100 + 100 epochs: 1, ..., 1, 100/101,
+    ..., 1/101).
+    """
+    return 1.0 - max(0, epoch + 1 - epochs_constant) / float(epochs_decay + 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Networks (paper Fig. 4)
+
+
+class ResidualBlock(nn.Module):
+    """Two reflection-padded 3 x 3 convolutions with instance norm, ReLU between, plus the input."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3), nn.InstanceNorm2d(dim), nn.ReLU(True),
+            nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3), nn.InstanceNorm2d(dim),
+        )
+
+    def forward(self, x):
+        return x + self.block(x)
+
+
+class Generator(nn.Module):
+    """The reference ResNet generator (paper Fig. 4, top): [N, C, H, W] in, tanh output.
+
+    H and W must be multiples of 4 (two stride-2 levels).
+    """
+
+    def __init__(self, in_channels: int = 1, out_channels: int = 1, ngf: int = 64,
+                 n_blocks: int = 9):
+        super().__init__()
+        layers = [nn.ReflectionPad2d(3), nn.Conv2d(in_channels, ngf, 7), nn.InstanceNorm2d(ngf),
+                  nn.ReLU(True)]
+        width = ngf
+        for _ in range(2):
+            layers += [nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
+                       nn.InstanceNorm2d(2 * width), nn.ReLU(True)]
+            width *= 2
+        layers += [ResidualBlock(width) for _ in range(n_blocks)]
+        for _ in range(2):
+            layers += [nn.ConvTranspose2d(width, width // 2, 3, stride=2, padding=1,
+                                          output_padding=1),
+                       nn.InstanceNorm2d(width // 2), nn.ReLU(True)]
+            width //= 2
+        layers += [nn.ReflectionPad2d(3), nn.Conv2d(width, out_channels, 7), nn.Tanh()]
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.model(x)
+
+
+class Discriminator(nn.Module):
+    """The reference 70 x 70 PatchGAN (paper Fig. 4, bottom): one score per overlapping patch."""
+
+    def __init__(self, in_channels: int = 1, ndf: int = 64):
+        super().__init__()
+        self.model = nn.Sequential(
+            nn.Conv2d(in_channels, ndf, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True),
+            nn.Conv2d(ndf, 2 * ndf, 4, stride=2, padding=1), nn.InstanceNorm2d(2 * ndf),
+            nn.LeakyReLU(0.2, True),
+            nn.Conv2d(2 * ndf, 4 * ndf, 4, stride=2, padding=1), nn.InstanceNorm2d(4 * ndf),
+            nn.LeakyReLU(0.2, True),
+            nn.Conv2d(4 * ndf, 8 * ndf, 4, stride=1, padding=1), nn.InstanceNorm2d(8 * ndf),
+            nn.LeakyReLU(0.2, True),
+            nn.Conv2d(8 * ndf, 1, 4, stride=1, padding=1),
+        )
+
+    def forward(self, x):
+        return self.model(x)
+
+
+def init_weights(net: nn.Module, gain: float = 0.02) -> nn.Module:
+    """The reference's ``normal`` initialisation: convolution weights N(0, gain), biases 0."""
+    for module in net.modules():
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(module.weight, 0.0, gain)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    return net
+
+
+def count_parameters(net: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in net.parameters() if p.requires_grad)
+
+
+def flops_per_slice(net: nn.Module, size: int, in_channels: int | None = None) -> int:
+    """FLOPs of one forward pass of one ``size`` x ``size`` slice, as 2 x multiply-accumulates.
+
+    Counted with forward hooks on every ``Conv2d`` and ``ConvTranspose2d`` while the network runs
+    on the ``meta`` device (shapes only, no arithmetic, nothing allocated): a convolution does
+    ``output pixels x out_channels x in_channels/groups x kH x kW`` MACs, a transposed convolution
+    ``input pixels x in_channels x out_channels/groups x kH x kW``. Bias additions, normalisation
+    and activations (well under 1 % here) are not counted.
+    """
+    net = getattr(net, "_orig_mod", net)
+    convs = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    if in_channels is None:
+        in_channels = convs[0].in_channels if convs else 1
+    macs = [0]
+
+    def hook(module, inputs, output):
+        k = module.kernel_size[0] * module.kernel_size[1]
+        if isinstance(module, nn.ConvTranspose2d):
+            pixels = inputs[0].shape[0] * inputs[0].shape[2] * inputs[0].shape[3]
+            macs[0] += pixels * module.in_channels * (module.out_channels // module.groups) * k
+        else:
+            pixels = output.shape[0] * output.shape[2] * output.shape[3]
+            macs[0] += pixels * module.out_channels * (module.in_channels // module.groups) * k
+
+    handles = [m.register_forward_hook(hook) for m in convs]
+    try:
+        params = {name: torch.empty_like(p, device="meta") for name, p in net.named_parameters()}
+        buffers = {name: torch.empty_like(b, device="meta") for name, b in net.named_buffers()}
+        x = torch.empty(1, in_channels, size, size, device="meta")
+        with torch.no_grad():
+            torch.func.functional_call(net, {**params, **buffers}, (x,))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return 2 * macs[0]
+
+
+def _meta_networks(settings: dict) -> tuple[Generator, Discriminator]:
+    with torch.device("meta"):
+        return (Generator(1, 1, settings["ngf"], settings["n_blocks"]),
+                Discriminator(1, settings["ndf"]))
+
+
+def training_flops_per_image(settings: dict, size: int) -> dict:
+    """FLOPs of one training iteration per CT image (both generators and discriminators updated).
+
+    Per image the generators run 6 passes (CT -> MR, MR -> CT, the two cycle passes and the two
+    identity passes; 4 without identity loss), each forward F plus backward 2F (weight and input
+    gradients). The discriminators run 2 passes in the generator update (fake MR, fake CT; their
+    weights frozen, so the backward computes input gradients only, about F) and 4 passes in their
+    own update (real and pooled fake, for each; the inputs need no gradient, so the backward is
+    the weight gradients only, about F). Total ``18 F_G + 12 F_D`` (``12 F_G`` without identity).
+    """
+    s = check_settings(settings)
+    generator, discriminator = _meta_networks(s)
+    f_g = flops_per_slice(generator, size)
+    f_d = flops_per_slice(discriminator, size)
+    generator_passes = 6 if s["lambda_identity"] > 0 else 4
+    total = generator_passes * 3 * f_g + 2 * 2 * f_d + 4 * 2 * f_d
+    return {"generator_forward": f_g, "discriminator_forward": f_d,
+            "generator_passes": generator_passes, "total": total}
+
+
+def architecture_table(profile: dict) -> list[dict]:
+    """Rows (name, parameters, gflops_per_slice) of the four networks at the profile's crop size,
+    and one row for a whole training iteration per slice (see :func:`training_flops_per_image`)."""
+    s = check_settings(dict(profile.get("cyclegan") or {}), f"profile {profile.get('name', '?')}")
+    size = int(profile["preprocessing"]["crop"])
+    generator, discriminator = _meta_networks(s)
+    n_g, n_d = count_parameters(generator), count_parameters(discriminator)
+    f_g = flops_per_slice(generator, size) / 1e9
+    f_d = flops_per_slice(discriminator, size) / 1e9
+    rows = [
+        {"name": "generator G_MR (CT -> MR)", "parameters": n_g, "gflops_per_slice": f_g},
+        {"name": "generator G_CT (MR -> CT)", "parameters": n_g, "gflops_per_slice": f_g},
+        {"name": "discriminator D_MR (70x70 PatchGAN)", "parameters": n_d, "gflops_per_slice": f_d},
+        {"name": "discriminator D_CT (70x70 PatchGAN)", "parameters": n_d, "gflops_per_slice": f_d},
+        {"name": "training iteration (forward + backward, all four)", "parameters": 2 * (n_g + n_d),
+         "gflops_per_slice": training_flops_per_image(s, size)["total"] / 1e9},
+    ]
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Head mask and losses
+
+
+def _to_unit(images: torch.Tensor) -> torch.Tensor:
+    """0-255 intensities (uint8) to the networks' [-1, 1] as float32."""
+    return images.float().div_(127.5).sub_(1.0)
+
+
+def _to_uint8(images: torch.Tensor) -> torch.Tensor:
+    return images.float().clamp(-1.0, 1.0).add(1.0).mul(127.5).round().to(torch.uint8)
+
+
+def _ray_start(outside: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A lower bound of the reconstruction: the best of the four straight paths from the border
+    (running minima along rows and columns), with the index of each path's bottleneck pixel."""
+    n, h, w = outside.shape
+    rows = torch.arange(h, device=outside.device).view(1, h, 1)
+    cols = torch.arange(w, device=outside.device).view(1, 1, w)
+    value, at = torch.cummin(outside, dim=2)
+    candidates = [(value, rows * w + at)]
+    value, at = torch.cummin(outside.flip(2), dim=2)
+    candidates.append((value.flip(2), rows * w + (w - 1 - at.flip(2))))
+    value, at = torch.cummin(outside, dim=1)
+    candidates.append((value, at * w + cols))
+    value, at = torch.cummin(outside.flip(1), dim=1)
+    candidates.append((value.flip(1), (h - 1 - at.flip(1)) * w + cols))
+    best, which = torch.stack([c[0] for c in candidates]).max(dim=0)
+    index = torch.stack([c[1].expand(n, h, w) for c in candidates])
+    return best, index.gather(0, which.unsqueeze(0)).squeeze(0)
+
+
+def _fill_step(value, index, outside, own):
+    """One step of the reconstruction: best 4-neighbour (the border counts as fully outside),
+    capped by the pixel's own value; carries the index of the pixel each value comes from."""
+    vpad = F.pad(value, (1, 1, 1, 1), value=math.inf)
+    ipad = F.pad(index, (1, 1, 1, 1), value=-1)
+    neighbours = torch.stack((vpad[:, :-2, 1:-1], vpad[:, 2:, 1:-1],
+                              vpad[:, 1:-1, :-2], vpad[:, 1:-1, 2:]))
+    best, which = neighbours.max(dim=0)
+    best_index = torch.stack((ipad[:, :-2, 1:-1], ipad[:, 2:, 1:-1],
+                              ipad[:, 1:-1, :-2], ipad[:, 1:-1, 2:])
+                             ).gather(0, which.unsqueeze(0)).squeeze(0)
+    keep_own = outside <= best
+    return torch.where(keep_own, outside, best), torch.where(keep_own, own, best_index)
+
+
+def _fill_chunk(value, index, outside, own):
+    """``_FILL_CHECK_EVERY`` reconstruction steps; returns the values before the last step too."""
+    before = value
+    for _ in range(_FILL_CHECK_EVERY):
+        before = value
+        value, index = _fill_step(value, index, outside, own)
+    return before, value, index
+
+
+_compiled_fill = None      # torch.compile'd _fill_chunk; False once compiling has failed
+
+
+def _fill_function(compiled: bool):
+    global _compiled_fill
+    if not compiled or _compiled_fill is False:
+        return _fill_chunk
+    if _compiled_fill is None:
+        _compiled_fill = torch.compile(_fill_chunk, dynamic=True)
+    return _compiled_fill
+
+
+@torch.no_grad()
+def _fill_sources(outside: torch.Tensor, compiled: bool = False) -> torch.Tensor:
+    """For every pixel, the index of the pixel whose value its hole-filled mask takes.
+
+    ``outside`` [N, H, W] is the negated head logit, clipped below at -``_HEAD_CLIP``. Grayscale
+    reconstruction by dilation of the image border under ``outside`` (4-connected, the background
+    connectivity of ``scipy.ndimage.binary_fill_holes``) gives every pixel its best escape to the
+    border: the largest, over the paths from the border to the pixel, of the smallest ``outside``
+    value along the path. Iterated to convergence without autograd from :func:`_ray_start`,
+    carrying the index of the pixel the value comes from (the bottleneck), so the caller gathers
+    the logits with gradient: the gradient of the unrolled reconstruction, at no memory cost. A
+    pixel that is not enclosed keeps its own index (ties go to the pixel itself).
+
+    The iterations needed follow the longest escape path: about 50-90 at 96 x 96, 120-440 at
+    256 x 256 (they creep along the partial-volume rim of the head). ``compiled`` runs the steps
+    through torch.compile (pure selections, so bit-identical to eager): about one fused kernel
+    per step instead of ten, which on a GPU is the difference between launch-bound and
+    negligible. If compiling fails (no Triton or C compiler), a warning is given and the steps
+    run eagerly.
+    """
+    global _compiled_fill
+    n, h, w = outside.shape
+    own = torch.arange(h * w, device=outside.device).view(1, h, w).expand(n, h, w)
+    value, index = _ray_start(outside)
+    chunk = _fill_function(compiled)
+    for _ in range(h * w // _FILL_CHECK_EVERY + 1):
+        try:
+            before, value_next, index_next = chunk(value, index, outside, own)
+        except Exception as exc:  # only a failing compilation lands here
+            if chunk is _fill_chunk:
+                raise
+            import warnings
+
+            reason = str(exc).splitlines()[0] if str(exc) else ""
+            warnings.warn("torch.compile of the head-mask fill failed, running it eagerly "
+                          f"({type(exc).__name__}: {reason})", RuntimeWarning, stacklevel=2)
+            _compiled_fill = False
+            chunk = _fill_chunk
+            before, value_next, index_next = chunk(value, index, outside, own)
+        value, index = value_next, index_next
+        if torch.equal(before, value):
+            break
+    return index
+
+
+def head_logits(x: torch.Tensor, threshold: float = DEFAULT_HEAD_THRESHOLD,
+                temperature: float = 5.0, value_range: tuple = (-1.0, 1.0),
+                compiled: bool = False) -> torch.Tensor:
+    """Logits of the differentiable head mask of images ``x`` [..., H, W].
+
+    See :func:`soft_head_mask`, which is ``sigmoid`` of this; the geometric loss uses the logits.
+    """
+    lo, hi = value_range
+    intensity = (x.float() - lo) * (255.0 / (hi - lo))
+    logits = (intensity - threshold) / temperature
+    shape = logits.shape
+    flat = logits.reshape(-1, shape[-2], shape[-1])
+    sources = _fill_sources((-flat.detach()).clamp_min(-_HEAD_CLIP), compiled)
+    filled = flat.flatten(1).gather(1, sources.flatten(1))
+    return filled.view(shape)
+
+
+def soft_head_mask(x: torch.Tensor, threshold: float = DEFAULT_HEAD_THRESHOLD,
+                   temperature: float = 5.0, value_range: tuple = (-1.0, 1.0)) -> torch.Tensor:
+    """Differentiable head mask (values in (0, 1)) of images ``x`` [..., H, W].
+
+    The soft counterpart of :func:`crossmod_lib.preparation.head_mask` (intensity above
+    ``preprocessing.head_threshold`` on the 0-255 scale, largest component, holes filled), used by
+    the geometric loss and by the cleaning step:
+
+    1. ``x`` (in ``value_range``, the networks' [-1, 1] by default) is mapped to 0-255 and turned
+       into a soft foreground ``sigmoid((intensity - threshold) / temperature)``: the same
+       threshold, with a transition about ``temperature`` grey levels wide.
+    2. Holes are filled differentiably by grayscale reconstruction: a pixel's filled value is the
+       height of the lowest "wall" of soft foreground that separates it from the image border (the
+       best 4-connected escape path's weakest point; exactly the soft value itself for pixels not
+       enclosed). Dark structures inside the head (airway, cortical bone on MR) therefore count as
+       head, weighted by how closed the outline around them is; the gradient of a filled pixel goes
+       to the bottleneck pixel of that wall. Inside the fill the logits are clipped at 10 (mask
+       0.99995), which spares iterating over the head interior; where the clip matters the mask is
+       within 5e-5 of the unclipped result.
+
+    Grayscale reconstruction commutes with thresholding, so ``soft_head_mask(x) > 0.5`` is exactly
+    the threshold-and-fill-holes mask; it differs from the hard mask only where the hard one drops
+    bright pixels outside the largest connected component. No largest-component step here: bright
+    islands outside the source's outline are exactly what the geometric loss should penalise.
+    """
+    return torch.sigmoid(head_logits(x, threshold, temperature, value_range))
+
+
+def geometric_loss(generated: torch.Tensor, source_mask: torch.Tensor,
+                   threshold: float = DEFAULT_HEAD_THRESHOLD,
+                   temperature: float = 5.0) -> torch.Tensor:
+    """Paper eq. (1): BCE between the generated slices' soft head mask and the source's binary mask.
+
+    ``generated`` in [-1, 1] and ``source_mask`` (0/1) have the same shape [..., H, W]; the mean
+    over pixels and slices, computed from logits (numerically exact for saturated pixels).
+    """
+    logits = head_logits(generated, threshold, temperature)
+    return F.binary_cross_entropy_with_logits(logits, source_mask.to(logits.dtype))
+
+
+def lsgan_loss(prediction: torch.Tensor, real: bool) -> torch.Tensor:
+    """Least-squares GAN loss: mean squared distance of the patch scores to 1 (real) or 0 (fake)."""
+    prediction = prediction.float()
+    target = torch.ones_like(prediction) if real else torch.zeros_like(prediction)
+    return F.mse_loss(prediction, target)
+
+
+class ImagePool:
+    """History of generated images shown to a discriminator (reference ``ImagePool`` semantics).
+
+    Until ``size`` images are stored, each new image is stored and returned. Then each new image is,
+    with probability 1/2, returned as is, or else swapped with a random stored image, which is
+    returned instead. ``size`` 0 returns the images unchanged. Random numbers come from the given
+    ``torch.Generator`` (CPU), so the pool is reproducible and can be checkpointed.
+    """
+
+    def __init__(self, size: int):
+        self.size = int(size)
+        self.images: list[torch.Tensor] = []
+
+    def query(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.size == 0:
+            return images
+        out = []
+        for image in images.detach():
+            if len(self.images) < self.size:
+                self.images.append(image.clone())
+                out.append(image)
+            elif torch.rand((), generator=generator).item() > 0.5:
+                j = int(torch.randint(0, self.size, (), generator=generator).item())
+                out.append(self.images[j].clone())
+                self.images[j] = image.clone()
+            else:
+                out.append(image)
+        return torch.stack(out)
+
+    def state(self) -> torch.Tensor:
+        """The stored images as one CPU tensor [n, ...] (n may be 0)."""
+        if not self.images:
+            return torch.empty(0)
+        return torch.stack(self.images).cpu()
+
+    def load(self, stored: torch.Tensor, device=None) -> None:
+        self.images = [image.to(device) for image in stored] if stored.numel() else []
+
+
+# ----------------------------------------------------------------------------------------------
+# The model and one training iteration
+
+
+class _GeneratorPair(nn.Module):
+    """Both generators' passes of one iteration in one forward call (one DDP-synchronised unit).
+
+    Passes that do not depend on each other share a call: ``G_MR`` maps the CT and (identity) the
+    MR batch together; instance normalisation is per slice, so this is the same mathematics as
+    separate calls.
+    """
+
+    def __init__(self, g_mr, g_ct, identity: bool):
+        super().__init__()
+        self.g_mr, self.g_ct, self.identity = g_mr, g_ct, identity
+
+    def forward(self, ct, mr):
+        b = ct.shape[0]
+        if self.identity:
+            fake_mr, idt_mr = self.g_mr(torch.cat((ct, mr))).split(b)
+            fake_ct, idt_ct = self.g_ct(torch.cat((mr, ct))).split(b)
+        else:
+            fake_mr, fake_ct = self.g_mr(ct), self.g_ct(mr)
+            idt_mr = idt_ct = None
+        rec_ct = self.g_ct(fake_mr)
+        rec_mr = self.g_mr(fake_ct)
+        return fake_mr, rec_ct, fake_ct, rec_mr, idt_mr, idt_ct
+
+
+class _DiscriminatorPair(nn.Module):
+    """Both discriminators on real and (pooled) fake slices, in one forward call."""
+
+    def __init__(self, d_mr, d_ct):
+        super().__init__()
+        self.d_mr, self.d_ct = d_mr, d_ct
+
+    def forward(self, real_mr, fake_mr, real_ct, fake_ct):
+        return self.d_mr(torch.cat((real_mr, fake_mr))), self.d_ct(torch.cat((real_ct, fake_ct)))
+
+
+def _set_requires_grad(nets, flag: bool) -> None:
+    for net in nets:
+        for p in net.parameters():
+            p.requires_grad_(flag)
+
+
+class CycleGAN:
+    """The four networks (G_MR: CT -> MR, G_CT: MR -> CT, D_MR, D_CT), both Adam optimisers with
+    their learning-rate schedules, both history pools, and :meth:`step`, one training iteration.
+
+    Networks are initialised from the global torch RNG (seed it first). ``bf16`` (autocast),
+    ``channels_last`` and ``compile`` (the four networks) are speed options for a GPU;
+    ``compile_fill`` compiles the head mask's hole fill (default: when ``compile`` or on a GPU, see
+    :func:`_fill_sources`); ``distributed`` wraps the generator pair and the discriminator pair in
+    DistributedDataParallel (process group set up). ``draw_generator`` supplies the pools'
+    random numbers.
+    """
+
+    def __init__(self, settings: dict, head_threshold: float, device="cpu", *, bf16=False,
+                 channels_last=False, compile=False, compile_fill=None, distributed=False,
+                 draw_generator=None):
+        s = self.settings = check_settings(settings)
+        self.head_threshold = float(head_threshold)
+        self.device = torch.device(device)
+        self.bf16 = bool(bf16)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.draw_generator = draw_generator
+        self.compile_fill = (bool(compile) or self.device.type == "cuda"
+                             if compile_fill is None else bool(compile_fill))
+        self.g_mr = init_weights(Generator(1, 1, s["ngf"], s["n_blocks"]), s["init_gain"])
+        self.g_ct = init_weights(Generator(1, 1, s["ngf"], s["n_blocks"]), s["init_gain"])
+        self.d_mr = init_weights(Discriminator(1, s["ndf"]), s["init_gain"])
+        self.d_ct = init_weights(Discriminator(1, s["ndf"]), s["init_gain"])
+        for net in self.networks.values():
+            net.to(self.device, memory_format=self.memory_format)
+        betas = (s["beta1"], s["beta2"])
+        self.opt_g = torch.optim.Adam(list(self.g_mr.parameters()) + list(self.g_ct.parameters()),
+                                      lr=s["lr"], betas=betas)
+        self.opt_d = torch.optim.Adam(list(self.d_mr.parameters()) + list(self.d_ct.parameters()),
+                                      lr=s["lr"], betas=betas)
+        c, d = s["epochs_constant"], s["epochs_decay"]
+        self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, lambda e: lr_factor(e, c, d))
+        self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, lambda e: lr_factor(e, c, d))
+        self.pool_mr = ImagePool(s["pool_size"])
+        self.pool_ct = ImagePool(s["pool_size"])
+        run = {name: (torch.compile(net) if compile else net)
+               for name, net in self.networks.items()}
+        self._d_mr_run, self._d_ct_run = run["d_mr"], run["d_ct"]
+        self._generators = _GeneratorPair(run["g_mr"], run["g_ct"], s["lambda_identity"] > 0)
+        self._discriminators = _DiscriminatorPair(run["d_mr"], run["d_ct"])
+        if distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self._generators = DistributedDataParallel(self._generators, device_ids=ids,
+                                                       broadcast_buffers=False)
+            self._discriminators = DistributedDataParallel(self._discriminators, device_ids=ids,
+                                                           broadcast_buffers=False)
+
+    @property
+    def networks(self) -> dict[str, nn.Module]:
+        return {"g_mr": self.g_mr, "g_ct": self.g_ct, "d_mr": self.d_mr, "d_ct": self.d_ct}
+
+    def _autocast(self):
+        if self.bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def prepare(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        """uint8 slices [B, H, W] (any device) as the networks' input [B, 1, H, W] in [-1, 1]."""
+        x = _to_unit(images_uint8.to(self.device, non_blocking=True)).unsqueeze(1)
+        return x.contiguous(memory_format=self.memory_format)
+
+    def step(self, ct: torch.Tensor, mr: torch.Tensor, ct_mask: torch.Tensor,
+             mr_mask: torch.Tensor) -> torch.Tensor:
+        """One iteration: update both generators, then both discriminators.
+
+        ``ct``, ``mr`` [B, 1, H, W] in [-1, 1]; ``ct_mask``, ``mr_mask`` their binary head masks
+        (same shape). Returns the detached loss values in :data:`LOSS_TERMS` order (no GPU sync).
+        """
+        s, b = self.settings, ct.shape[0]
+        zero = torch.zeros((), device=self.device)
+        _set_requires_grad((self.d_mr, self.d_ct), False)
+        with self._autocast():
+            fake_mr, rec_ct, fake_ct, rec_mr, idt_mr, idt_ct = self._generators(ct, mr)
+        fake_mr, rec_ct, fake_ct, rec_mr = (t.float() for t in (fake_mr, rec_ct, fake_ct, rec_mr))
+        with self._autocast():
+            score_mr, score_ct = self._d_mr_run(fake_mr), self._d_ct_run(fake_ct)
+        adv_mr, adv_ct = lsgan_loss(score_mr, True), lsgan_loss(score_ct, True)
+        cycle_ct, cycle_mr = F.l1_loss(rec_ct, ct), F.l1_loss(rec_mr, mr)
+        if idt_mr is not None:
+            identity_mr = F.l1_loss(idt_mr.float(), mr)
+            identity_ct = F.l1_loss(idt_ct.float(), ct)
+        else:
+            identity_mr = identity_ct = zero
+        # The geometric terms of both directions in one batched hole fill; computed without
+        # gradient (only logged) when the geometric loss is switched off.
+        with contextlib.nullcontext() if s["geometric_loss"] else torch.no_grad():
+            logits = head_logits(torch.cat((fake_mr, fake_ct)), self.head_threshold,
+                                 s["mask_temperature"], compiled=self.compile_fill)
+            geo_ct = F.binary_cross_entropy_with_logits(logits[:b], ct_mask.float())
+            geo_mr = F.binary_cross_entropy_with_logits(logits[b:], mr_mask.float())
+        loss_g = (s["lambda_adv"] * (adv_mr + adv_ct)
+                  + s["lambda_cycle"] * (cycle_ct + cycle_mr)
+                  + s["lambda_cycle"] * s["lambda_identity"] * (identity_mr + identity_ct))
+        if s["geometric_loss"]:
+            loss_g = loss_g + s["lambda_geo"] * (geo_ct + geo_mr)
+        self.opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        self.opt_g.step()
+
+        _set_requires_grad((self.d_mr, self.d_ct), True)
+        pooled_mr = self.pool_mr.query(fake_mr.detach(), self.draw_generator)
+        pooled_ct = self.pool_ct.query(fake_ct.detach(), self.draw_generator)
+        pooled_mr = pooled_mr.contiguous(memory_format=self.memory_format)
+        pooled_ct = pooled_ct.contiguous(memory_format=self.memory_format)
+        with self._autocast():
+            scores_mr, scores_ct = self._discriminators(mr, pooled_mr, ct, pooled_ct)
+        d_mr = 0.5 * (lsgan_loss(scores_mr[:b], True) + lsgan_loss(scores_mr[b:], False))
+        d_ct = 0.5 * (lsgan_loss(scores_ct[:b], True) + lsgan_loss(scores_ct[b:], False))
+        self.opt_d.zero_grad(set_to_none=True)
+        (d_mr + d_ct).backward()
+        self.opt_d.step()
+        return torch.stack([loss_g, adv_mr, adv_ct, cycle_ct, cycle_mr, identity_mr, identity_ct,
+                            geo_ct, geo_mr, d_mr, d_ct]).detach()
+
+
+# ----------------------------------------------------------------------------------------------
+# Data, checkpoints, random states
+
+
+def _load_slices(path, role: str, keys=("image", "head_mask")) -> dict[str, np.ndarray]:
+    """Arrays of a prepared-slices ``.npz`` (numpy only), checked; one-line errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise CrossmodError(f"{path}: {role} slices not found")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CrossmodError(f"{path}: cannot read {role} slices ({reason})") from None
+    missing = [key for key in keys if key not in arrays]
+    if missing:
+        raise CrossmodError(f"{path}: {role} slices lack the array '{missing[0]}'")
+    image = arrays["image"]
+    if image.dtype != np.uint8 or image.ndim != 3 or len(image) == 0:
+        raise CrossmodError(f"{path}: 'image' must be non-empty uint8 [N, H, W], got "
+                            f"{image.dtype} {list(image.shape)}")
+    if image.shape[1] % 4 or image.shape[2] % 4:
+        raise CrossmodError(f"{path}: slice size {image.shape[1]} x {image.shape[2]} must be a "
+                            "multiple of 4 (the generator halves it twice)")
+    for key in keys:
+        if key != "image" and arrays[key].shape[:1] != image.shape[:1]:
+            raise CrossmodError(f"{path}: '{key}' has {arrays[key].shape[0]} slices, 'image' "
+                                f"{image.shape[0]}")
+    if "head_mask" in arrays and arrays["head_mask"].shape != image.shape:
+        raise CrossmodError(f"{path}: 'head_mask' shape {list(arrays['head_mask'].shape)} differs "
+                            f"from 'image' {list(image.shape)}")
+    return arrays
+
+
+def _atomic_save(obj, path: Path) -> None:
+    """``torch.save`` to a temporary sibling, flushed to disk, then renamed over ``path``: a reader
+    sees the old file or the new one, never a partial one; nothing is left behind on failure."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path) -> dict:
+    """A checkpoint written by :func:`train`, loaded with ``weights_only=True`` onto the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise CrossmodError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - an unreadable or unsafe checkpoint
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CrossmodError(f"{path}: cannot read checkpoint ({reason})") from None
+
+
+def _global_rng_state() -> dict:
+    version, internal, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python_version": int(version),
+        "python_internal": torch.tensor(internal, dtype=torch.int64),
+        "python_gauss": gauss,
+        "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+        "numpy_pos": int(pos), "numpy_has_gauss": int(has_gauss), "numpy_cached": float(cached),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_global_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python_version"],
+                     tuple(int(v) for v in state["python_internal"].tolist()),
+                     state["python_gauss"]))
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32),
+                         state["numpy_pos"], state["numpy_has_gauss"], state["numpy_cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _weights_digest(model: CycleGAN) -> str:
+    """SHA-256 of every parameter of the four networks (bitwise identity check)."""
+    digest = hashlib.sha256()
+    for name, net in model.networks.items():
+        for key, tensor in sorted(net.state_dict().items()):
+            digest.update(f"{name}.{key}".encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _determinism(enabled: bool, device: torch.device):
+    """Deterministic algorithms (CPU: strict; CUDA: warn only, as the reflection-pad backward has
+    no deterministic CUDA kernel) and no cuDNN autotuning; restores the previous global state."""
+    previous = (torch.are_deterministic_algorithms_enabled(),
+                torch.is_deterministic_algorithms_warn_only_enabled(),
+                torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    if enabled:
+        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    else:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.benchmark = device.type == "cuda"
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = previous[2:]
+
+
+@contextlib.contextmanager
+def _cpu_threads(count: int):
+    previous = torch.get_num_threads()
+    if count > 0:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _pick_device(device, local_rank: int = 0) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device(f"cuda:{local_rank}")
+    return torch.device("cpu")
+
+
+def _epoch_order(generator: torch.Generator, n: int, world: int, rank: int) -> torch.Tensor:
+    """This rank's share of a shuffled order of all ``n`` CT slices (DistributedSampler-like: the
+    permutation is padded by repeating its start to a multiple of ``world``, rank r takes every
+    world-th entry from r). The same generator state on every rank gives the same permutation."""
+    perm = torch.randperm(n, generator=generator)
+    total = math.ceil(n / world) * world
+    if total > n:
+        perm = torch.cat([perm] * math.ceil(total / n))[:total]
+    return perm[rank::world].clone()
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+class _LossLog:
+    """Buffers per-iteration losses on the device, writes them to ``losses.csv`` in chunks."""
+
+    def __init__(self, path: Path | None, world: int):
+        self.path, self.world = path, world
+        self.pending: list[tuple] = []
+        self.last: dict | None = None
+
+    @staticmethod
+    def header() -> list[str]:
+        return ["epoch", "iteration", *LOSS_TERMS, "lr", "seconds"]
+
+    def start(self, keep_until: int | None) -> None:
+        """Fresh file with a header, or (resume) keep the rows up to iteration ``keep_until``."""
+        if self.path is None:
+            return
+        rows = []
+        if keep_until is not None and self.path.is_file():
+            with open(self.path, newline="") as handle:
+                for row in list(csv.reader(handle))[1:]:
+                    try:
+                        complete = len(row) == len(self.header()) and int(row[1]) <= keep_until
+                    except ValueError:
+                        complete = False
+                    if complete:
+                        rows.append(row)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(self.header())
+            writer.writerows(rows)
+        os.replace(tmp, self.path)
+
+    def add(self, epoch: int, iteration: int, losses: torch.Tensor, lr: float, seconds: float):
+        self.pending.append((epoch, iteration, losses, lr, seconds))
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        values = torch.stack([p[2] for p in self.pending])
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(values)
+            values /= self.world
+        values = values.cpu().tolist()
+        rows = [[e, i, *(f"{v:.6g}" for v in vals), f"{lr:.6g}", f"{sec:.3f}"]
+                for (e, i, _, lr, sec), vals in zip(self.pending, values)]
+        self.pending = []
+        self.last = dict(zip(LOSS_TERMS, values[-1]))
+        if self.path is not None:
+            with open(self.path, "a", newline="") as handle:
+                csv.writer(handle).writerows(rows)
+
+
+def train(ct_npz, mr_npz, out_dir, settings: dict, head_threshold: float, resume: bool = False,
+          progress: bool = True, max_iterations: int | None = None, device=None) -> dict:
+    """Train the CycleGAN on prepared CT and MR slices; returns a summary (also ``summary.json``).
+
+    ``out_dir`` receives ``checkpoint.pt`` (rewritten atomically after every epoch, and when the
+    run stops early), ``losses.csv`` (epoch, iteration, every term of :data:`LOSS_TERMS`, learning
+    rate, seconds since the run started), ``settings.json`` and ``summary.json``. ``resume=True``
+    continues from the checkpoint, if any, with the optimisers, schedules, history pools and every
+    random state (torch, numpy, python and the run's own generators), so the result is
+    bit-identical to an uninterrupted run on the same machine and thread count; without
+    ``resume`` an existing run in ``out_dir`` is replaced. ``max_iterations`` stops the run after
+    that many iterations in total (counting those before a resume) and checkpoints there, even in
+    the middle of an epoch: a later ``resume=True`` carries on exactly. The global torch, numpy and
+    python random generators are seeded from ``settings['seed']``.
+
+    On a GPU, ``bf16``, ``channels_last`` and ``compile`` apply and the head mask's hole fill is
+    compiled (the CPU always runs fp32 eager); the slices are moved to the GPU once.
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every process trains on its share of each epoch's CT
+    order (:func:`_epoch_order`) with its own MR draws and pools, gradients averaged by
+    DistributedDataParallel; the per-process batch is ``batch_size``; only rank 0 writes the
+    checkpoint and the log (losses averaged over ranks), the other ranks their random states and
+    pools under ``ranks/``.
+    """
+    s = check_settings({**settings, "head_threshold": float(head_threshold)})
+    out_dir = Path(out_dir)
+    ct = _load_slices(ct_npz, "CT")
+    mr = _load_slices(mr_npz, "MR")
+    if ct["image"].shape[1:] != mr["image"].shape[1:]:
+        raise CrossmodError(f"{mr_npz}: MR slices are {list(mr['image'].shape[1:])}, CT slices "
+                            f"{list(ct['image'].shape[1:])}; both cohorts need the same crop")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = _pick_device(device, local_rank)
+    own_group = False
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+            own_group = True
+    try:
+        with _determinism(s["deterministic"], device), _cpu_threads(s["cpu_threads"]):
+            return _train(ct, mr, out_dir, s, resume, progress, max_iterations, device, world,
+                          rank, (str(ct_npz), str(mr_npz)))
+    finally:
+        if own_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _train(ct, mr, out_dir, s, resume, progress, max_iterations, device, world, rank, sources):
+    cuda = device.type == "cuda"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_path = out_dir / CHECKPOINT_NAME
+    ranks_dir = out_dir / "ranks"
+    n_ct, n_mr = len(ct["image"]), len(mr["image"])
+    size = list(ct["image"].shape[1:])
+    batch = s["batch_size"]
+    per_rank = math.ceil(n_ct / world)
+    iterations_per_epoch = math.ceil(per_rank / batch)
+    if s["max_iterations_per_epoch"] is not None:
+        iterations_per_epoch = min(iterations_per_epoch, s["max_iterations_per_epoch"])
+    total_epochs = s["epochs_constant"] + s["epochs_decay"]
+
+    torch.manual_seed(s["seed"])
+    np.random.seed(s["seed"])
+    random.seed(s["seed"])
+    order_gen = torch.Generator().manual_seed(s["seed"])
+    draw_gen = torch.Generator().manual_seed(s["seed"] * 1000 + 7919 * (rank + 1))
+    model = CycleGAN(s, s["head_threshold"], device, bf16=s["bf16"] and cuda,
+                     channels_last=s["channels_last"] and cuda, compile=s["compile"] and cuda,
+                     distributed=world > 1, draw_generator=draw_gen)
+
+    state = {"epoch": 0, "iteration_in_epoch": 0, "iteration": 0, "elapsed": 0.0}
+    order = None
+    found = resume and checkpoint_path.is_file()
+    if found:
+        checkpoint = load_checkpoint(checkpoint_path)
+        for key in _TRAINING_KEYS:
+            if checkpoint["settings"].get(key) != s[key]:
+                raise CrossmodError(
+                    f"{checkpoint_path}: setting 'cyclegan.{key}' is {s[key]!r} but the run was "
+                    f"started with {checkpoint['settings'].get(key)!r}; use the same settings or "
+                    "train without resume")
+        if checkpoint["data"] != {"n_ct": n_ct, "n_mr": n_mr, "size": size}:
+            raise CrossmodError(f"{checkpoint_path}: the run was started on other slices "
+                                f"({checkpoint['data']}); train without resume")
+        if checkpoint["world_size"] != world:
+            raise CrossmodError(f"{checkpoint_path}: the run was started with "
+                                f"{checkpoint['world_size']} processes, now {world}")
+        for name, net in model.networks.items():
+            net.load_state_dict(checkpoint["networks"][name])
+        model.opt_g.load_state_dict(checkpoint["opt_g"])
+        model.opt_d.load_state_dict(checkpoint["opt_d"])
+        model.sched_g.load_state_dict(checkpoint["sched_g"])
+        model.sched_d.load_state_dict(checkpoint["sched_d"])
+        state = dict(checkpoint["state"])
+        if rank == 0:
+            local = checkpoint["local"]
+        else:
+            local = load_checkpoint(ranks_dir / f"rank{rank}-it{state['iteration']}.pt")
+        order_gen.set_state(local["order_gen"])
+        draw_gen.set_state(local["draw_gen"])
+        order = local["order"] if local["order"].numel() else None
+        model.pool_mr.load(local["pool_mr"], device)
+        model.pool_ct.load(local["pool_ct"], device)
+        _set_global_rng_state(local["rng"])
+    elif rank == 0:
+        for stale in (checkpoint_path, out_dir / LOSSES_NAME, out_dir / SUMMARY_NAME):
+            stale.unlink(missing_ok=True)
+    if rank > 0 and not found and ranks_dir.is_dir():
+        for stale in ranks_dir.glob(f"rank{rank}-it*.pt"):
+            stale.unlink()
+    if rank == 0:
+        settings_tmp = out_dir / f".{SETTINGS_NAME}.tmp"
+        settings_tmp.write_text(json.dumps(s, indent=2))
+        os.replace(settings_tmp, out_dir / SETTINGS_NAME)
+    log = _LossLog(out_dir / LOSSES_NAME if rank == 0 else None, world)
+    log.start(state["iteration"] if found else None)
+
+    ct_images = torch.from_numpy(ct["image"])
+    ct_masks = torch.from_numpy(ct["head_mask"].astype(bool))
+    mr_images = torch.from_numpy(mr["image"])
+    mr_masks = torch.from_numpy(mr["head_mask"].astype(bool))
+    if cuda:   # uint8 slices and boolean masks: about 1.3 GB for the paper's ~10,000 CT slices
+        ct_images, ct_masks, mr_images, mr_masks = (
+            t.to(device) for t in (ct_images, ct_masks, mr_images, mr_masks))
+
+    def save_checkpoint():
+        state["elapsed"] = base_elapsed + time.perf_counter() - started
+        local = {"order_gen": order_gen.get_state(), "draw_gen": draw_gen.get_state(),
+                 "order": order if order is not None else torch.empty(0, dtype=torch.int64),
+                 "pool_mr": model.pool_mr.state(), "pool_ct": model.pool_ct.state(),
+                 "rng": _global_rng_state()}
+        if world > 1:
+            import torch.distributed as dist
+
+            if rank > 0:
+                _atomic_save(local, ranks_dir / f"rank{rank}-it{state['iteration']}.pt")
+            dist.barrier()
+        if rank == 0:
+            _atomic_save({
+                "format": 1, "settings": dict(s), "world_size": world,
+                "data": {"n_ct": n_ct, "n_mr": n_mr, "size": size},
+                "state": dict(state),
+                "networks": {name: net.state_dict() for name, net in model.networks.items()},
+                "opt_g": model.opt_g.state_dict(), "opt_d": model.opt_d.state_dict(),
+                "sched_g": model.sched_g.state_dict(), "sched_d": model.sched_d.state_dict(),
+                "local": local,
+            }, checkpoint_path)
+        if world > 1:
+            dist.barrier()
+            if rank > 0:
+                for old in ranks_dir.glob(f"rank{rank}-it*.pt"):
+                    if old.name != f"rank{rank}-it{state['iteration']}.pt":
+                        old.unlink(missing_ok=True)
+
+    bar = None
+    if progress and rank == 0:
+        try:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total_epochs * iterations_per_epoch, initial=state["iteration"],
+                       desc="CycleGAN", unit="it")
+        except ImportError:
+            bar = None
+
+    def flush():
+        log.flush()
+        if bar is not None and log.last is not None:
+            bar.set_postfix(G=f"{log.last['G_total']:.3f}", D_MR=f"{log.last['D_MR']:.3f}",
+                            D_CT=f"{log.last['D_CT']:.3f}",
+                            geo=f"{log.last['geo_CT'] + log.last['geo_MR']:.3f}", refresh=False)
+
+    base_elapsed = float(state["elapsed"])
+    started = time.perf_counter()
+    start_iteration = state["iteration"]
+    stopped = False
+    try:
+        while state["epoch"] < total_epochs:
+            if order is None:
+                if max_iterations is not None and state["iteration"] >= max_iterations:
+                    stopped = True
+                    break
+                order = _epoch_order(order_gen, n_ct, world, rank)
+                state["iteration_in_epoch"] = 0
+            lr = model.opt_g.param_groups[0]["lr"]
+            while state["iteration_in_epoch"] < iterations_per_epoch:
+                if max_iterations is not None and state["iteration"] >= max_iterations:
+                    stopped = True
+                    break
+                i = state["iteration_in_epoch"]
+                index = order[i * batch:(i + 1) * batch]
+                mr_index = torch.randint(0, n_mr, (len(index),), generator=draw_gen)
+                if cuda:
+                    index, mr_index = index.to(device), mr_index.to(device)
+                losses = model.step(
+                    model.prepare(ct_images[index]), model.prepare(mr_images[mr_index]),
+                    ct_masks[index].unsqueeze(1), mr_masks[mr_index].unsqueeze(1))
+                state["iteration_in_epoch"] += 1
+                state["iteration"] += 1
+                log.add(state["epoch"] + 1, state["iteration"], losses, lr,
+                        base_elapsed + time.perf_counter() - started)
+                if len(log.pending) >= _LOG_EVERY:
+                    flush()
+                if bar is not None:
+                    bar.update(1)
+            if stopped:
+                break
+            state["epoch"] += 1
+            state["iteration_in_epoch"] = 0
+            order = None
+            model.sched_g.step()
+            model.sched_d.step()
+            flush()
+            save_checkpoint()
+        if stopped:
+            flush()
+            if order is not None:      # stopped inside an epoch: checkpoint here
+                save_checkpoint()
+    finally:
+        if bar is not None:
+            bar.close()
+
+    seconds = time.perf_counter() - started
+    done = state["iteration"] - start_iteration
+    summary = {
+        "completed": state["epoch"] >= total_epochs,
+        "epochs_done": state["epoch"], "epochs_total": total_epochs,
+        "iteration": state["iteration"], "iterations_per_epoch": iterations_per_epoch,
+        "iterations_this_call": done, "seconds_this_call": seconds,
+        "images_per_second": done * batch * world / seconds if done and seconds > 0 else None,
+        "seconds_total": base_elapsed + seconds,
+        "ct_slices": n_ct, "mr_slices": n_mr, "size": size, "batch_size": batch,
+        "world_size": world, "device": str(device),
+        "weights_digest": _weights_digest(model),
+        "checkpoint": str(checkpoint_path), "losses_csv": str(out_dir / LOSSES_NAME),
+        "ct_npz": sources[0], "mr_npz": sources[1],
+    }
+    if world > 1:
+        import torch.distributed as dist
+
+        digests = [None] * world
+        dist.all_gather_object(digests, summary["weights_digest"])
+        summary["rank_digests"] = digests
+        summary["ranks_identical"] = len(set(digests)) == 1
+    if rank == 0:
+        tmp = out_dir / f".{SUMMARY_NAME}.tmp"
+        tmp.write_text(json.dumps(summary, indent=2))
+        os.replace(tmp, out_dir / SUMMARY_NAME)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthesis
+
+
+def _generators_from(data: dict, checkpoint, settings: dict | None, device):
+    s = check_settings(dict(settings) if settings is not None else dict(data["settings"]))
+    device = _pick_device(device)
+    nets = []
+    for name in ("g_mr", "g_ct"):
+        net = Generator(1, 1, s["ngf"], s["n_blocks"])
+        try:
+            net.load_state_dict(data["networks"][name])
+        except (RuntimeError, KeyError) as exc:
+            reason = str(exc).splitlines()[0]
+            raise CrossmodError(f"{checkpoint}: generator {name} does not match cyclegan.ngf="
+                                f"{s['ngf']}, n_blocks={s['n_blocks']} ({reason})") from None
+        nets.append(net.to(device).eval())
+    return nets[0], nets[1], s
+
+
+def load_generators(checkpoint, settings: dict | None = None,
+                    device=None) -> tuple[Generator, Generator]:
+    """(G_MR, G_CT) of a checkpoint, in eval mode on ``device`` (default: GPU if any).
+
+    The architecture comes from ``settings`` or, when None, from the settings stored in the
+    checkpoint.
+    """
+    g_mr, g_ct, _ = _generators_from(load_checkpoint(checkpoint), checkpoint, settings, device)
+    return g_mr, g_ct
+
+
+@torch.no_grad()
+def _translate_chain(first: Generator, second: Generator, images: np.ndarray,
+                     batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 slices through ``first`` and then ``second``: (first(x), second(first(x))) as uint8."""
+    device = next(first.parameters()).device
+    outputs, returns = [], []
+    for start in range(0, len(images), batch_size):
+        x = _to_unit(torch.from_numpy(images[start:start + batch_size]).to(device)).unsqueeze(1)
+        y = first(x)
+        outputs.append(_to_uint8(y[:, 0]).cpu())
+        returns.append(_to_uint8(second(y)[:, 0]).cpu())
+    return torch.cat(outputs).numpy(), torch.cat(returns).numpy()
+
+
+def synthesise(checkpoint, ct_npz, out_npz, settings: dict | None = None, batch_size: int = 16,
+               device=None) -> dict:
+    """A synthetic MR for every prepared CT slice, written (atomically) to ``out_npz``.
+
+    The output has the layout of the prepared slices (:func:`crossmod_lib.preparation.save_slices`,
+    same row order as ``ct_npz``): ``image`` the synthetic MR (uint8 0-255 [N, H, W]),
+    ``reconstructed_ct`` ``G_CT(G_MR(CT))`` (uint8), and the CT's ``labels``, ``head_mask``,
+    ``patient``, ``slice_index`` and ``z_mm`` copied. Returns a short summary.
+    """
+    started = time.perf_counter()
+    ct = _load_slices(ct_npz, "CT", keys=("image", "head_mask", "labels", "patient",
+                                          "slice_index", "z_mm"))
+    if batch_size < 1:
+        raise CrossmodError(f"synthesise: batch_size must be >= 1, got {batch_size}")
+    g_mr, g_ct, s = _generators_from(load_checkpoint(checkpoint), checkpoint, settings, device)
+    with _cpu_threads(s["cpu_threads"]):
+        synthetic, reconstructed = _translate_chain(g_mr, g_ct, ct["image"], batch_size)
+    arrays = {"image": synthetic, "reconstructed_ct": reconstructed}
+    for key in ("labels", "head_mask", "patient", "slice_index", "z_mm"):
+        arrays[key] = ct[key]
+    out_npz = Path(out_npz)
+    out_npz.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_npz.with_name(f".{out_npz.name}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            np.savez_compressed(handle, **arrays)
+        os.replace(tmp, out_npz)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return {"out": str(out_npz), "slices": len(synthetic),
+            "seconds": time.perf_counter() - started,
+            "device": str(next(g_mr.parameters()).device)}
+
+
+def example_grid(checkpoint, ct_npz, mr_npz, ct_indices, mr_indices=None,
+                 settings: dict | None = None, device=None) -> dict[str, np.ndarray]:
+    """Arrays for an example figure: CT -> synthetic MR -> reconstructed CT for the CT slices
+    ``ct_indices`` and MR -> synthetic CT -> reconstructed MR for ``mr_indices`` (default: as many
+    MR slices, evenly spaced). Keys ``ct``, ``synthetic_mr``, ``reconstructed_ct``, ``mr``,
+    ``synthetic_ct``, ``reconstructed_mr`` (uint8 [k, H, W]), ``ct_indices``, ``mr_indices``."""
+    ct = _load_slices(ct_npz, "CT")
+    mr = _load_slices(mr_npz, "MR")
+    ct_indices = np.asarray(ct_indices, dtype=np.int64).reshape(-1)
+    if mr_indices is None:
+        mr_indices = np.linspace(0, len(mr["image"]) - 1, len(ct_indices)).round()
+    mr_indices = np.asarray(mr_indices, dtype=np.int64).reshape(-1)
+    for name, index, n in (("ct_indices", ct_indices, len(ct["image"])),
+                           ("mr_indices", mr_indices, len(mr["image"]))):
+        if index.size and (index.min() < 0 or index.max() >= n):
+            raise CrossmodError(f"example_grid: {name} must lie in [0, {n})")
+    g_mr, g_ct, s = _generators_from(load_checkpoint(checkpoint), checkpoint, settings, device)
+    ct_images, mr_images = ct["image"][ct_indices], mr["image"][mr_indices]
+    with _cpu_threads(s["cpu_threads"]):
+        synthetic_mr, reconstructed_ct = _translate_chain(g_mr, g_ct, ct_images, 16)
+        synthetic_ct, reconstructed_mr = _translate_chain(g_ct, g_mr, mr_images, 16)
+    return {"ct": ct_images, "synthetic_mr": synthetic_mr, "reconstructed_ct": reconstructed_ct,
+            "mr": mr_images, "synthetic_ct": synthetic_ct, "reconstructed_mr": reconstructed_mr,
+            "ct_indices": ct_indices, "mr_indices": mr_indices}
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark
+
+
+def _synthetic_heads(n: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` head-like uint8 slices (a noisy bright ellipse with a dark airway) and head masks."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size),
+                            indexing="ij")
+    images = []
+    for _ in range(n):
+        a, b = 0.6 + 0.2 * torch.rand((), generator=g), 0.7 + 0.2 * torch.rand((), generator=g)
+        head = (xx / a) ** 2 + (yy / b) ** 2 <= 1
+        airway = (xx / 0.08) ** 2 + ((yy - 0.1) / 0.12) ** 2 <= 1
+        image = torch.where(head, 90 + 60 * torch.rand(size, size, generator=g),
+                            4 * torch.rand(size, size, generator=g))
+        images.append(torch.where(airway, torch.zeros(()), image))
+    images = torch.stack(images).round().to(torch.uint8)
+    masks = soft_head_mask(images.float(), value_range=(0.0, 255.0)) > 0.5
+    return images, masks
+
+
+def _time_mode(settings, size, device, batch, bf16, channels_last, compile, iterations, warmup,
+               head_threshold, compile_fill=None) -> float:
+    torch.manual_seed(0)
+    model = CycleGAN(settings, head_threshold, device, bf16=bf16, channels_last=channels_last,
+                     compile=compile, compile_fill=compile_fill,
+                     draw_generator=torch.Generator().manual_seed(0))
+    images, masks = _synthetic_heads(max(2 * batch, 4), size, seed=1)
+    ct = model.prepare(images[:batch])
+    mr = model.prepare(images[-batch:])
+    ct_mask = masks[:batch].to(device).unsqueeze(1)
+    mr_mask = masks[-batch:].to(device).unsqueeze(1)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        model.step(ct, mr, ct_mask, mr_mask)
+    sync()
+    started = time.perf_counter()
+    for _ in range(iterations):
+        model.step(ct, mr, ct_mask, mr_mask)
+    sync()
+    return iterations * batch / (time.perf_counter() - started)
+
+
+def _peak_tflops(device: torch.device) -> dict | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in PEAK_TFLOPS.items():       # "H100 PCIe" is checked before "H100"
+        if all(part in name for part in key.split()):
+            return {"device_key": key, **peaks}
+    return None
+
+
+def bench_cyclegan(settings: dict, size: int, device=None, iterations: int = 10, warmup: int = 3,
+                   batch_size: int | None = None,
+                   head_threshold: float = DEFAULT_HEAD_THRESHOLD) -> dict:
+    """Training throughput (image-iterations per second) of a reference and a fast mode.
+
+    One iteration is a full :meth:`CycleGAN.step` (both generators and both discriminators,
+    forward, backward and Adam step, geometric loss included when enabled) on synthetic head-like
+    slices of ``size`` x ``size``. Reference mode: fp32, batch 1, eager, default memory layout (the
+    paper's setting; the head mask's hole fill eager too). Fast mode on a GPU: bf16 autocast,
+    channels_last, the profile's ``batch_size`` (or ``batch_size``), the compiled hole fill and
+    torch.compile of the networks when ``settings['compile']``; on a CPU:
+    fp32 with a batch of ``batch_size`` or max(4, profile batch). Both on the same device in this
+    call, after ``warmup`` untimed iterations (which include compilation). FLOPs per image-iteration
+    from :func:`training_flops_per_image`; on a GPU the achieved TFLOP/s is compared with the dense
+    bf16 peak of :data:`PEAK_TFLOPS` (H100 SXM and H200: 989).
+    """
+    s = check_settings(settings)
+    device = _pick_device(device)
+    cuda = device.type == "cuda"
+    if batch_size is None:
+        batch_size = s["batch_size"] if cuda else max(4, s["batch_size"])
+    flops = training_flops_per_image(s, size)["total"]
+    with _determinism(False, device):
+        reference = _time_mode(s, size, device, 1, False, False, False, iterations, warmup,
+                               head_threshold, compile_fill=False)
+        fast = _time_mode(s, size, device, batch_size, cuda and s["bf16"],
+                          cuda and s["channels_last"], cuda and s["compile"], iterations, warmup,
+                          head_threshold)
+    if cuda:
+        parts = [p for p, on in (("bf16", s["bf16"]), ("channels_last", s["channels_last"]),
+                                 ("compile", s["compile"])) if on] + ["compiled fill"]
+        fast_mode = " + ".join(parts + [f"batch {batch_size}"])
+    else:
+        fast_mode = f"fp32, batch {batch_size}"
+    peak = _peak_tflops(device)
+    result = {
+        "name": "cyclegan",
+        "device": (torch.cuda.get_device_name(device) if cuda
+                   else f"cpu ({torch.get_num_threads()} threads)"),
+        "size": size, "ngf": s["ngf"], "ndf": s["ndf"], "n_blocks": s["n_blocks"],
+        "geometric_loss": s["geometric_loss"],
+        "reference_mode": "fp32, batch 1, eager",
+        "reference_images_per_s": reference,
+        "fast_mode": fast_mode,
+        "fast_images_per_s": fast,
+        "speedup": fast / reference,
+        "gflop_per_image_iteration": flops / 1e9,
+        "reference_tflops": reference * flops / 1e12,
+        "fast_tflops": fast * flops / 1e12,
+        "peak_bf16_tflops": peak["bf16"] if peak else None,
+        "fast_fraction_of_bf16_peak": fast * flops / 1e12 / peak["bf16"] if peak else None,
+    }
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line (for a bare GPU machine: numpy + torch only)
+
+
+def _read_config(path) -> tuple[dict, float]:
+    path = Path(path)
+    if not path.is_file():
+        raise CrossmodError(f"{path}: config not found")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        reason = str(exc).splitlines()[0]
+        raise CrossmodError(f"{path}: not a valid JSON config ({reason})") from None
+    if not isinstance(config, dict):
+        raise CrossmodError(f"{path}: the config must be a JSON object of cyclegan settings")
+    threshold = config.pop("head_threshold", None)
+    if threshold is None:
+        raise CrossmodError(f"{path}: setting 'head_threshold' missing "
+                            "(the profile's preprocessing.head_threshold)")
+    settings = check_settings({**config, "head_threshold": threshold}, str(path))
+    return settings, float(threshold)
+
+
+def main(argv=None) -> int:
+    """``python -m crossmod_lib.cyclegan {train,synthesise,bench,config} ...``."""
+    # cuBLAS reads this when it starts: needed for deterministic matrix products on CUDA.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    parser = argparse.ArgumentParser(prog="python -m crossmod_lib.cyclegan",
+                                     description="CycleGAN of Kieselmann et al. 2021 (section 2.C)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train on prepared CT and MR slices (.npz)")
+    p.add_argument("--ct", required=True, help="prepared CT slices (ct_slices.npz)")
+    p.add_argument("--mr", required=True, help="prepared MR slices (mr_slices.npz)")
+    p.add_argument("--out", required=True, help="output folder (checkpoint, losses.csv)")
+    p.add_argument("--config", required=True,
+                   help="JSON: the profile's cyclegan block plus head_threshold")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--max-iterations", type=int, default=None,
+                   help="stop after this many iterations in total (checkpointed)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--device", default=None, help="torch device (default: GPU if any)")
+    p = sub.add_parser("synthesise", help="a synthetic MR for every prepared CT slice")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--ct", required=True)
+    p.add_argument("--out", required=True, help="output .npz")
+    p.add_argument("--config", default=None, help="JSON config (default: the checkpoint's)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default=None)
+    p = sub.add_parser("bench", help="training throughput, reference vs fast mode")
+    p.add_argument("--config", required=True)
+    p.add_argument("--size", type=int, required=True)
+    p.add_argument("--iterations", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p = sub.add_parser("config", help="write the JSON config of a profile (needs PyYAML)")
+    p.add_argument("--profile", required=True)
+    p.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            settings, threshold = _read_config(args.config)
+            if args.max_iterations is not None and args.max_iterations < 0:
+                raise CrossmodError("--max-iterations must be >= 0")
+            summary = train(args.ct, args.mr, args.out, settings, threshold, resume=args.resume,
+                            progress=not args.no_progress, max_iterations=args.max_iterations,
+                            device=args.device)
+        elif args.command == "synthesise":
+            settings = _read_config(args.config)[0] if args.config else None
+            summary = synthesise(args.checkpoint, args.ct, args.out, settings,
+                                 batch_size=args.batch_size, device=args.device)
+        elif args.command == "bench":
+            settings, threshold = _read_config(args.config)
+            summary = bench_cyclegan(settings, args.size, device=args.device,
+                                     iterations=args.iterations, warmup=args.warmup,
+                                     batch_size=args.batch_size, head_threshold=threshold)
+        else:
+            from .config import load_profile
+
+            summary = settings_from_profile(load_profile(args.profile))
+            out = Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(summary, indent=2))
+    except CrossmodError as exc:
+        print(f"crossmod cyclegan: error: {exc}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,495 @@
+"""Section 2.C: the CycleGAN (networks, objective, training, resume, DDP, synthesis, CLI).
+
+Small sizes throughout (32-64 pixel slices, 4-8 feature widths); the full-width networks are
+only built on the meta device (no memory, no arithmetic). Training runs pin one CPU thread
+(``cpu_threads: 1``), which keeps them fast and bit-reproducible on a shared 2-core machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from crossmod_lib import cyclegan as cg
+from crossmod_lib.errors import CrossmodError
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"ngf": 4, "ndf": 4, "n_blocks": 1, "epochs_constant": 1, "epochs_decay": 1,
+        "batch_size": 2, "cpu_threads": 1, "seed": 7}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: small tensors gain nothing from two, and lose a lot when the cores are
+    shared with other processes (threads waiting for each other)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def write_npz(path: Path, n: int, size: int, seed: int) -> Path:
+    images, masks = cg._synthetic_heads(n, size, seed)
+    labels = np.zeros((n, size, size), np.uint8)
+    labels[:, size // 2:size // 2 + 3, size // 4:size // 4 + 3] = 1
+    np.savez_compressed(
+        path, image=images.numpy(), head_mask=masks.numpy(), labels=labels,
+        patient=np.array([f"p{k // 4}" for k in range(n)]),
+        slice_index=np.arange(n, dtype=np.int32), z_mm=np.arange(n, dtype=np.float32) * 2.5)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("slices")
+    return (write_npz(folder / "ct_slices.npz", 12, 32, seed=1),
+            write_npz(folder / "mr_slices.npz", 8, 32, seed=2))
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """Real prepared slices: a one-patient phantom through section 2.A at the smoke crop (64)."""
+    from crossmod_lib import config, phantom, preparation
+
+    folder = tmp_path_factory.mktemp("phantom")
+    phantom.write_phantom(folder / "raw", seed=3, n_ct=1, n_mr=1, ct_matrix=256,
+                          ct_slices=(40, 40), mr_matrix=512, mr_slices=12, workers=1,
+                          progress=False)
+    settings = config.load_profile("smoke")["preprocessing"]
+    coverage = preparation.mr_coverage_mm(folder / "raw" / "mr")
+    preparation.prepare_cohort(folder / "raw" / "mr", "MR", settings, folder / "prepared",
+                               progress=False)
+    preparation.prepare_cohort(folder / "raw" / "ct", "CT", settings, folder / "prepared",
+                               coverage_mm=coverage, progress=False)
+    return folder / "prepared" / "ct_slices.npz", folder / "prepared" / "mr_slices.npz"
+
+
+def checkpoint_parameters(path) -> dict:
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    return {f"{net}.{key}": value for net, state in data["networks"].items()
+            for key, value in state.items()}
+
+
+def assert_bit_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        assert torch.equal(value, b[key]), key
+
+
+def run_cli(*args, env=None, timeout=120):
+    return subprocess.run([sys.executable, "-m", "crossmod_lib.cyclegan", *map(str, args)],
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+# ----------------------------------------------------------------------------------------------
+# Networks (paper Fig. 4)
+
+
+def conv_params(c_in, c_out, k):
+    return c_in * c_out * k * k + c_out          # every convolution has a bias (instance norm)
+
+
+def test_parameter_counts_equal_the_reference_architecture():
+    # Reference ResnetGenerator(1, 1, ngf=64, n_blocks=9, instance norm without affine, use_bias):
+    g = (conv_params(1, 64, 7) + conv_params(64, 128, 3) + conv_params(128, 256, 3)
+         + 9 * 2 * conv_params(256, 256, 3)
+         + conv_params(256, 128, 3) + conv_params(128, 64, 3) + conv_params(64, 1, 7))
+    # Reference NLayerDiscriminator(1, ndf=64, n_layers=3):
+    d = (conv_params(1, 64, 4) + conv_params(64, 128, 4) + conv_params(128, 256, 4)
+         + conv_params(256, 512, 4) + conv_params(512, 1, 4))
+    assert g == 11_365_633
+    assert d == 2_762_689
+    with torch.device("meta"):
+        assert cg.count_parameters(cg.Generator(1, 1, 64, 9)) == g
+        assert cg.count_parameters(cg.Discriminator(1, 64)) == d
+
+
+def test_flop_counter_matches_hand_count():
+    with torch.device("meta"):
+        generator, discriminator = cg.Generator(1, 1, 64, 9), cg.Discriminator(1, 64)
+    macs_g = (256**2 * 64 * 1 * 49 + 128**2 * 128 * 64 * 9 + 64**2 * 256 * 128 * 9
+              + 18 * 64**2 * 256 * 256 * 9
+              + 64**2 * 256 * 128 * 9 + 128**2 * 128 * 64 * 9   # transposed: input pixels
+              + 256**2 * 1 * 64 * 49)
+    macs_d = (128**2 * 64 * 16 + 64**2 * 128 * 64 * 16 + 32**2 * 256 * 128 * 16
+              + 31**2 * 512 * 256 * 16 + 30**2 * 1 * 512 * 16)
+    assert cg.flops_per_slice(generator, 256) == 2 * macs_g
+    assert cg.flops_per_slice(discriminator, 256) == 2 * macs_d
+    per_image = cg.training_flops_per_image({}, 256)
+    assert per_image["total"] == 18 * 2 * macs_g + 12 * 2 * macs_d
+
+
+def test_architecture_table_at_the_full_profile():
+    from crossmod_lib.config import load_profile
+
+    rows = cg.architecture_table(load_profile("full"))
+    assert [r["parameters"] for r in rows[:4]] == [11_365_633] * 2 + [2_762_689] * 2
+    assert rows[0]["gflops_per_slice"] == pytest.approx(97.46, abs=0.01)
+    assert all(set(r) == {"name", "parameters", "gflops_per_slice"} for r in rows)
+
+
+def test_generator_shape_and_range():
+    torch.manual_seed(0)
+    net = cg.init_weights(cg.Generator(1, 1, ngf=4, n_blocks=2))
+    y = net(torch.randn(2, 1, 32, 32) * 3)
+    assert y.shape == (2, 1, 32, 32)
+    assert y.min() >= -1 and y.max() <= 1
+
+
+def test_patchgan_gives_30x30_scores_with_a_70x70_receptive_field():
+    torch.manual_seed(0)
+    net = cg.init_weights(cg.Discriminator(1, ndf=2)).double()
+    x = torch.randn(1, 1, 256, 256, dtype=torch.float64, requires_grad=True)
+    assert net(x).shape == (1, 1, 30, 30)
+    # The receptive field is the convolutions' (instance norm's statistics span the whole slice).
+    for k, layer in enumerate(net.model):
+        if isinstance(layer, torch.nn.InstanceNorm2d):
+            net.model[k] = torch.nn.Identity()
+    net(x)[0, 0, 15, 15].backward()
+    rows, cols = torch.nonzero(x.grad[0, 0], as_tuple=True)
+    assert rows.max() - rows.min() + 1 == 70 and cols.max() - cols.min() + 1 == 70
+
+
+# ----------------------------------------------------------------------------------------------
+# Differentiable head mask and losses
+
+
+def ellipse(size, a, b, cy=0.0, cx=0.0):
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size),
+                            indexing="ij")
+    return ((xx - cx) / a) ** 2 + ((yy - cy) / b) ** 2 <= 1
+
+
+def test_soft_mask_fills_a_dark_hole_and_not_an_open_bay():
+    head = ellipse(64, 0.7, 0.8)
+    airway = ellipse(64, 0.12, 0.15, cy=0.1)
+    bay = ellipse(64, 0.15, 0.3, cy=0.8)                     # dark notch open to the outside
+    image = torch.where(head & ~airway & ~bay, 120.0, 3.0)
+    mask = cg.soft_head_mask(image, value_range=(0.0, 255.0))
+    assert torch.equal(mask > 0.5, head & ~bay)                  # airway counted as head
+    assert mask[airway].min() > 0.99 and mask[~head].max() < 0.05
+
+
+def test_soft_mask_is_differentiable_and_holes_take_the_weakest_wall():
+    size = 24
+    image = torch.zeros(size, size)                            # a one-pixel square wall
+    image[5, 5:19] = image[18, 5:19] = image[5:19, 5] = image[5:19, 18] = 100.0
+    weak = (12, 5)                                             # one pixel of the wall, dimmer
+    image[weak] = 25.0                                         # logit (25 - 20) / 5 = 1
+    x = (image / 127.5 - 1).requires_grad_()
+    mask = cg.soft_head_mask(x)
+    centre = (size // 2, size // 2)
+    assert mask[centre].item() == pytest.approx(torch.sigmoid(torch.tensor(1.0)).item())
+    mask[centre].backward()
+    assert torch.count_nonzero(x.grad) == 1 and x.grad[weak] > 0
+    # Through the geometric loss every pixel gets a finite gradient, many non-zero.
+    x.grad = None
+    loss = cg.geometric_loss(x, torch.zeros(size, size))
+    loss.backward()
+    assert torch.isfinite(x.grad).all() and torch.count_nonzero(x.grad) > size * size // 2
+
+
+def test_compiled_fill_falls_back_to_eager(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("no Triton here")
+
+    monkeypatch.setattr(cg, "_compiled_fill", broken)
+    x = torch.rand(2, 1, 24, 24) * 2 - 1
+    with pytest.warns(RuntimeWarning, match="eagerly"):
+        compiled = cg.head_logits(x, compiled=True)
+    assert torch.equal(compiled, cg.head_logits(x)) and cg._compiled_fill is False
+
+
+def test_soft_mask_matches_the_prepared_head_mask(prepared):
+    for path in prepared:
+        data = np.load(path)
+        soft = cg.soft_head_mask(torch.from_numpy(data["image"]).float(),
+                                 threshold=20.0, value_range=(0.0, 255.0)) > 0.5
+        hard = torch.from_numpy(data["head_mask"])
+        dice = 2 * (soft & hard).sum((1, 2)) / (soft.sum((1, 2)) + hard.sum((1, 2)))
+        assert dice.min() >= 0.95, (path.name, dice.min())
+
+
+def test_geometric_loss_small_when_outlines_agree_large_when_not():
+    images, masks = cg._synthetic_heads(4, 48, seed=0)
+    x = images.float() / 127.5 - 1
+    agree = cg.geometric_loss(x, masks.float())
+    swapped = cg.geometric_loss(x, (~masks).float())
+    shifted = cg.geometric_loss(x, torch.roll(masks, 12, dims=2).float())
+    assert agree < 0.05
+    assert swapped > 5 and shifted > 10 * agree
+
+
+def test_lsgan_targets():
+    assert cg.lsgan_loss(torch.ones(2, 1, 3, 3), True) == 0
+    assert cg.lsgan_loss(torch.zeros(2, 1, 3, 3), False) == 0
+    assert cg.lsgan_loss(torch.zeros(2, 1, 3, 3), True) == 1
+    assert cg.lsgan_loss(torch.full((1, 1, 2, 2), 0.5), False) == 0.25
+
+
+def test_image_pool_semantics():
+    assert torch.equal(cg.ImagePool(0).query(torch.ones(3, 1, 2, 2)), torch.ones(3, 1, 2, 2))
+    pool, g = cg.ImagePool(50), torch.Generator().manual_seed(0)
+    for k in range(25):                                       # filling: returned and stored
+        batch = torch.full((2, 1, 2, 2), float(k))
+        assert torch.equal(pool.query(batch, g), batch)
+    assert len(pool.images) == 50
+    swapped = 0
+    for k in range(200):
+        new = torch.full((1, 1, 2, 2), 1000.0 + k)
+        out = pool.query(new, g)
+        if not torch.equal(out, new):
+            swapped += 1
+            assert out[0, 0, 0, 0].item() < 1000 + k          # an older image from the pool
+            assert any(torch.equal(im, new[0]) for im in pool.images)   # new one stored
+    assert 70 < swapped < 130                                 # probability 1/2
+    assert len(pool.images) == 50
+    copy = cg.ImagePool(50)
+    copy.load(pool.state())
+    assert all(torch.equal(a, b) for a, b in zip(copy.images, pool.images))
+
+
+def test_learning_rate_constant_then_linear_to_zero():
+    assert [cg.lr_factor(e, 2, 2) for e in range(4)] == pytest.approx([1, 1, 2 / 3, 1 / 3])
+    factors = [cg.lr_factor(e, 100, 100) for e in range(200)]
+    assert factors[:100] == [1.0] * 100
+    assert factors[100] == pytest.approx(100 / 101) and factors[199] == pytest.approx(1 / 101)
+    steps = np.diff(factors[99:])
+    assert np.allclose(steps, -1 / 101)                       # linear, reaching 0 at epoch 200
+
+
+def test_step_runs_with_bf16_and_channels_last_on_cpu():
+    # The GPU's fast path (bf16 autocast, channels_last), exercised on the CPU.
+    torch.manual_seed(0)
+    model = cg.CycleGAN({**TINY}, 20.0, "cpu", bf16=True, channels_last=True,
+                        draw_generator=torch.Generator().manual_seed(0))
+    images, masks = cg._synthetic_heads(4, 32, seed=0)
+    losses = model.step(model.prepare(images[:2]), model.prepare(images[2:]),
+                        masks[:2].unsqueeze(1), masks[2:].unsqueeze(1))
+    assert losses.shape == (len(cg.LOSS_TERMS),) and torch.isfinite(losses).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings and profiles
+
+
+def test_full_profile_block_holds_every_setting_with_the_paper_values():
+    from crossmod_lib.config import load_profile
+
+    full = load_profile("full")
+    assert set(full["cyclegan"]) == set(cg.DEFAULT_SETTINGS)
+    assert full["cyclegan"] == cg.DEFAULT_SETTINGS
+    for name in ("demo", "smoke"):
+        cg.check_settings(load_profile(name)["cyclegan"])
+    settings = cg.settings_from_profile(full)
+    assert settings["seed"] == full["seed"] and settings["head_threshold"] == 20
+
+
+def test_bad_settings_are_one_line_errors():
+    with pytest.raises(CrossmodError, match="cyclegan.ngff"):
+        cg.check_settings({"ngff": 3})
+    with pytest.raises(CrossmodError, match="cyclegan.lr"):
+        cg.check_settings({"lr": -1})
+    with pytest.raises(CrossmodError, match="cyclegan.geometric_loss"):
+        cg.check_settings({"geometric_loss": "yes"})
+    assert cg.ablation_settings({"ablation_iterations_per_epoch": 3}, False)[
+        "max_iterations_per_epoch"] == 3
+
+
+# ----------------------------------------------------------------------------------------------
+# Training: log, determinism, resume, checkpoints
+
+
+def test_training_log_and_schedule(tiny_data, tmp_path):
+    ct, mr = tiny_data
+    settings = {**TINY, "epochs_constant": 1, "epochs_decay": 2, "max_iterations_per_epoch": 2}
+    summary = cg.train(ct, mr, tmp_path, settings, 20.0, progress=False)
+    assert summary["completed"] and summary["iteration"] == 6
+    with open(tmp_path / "losses.csv") as handle:
+        header = handle.readline().strip().split(",")
+        rows = [line.strip().split(",") for line in handle]
+    assert header == ["epoch", "iteration", *cg.LOSS_TERMS, "lr", "seconds"]
+    assert [int(r[1]) for r in rows] == list(range(1, 7))
+    lrs = {int(r[0]): float(r[-2]) for r in rows}
+    assert lrs == pytest.approx({1: 2e-4, 2: 2e-4 * 2 / 3, 3: 2e-4 / 3}, rel=1e-5)
+    assert all(np.isfinite([float(v) for v in r[2:]]).all() for r in rows)
+
+
+def test_same_seed_same_weights(tiny_data, tmp_path):
+    ct, mr = tiny_data
+    a = cg.train(ct, mr, tmp_path / "a", TINY, 20.0, progress=False)
+    b = cg.train(ct, mr, tmp_path / "b", TINY, 20.0, progress=False)
+    assert a["weights_digest"] == b["weights_digest"]
+    assert_bit_identical(checkpoint_parameters(tmp_path / "a" / "checkpoint.pt"),
+                         checkpoint_parameters(tmp_path / "b" / "checkpoint.pt"))
+    c = cg.train(ct, mr, tmp_path / "c", {**TINY, "seed": 8}, 20.0, progress=False)
+    assert c["weights_digest"] != a["weights_digest"]
+
+
+def test_resume_after_a_stop_mid_epoch_is_bit_identical(tiny_data, tmp_path):
+    ct, mr = tiny_data
+    settings = {**TINY, "pool_size": 3}                       # pool full and swapping by then
+    whole = cg.train(ct, mr, tmp_path / "whole", settings, 20.0, progress=False)
+    first = cg.train(ct, mr, tmp_path / "split", settings, 20.0, progress=False,
+                     max_iterations=8)                         # epoch 2 of 2, iteration 2 of 6
+    assert not first["completed"] and first["iteration"] == 8
+    rest = cg.train(ct, mr, tmp_path / "split", settings, 20.0, progress=False, resume=True)
+    assert rest["completed"] and rest["iterations_this_call"] == 4
+    assert rest["weights_digest"] == whole["weights_digest"]
+    assert_bit_identical(checkpoint_parameters(tmp_path / "whole" / "checkpoint.pt"),
+                         checkpoint_parameters(tmp_path / "split" / "checkpoint.pt"))
+    lines = (tmp_path / "split" / "losses.csv").read_text().splitlines()
+    assert [int(line.split(",")[1]) for line in lines[1:]] == list(range(1, 13))
+
+
+def test_resume_after_the_process_is_killed_is_bit_identical(tiny_data, tmp_path):
+    ct, mr = tiny_data
+    settings = {**TINY, "batch_size": 1, "pool_size": 4,      # 12 iterations per epoch,
+                "epochs_decay": 2}                             # 3 epochs
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps({**settings, "head_threshold": 20.0}))
+    out = tmp_path / "killed"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "crossmod_lib.cyclegan", "train", "--ct", ct, "--mr", mr,
+         "--out", out, "--config", config, "--no-progress"],
+        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not (out / "checkpoint.pt").exists() and process.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.002)
+    process.send_signal(signal.SIGKILL)                       # in epoch 2 (or 3 if slow)
+    process.wait()
+    state = torch.load(out / "checkpoint.pt", weights_only=True)["state"]
+    assert state["epoch"] in (1, 2) and state["iteration"] == 12 * state["epoch"]
+    resumed = cg.train(ct, mr, out, settings, 20.0, progress=False, resume=True)
+    cg.train(ct, mr, tmp_path / "whole", settings, 20.0, progress=False)
+    assert resumed["completed"] and resumed["iterations_this_call"] == 36 - state["iteration"]
+    assert_bit_identical(checkpoint_parameters(out / "checkpoint.pt"),
+                         checkpoint_parameters(tmp_path / "whole" / "checkpoint.pt"))
+
+
+def test_resume_refuses_other_settings(tiny_data, tmp_path):
+    ct, mr = tiny_data
+    cg.train(ct, mr, tmp_path, TINY, 20.0, progress=False, max_iterations=2)
+    with pytest.raises(CrossmodError, match="cyclegan.ngf"):
+        cg.train(ct, mr, tmp_path, {**TINY, "ngf": 8}, 20.0, progress=False, resume=True)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    cg._atomic_save({"a": torch.ones(3)}, path)
+
+    def broken_save(obj, handle):
+        handle.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(cg.torch, "save", broken_save)
+    with pytest.raises(OSError):
+        cg._atomic_save({"a": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.equal(cg.load_checkpoint(path)["a"], torch.ones(3))   # old file intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]   # no leftovers
+
+
+class NotAWeight:
+    pass
+
+
+def test_checkpoints_load_weights_only(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"x": NotAWeight()}, path)
+    with pytest.raises(CrossmodError, match="cannot read checkpoint"):
+        cg.load_checkpoint(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Several processes, synthesis, command line, imports
+
+
+def test_ddp_gloo_two_processes_end_identical(tiny_data, tmp_path):
+    ct, mr = tiny_data
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps({**TINY, "batch_size": 1, "max_iterations_per_epoch": 3,
+                                  "head_threshold": 20.0}))
+    out = tmp_path / "ddp"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "crossmod_lib.cyclegan", "train", "--ct", ct, "--mr", mr, "--out", out,
+         "--config", config, "--no-progress", "--device", "cpu"],
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["completed"]
+    assert len(summary["rank_digests"]) == 2 and summary["ranks_identical"]
+    assert summary["iteration"] == 6                          # 2 epochs x 3 iterations
+    assert (out / "ranks").is_dir() and len(list((out / "ranks").glob("rank1-it6.pt"))) == 1
+
+
+def test_synthesis_and_example_grid(prepared, tmp_path):
+    ct, mr = prepared
+    settings = {**TINY, "max_iterations_per_epoch": 2}
+    cg.train(ct, mr, tmp_path / "run", settings, 20.0, progress=False)
+    out = tmp_path / "synthetic_mr.npz"
+    summary = cg.synthesise(tmp_path / "run" / "checkpoint.pt", ct, out, batch_size=8)
+    source, result = np.load(ct), np.load(out)
+    assert summary["slices"] == len(source["image"])
+    assert set(result.files) == {"image", "reconstructed_ct", "labels", "head_mask", "patient",
+                                 "slice_index", "z_mm"}
+    for key in ("image", "reconstructed_ct"):
+        assert result[key].dtype == np.uint8 and result[key].shape == source["image"].shape
+    for key in ("labels", "head_mask", "patient", "slice_index", "z_mm"):
+        assert np.array_equal(result[key], source[key])
+    grid = cg.example_grid(tmp_path / "run" / "checkpoint.pt", ct, mr, [0, 5, 9])
+    for key in ("ct", "synthetic_mr", "reconstructed_ct", "mr", "synthetic_ct",
+                "reconstructed_mr"):
+        assert grid[key].shape == (3, 64, 64) and grid[key].dtype == np.uint8
+    assert np.array_equal(grid["synthetic_mr"], result["image"][[0, 5, 9]])
+
+
+def test_command_line_trains_and_synthesises(prepared, tmp_path):
+    ct, mr = prepared
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps({**TINY, "max_iterations_per_epoch": 2, "head_threshold": 20}))
+    result = run_cli("train", "--ct", ct, "--mr", mr, "--out", tmp_path / "run", "--config",
+                     config, "--no-progress")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["completed"]
+    result = run_cli("synthesise", "--checkpoint", tmp_path / "run" / "checkpoint.pt", "--ct", ct,
+                     "--out", tmp_path / "syn.npz")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert np.load(tmp_path / "syn.npz")["image"].shape == np.load(ct)["image"].shape
+    config.write_text(json.dumps({"ngf": 4}))
+    result = run_cli("train", "--ct", ct, "--mr", mr, "--out", tmp_path / "x", "--config", config)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "head_threshold" in result.stderr
+
+
+def test_bench_reports_both_modes():
+    result = cg.bench_cyclegan({**TINY}, 32, device="cpu", iterations=1, warmup=1, batch_size=2)
+    assert result["name"] == "cyclegan"
+    assert result["reference_images_per_s"] > 0 and result["fast_images_per_s"] > 0
+    assert result["speedup"] == pytest.approx(
+        result["fast_images_per_s"] / result["reference_images_per_s"])
+    assert result["peak_bf16_tflops"] is None                 # CPU: no tensor-core peak
+
+
+def test_import_needs_only_torch_and_numpy():
+    code = ("import sys, crossmod_lib.cyclegan; "
+            "print(sorted(m for m in ('SimpleITK', 'scipy', 'pandas', 'matplotlib', 'yaml') "
+            "if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
