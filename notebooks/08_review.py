@@ -31,7 +31,9 @@ run_dir = ""
 profile_path = ""
 
 # %%
-from IPython.display import display
+import io
+
+from IPython.display import Image, display
 
 from crossmod_lib import cleaning, review, runs
 
@@ -43,8 +45,10 @@ print(state.counts())
 view = review.review(run)  # the widget in a live kernel, a static gallery otherwise
 if isinstance(view, review.ReviewWidget):
     view.show()
-else:
-    display(view)
+else:  # a matplotlib Figure: shown as a PNG so it renders in any headless build
+    buffer = io.BytesIO()
+    view.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    display(Image(data=buffer.getvalue()))
 
 # %% [markdown]
 # ## Apply the decisions
