@@ -873,9 +873,12 @@ def train_unet(data, out_dir: str | Path, settings=None, *, seed: int | None = N
     val_idx = _select(arrays, val_ids)
     if len(train_idx) == 0:
         raise CrossmodError(f"{source}: no training slices for patients {train_ids}")
+    if not np.any(arrays["labels"][train_idx]):
+        raise CrossmodError(f"{source}: the training slices hold no parotid label (an unannotated "
+                            "cohort cannot train this model)")
 
     images = arrays["image"]
-    labels = arrays["labels"].astype(np.int64)
+    labels = arrays["labels"]  # uint8; each batch is converted to int64 on its own
     val_images = images[val_idx]
     val_labels = labels[val_idx]
     if transform == "randomise":
@@ -980,7 +983,7 @@ def train_unet(data, out_dir: str | Path, settings=None, *, seed: int | None = N
                     batch = randomise_intensities(batch, rng, labels=labels[idx], bands=cfg["dr_bands"],
                                                   monotone_prob=cfg["dr_monotone_prob"])
                 x = _to_input(batch, device, channels_last)
-                y = torch.from_numpy(labels[idx]).to(device)
+                y = torch.from_numpy(labels[idx].astype(np.int64)).to(device)
                 if cfg["augment"]:
                     x, y = augment_batch(x, y, rng)
                 with _autocast(device, use_amp):
@@ -1342,47 +1345,77 @@ def _case_name(case) -> str:
     return name
 
 
+def _cases_at(path: Path):
+    """(case, seconds to read it) for what ``path`` holds: whatever
+    :func:`crossmod_lib.datasets.read_any` reads, or else a folder of such folders (one patient
+    each, read one at a time)."""
+    from .datasets import read_any
+
+    t0 = time.perf_counter()
+    try:
+        cases = read_any(path)
+    except CrossmodError:
+        subfolders = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+            if path.is_dir() else []
+        if not subfolders:
+            raise
+        for folder in subfolders:
+            t1 = time.perf_counter()
+            found = read_any(folder)
+            for case in found:
+                yield case, (time.perf_counter() - t1) / len(found)
+        return
+    for case in cases:
+        yield case, (time.perf_counter() - t0) / len(cases)
+
+
 def predict_path(model_path, input_path, output_dir, settings: dict | None = None,
                  rtstruct: bool = False, *, postprocess: bool | None = None, device=None,
                  progress: bool = False) -> list[dict]:
     """Contour the parotids of the MR(s) at ``input_path`` and write the results.
 
     ``model_path``: a checkpoint (``best.pt``; its recorded preprocessing is used) or a loaded
-    model. ``settings``: the profile; its ``segmentation`` block gives the inference options
-    (``postprocess_lcc``, ``interpolation``, ``inference_batch``) and its ``preprocessing`` is
-    used only when the checkpoint records none.
-    ``input_path``: an image file (NIfTI, NRRD, MHA), a DICOM series folder, or any layout
-    :func:`crossmod_lib.datasets.read_any` reads. Per case, ``<output_dir>/<patient>_labels.nii.gz``
-    (0 background, 1 Parotid_L, 2 Parotid_R on the source grid) and, with ``rtstruct=True`` (DICOM
-    input only), ``<output_dir>/<patient>_RTSTRUCT.dcm`` referencing the series. Returns one row
-    per case: patient, labels, rtstruct, seconds and the time of each step.
+    model. ``input_path``: an image file (NIfTI, NRRD, MHA), a DICOM series folder, any layout
+    :func:`crossmod_lib.datasets.read_any` reads, or a folder of such folders (one per patient).
+    ``settings``: the profile; its ``segmentation`` block gives the inference options
+    (``postprocess_lcc``, ``interpolation``, ``inference_batch``) and its ``preprocessing`` is used
+    only when the checkpoint records none. ``postprocess`` overrides ``postprocess_lcc``.
+
+    Per case, ``<output_dir>/<patient>_labels.nii.gz`` (0 background, 1 Parotid_L, 2 Parotid_R on
+    the source grid) and, with ``rtstruct=True`` (DICOM input only), ``<output_dir>/<patient>_
+    RTSTRUCT.dcm`` referencing the series. Returns one row per case: patient, labels, rtstruct,
+    seconds and the seconds of each step (read, preprocess, predict, postprocess, write).
     """
     import SimpleITK as sitk
 
-    from .datasets import read_any
     from .io import write_image
 
-    output_dir = Path(output_dir)
-    t_start = time.perf_counter()
-    cases = read_any(input_path)
-    t_read = time.perf_counter() - t_start
+    input_path, output_dir = Path(input_path), Path(output_dir)
+    if not input_path.exists():
+        raise CrossmodError(f"{input_path}: no such file or folder")
     model, _ = _model_and_preprocessing(model_path, settings, device)
     rows = []
-    iterator = cases
+    used: set = set()
+    iterator = _cases_at(input_path)
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(cases, desc="predict", unit="case")
-    for case in iterator:
+        iterator = tqdm(iterator, desc="predict", unit="case")
+    for case, t_read in iterator:
         t0 = time.perf_counter()
-        is_dicom = case.image.HasMetaDataKey("SOPInstanceUIDs")
-        if rtstruct and not is_dicom:
-            raise CrossmodError(f"{input_path}: --rtstruct needs a DICOM image series as input")
-        timings: dict = {"read": t_read / len(cases)}
+        if rtstruct and not case.image.HasMetaDataKey("SOPInstanceUIDs"):
+            raise CrossmodError(f"{case.source or input_path}: --rtstruct needs a DICOM image "
+                                "series as input")
+        timings: dict = {"read": t_read}
         labels = predict_labels(model, case, settings, postprocess=postprocess, device=device,
                                 timings=timings)
         t1 = time.perf_counter()
-        name = _case_name(case)
+        name = base = _case_name(case)
+        copy_number = 1
+        while name in used:
+            copy_number += 1
+            name = f"{base}_{copy_number}"
+        used.add(name)
         label_path = output_dir / f"{name}_labels.nii.gz"
         write_image(sitk.Cast(labels, sitk.sitkUInt8), label_path)
         rt_path = None
@@ -1394,7 +1427,7 @@ def predict_path(model_path, input_path, output_dir, settings: dict | None = Non
         timings["write"] = time.perf_counter() - t1
         rows.append({"patient": name, "labels": str(label_path),
                      "rtstruct": str(rt_path) if rt_path else None,
-                     "seconds": timings["read"] + time.perf_counter() - t0, **timings})
+                     "seconds": t_read + time.perf_counter() - t0, **timings})
     return rows
 
 

@@ -258,6 +258,9 @@ def test_bad_settings_are_one_line_errors(tmp_path):
     with pytest.raises(CrossmodError, match="segmentation.norm"):
         seg.segmentation_config({"segmentation": {"norm": "group"}})
     data = fake_slices(n_patients=2, per_patient=2)
+    unannotated = dict(data, labels=np.zeros_like(data["labels"]))
+    with pytest.raises(CrossmodError, match="no parotid label"):
+        seg.train_unet(unannotated, tmp_path / "u", settings(epochs=1), progress=False)
     seg.train_unet(data, tmp_path / "a", settings(epochs=1), progress=False)
     with pytest.raises(CrossmodError, match="architecture"):
         seg.train_unet(data, tmp_path / "b", settings(epochs=1, base_features=8),
@@ -400,6 +403,10 @@ def test_predict_path_writes_nifti_and_rtstruct(tmp_path):
     with pytest.raises(CrossmodError, match="DICOM"):
         seg.predict_path(stub_for(case), tmp_path / "in" / "mr7.nii.gz", tmp_path / "out",
                          settings(), rtstruct=True)
+    for pid in ("a", "b"):  # a folder of patient folders
+        write_image(case.image, tmp_path / "cohort" / pid / "img.nrrd")
+    rows = seg.predict_path(stub_for(case), tmp_path / "cohort", tmp_path / "out2", settings())
+    assert [Path(r["labels"]).name for r in rows] == ["a_labels.nii.gz", "b_labels.nii.gz"]
 
     series = tmp_path / "dicom"
     write_test_series(series, sitk.GetArrayFromImage(case.image), case.image.GetSpacing(),
@@ -471,6 +478,7 @@ def test_every_recipe_trains_end_to_end(tmp_path):
     few = summaries["few_shot_k2"]
     assert len(few["train_patients"]) == 2 and not set(few["train_patients"]) & set(few["test_patients"])
     assert few["init"].endswith("cross_modality/best.pt")
+    assert summaries["few_shot_k1"]["common_test_patients"] == few["test_patients"]
     assert summaries["domain_random"]["transform"] == "randomise"
 
 
