@@ -8,6 +8,8 @@
     crossmod data inspect PATH                                    read a file/folder, summarise it
     crossmod fetch NAME [--dest DIR]                              download and verify a dataset
     crossmod profile NAME                                         print a resolved profile
+    crossmod models --profile NAME [--json]                       networks: parameters, FLOPs/slice
+    crossmod predict --model M --input X --output OUT [--rtstruct]  contour MR with a trained U-Net
     crossmod bench NAME                                           run a benchmark
 
 Errors a user can fix are printed as one line (``crossmod: error: ...``) with exit status 2.
@@ -121,6 +123,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", default=None,
                    help="profile name or path; omitted: list the shipped profiles")
     p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("models", help="the networks of a profile: parameters and FLOPs per slice",
+                       description="Parameter counts and forward GFLOPs per slice (at the "
+                                   "profile's crop size) of the CycleGAN's generators and "
+                                   "discriminators (Fig. 4) and of the U-Net (Fig. 5).")
+    _add_profile(p, default="full")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("predict", help="contour the parotids of MR images with a trained U-Net",
+                       description="Preprocess each MR exactly as the training data, predict slice "
+                                   "by slice, and write <patient>_labels.nii.gz (0 background, "
+                                   "1 Parotid_L, 2 Parotid_R) on the MR's own grid; with "
+                                   "--rtstruct (DICOM input) also <patient>_RTSTRUCT.dcm on the "
+                                   "series.")
+    p.add_argument("--model", required=True, type=Path,
+                   help="trained checkpoint (a run's model/<name>/best.pt)")
+    p.add_argument("--input", required=True, type=Path,
+                   help="an image file (NIfTI/NRRD/MHA), a DICOM series folder, a dataset layout, "
+                        "or a folder of patient folders")
+    p.add_argument("--output", required=True, type=Path, help="output folder")
+    p.add_argument("--rtstruct", action="store_true",
+                   help="also write a DICOM RTSTRUCT referencing the input series (DICOM input)")
+    p.add_argument("--profile", default=None,
+                   help="profile for the inference options (post-processing, batch); the "
+                        "preprocessing always comes from the checkpoint")
+    post = p.add_mutually_exclusive_group()
+    post.add_argument("--lcc", dest="postprocess", action="store_const", const=True, default=None,
+                      help="keep only the largest 3D component per side")
+    post.add_argument("--no-lcc", dest="postprocess", action="store_const", const=False,
+                      help="no post-processing")
+    p.add_argument("--device", default=None, help="cpu, cuda or auto (default: cpu)")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("bench", help="run a benchmark and print its table",
                        description="Benchmarks of speed targets (never timed in the tests).")
@@ -250,6 +285,48 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def cmd_models(args) -> int:
+    from . import cyclegan, segmentation
+    from .config import load_profile
+
+    profile = load_profile(args.profile)
+    size = int(profile["preprocessing"]["crop"])
+    rows = [{"network": row["name"], "parameters": int(row["parameters"]),
+             "gflops_per_slice": round(float(row["gflops_per_slice"]), 3)}
+            for row in cyclegan.architecture_table(profile)]
+    unet = segmentation.architecture_table(profile).iloc[-1]
+    rows.append({"network": "U-Net (Fig. 5)", "parameters": int(unet["parameters"]),
+                 "gflops_per_slice": round(float(unet["GFLOPs"]), 3)})
+    if args.json:
+        print(json.dumps({"profile": profile["name"], "slice": f"{size}x{size}", "networks": rows},
+                         indent=2))
+        return 0
+    width = max(len(r["network"]) for r in rows)
+    print(f"profile {profile['name']}, {size} x {size} slices (GFLOPs: forward, 2 per multiply-add)")
+    print(f"{'network':<{width}}  {'parameters':>12}  {'GFLOPs/slice':>12}")
+    for r in rows:
+        print(f"{r['network']:<{width}}  {r['parameters']:>12,}  {r['gflops_per_slice']:>12.3f}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .segmentation import predict_path
+
+    settings = None
+    if args.profile:
+        from .config import load_profile
+
+        settings = load_profile(args.profile)
+    if not args.model.is_file():
+        raise CrossmodError(f"{args.model}: model checkpoint not found")
+    rows = predict_path(args.model, args.input, args.output, settings, rtstruct=args.rtstruct,
+                        postprocess=args.postprocess, device=args.device)
+    for row in rows:
+        print(f"{row['patient']}: {row['labels']}"
+              + (f"  {row['rtstruct']}" if row["rtstruct"] else "") + f"  ({row['seconds']:.2f} s)")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from . import bench
 
@@ -270,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("crossmod: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

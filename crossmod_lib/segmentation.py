@@ -1431,6 +1431,246 @@ def predict_path(model_path, input_path, output_dir, settings: dict | None = Non
     return rows
 
 
+# ----------------------------------------------------------------------------------------------
+# A whole run: train every model of the comparison, then contour every test patient
+
+
+def train_run(run, *, kinds=None, progress: bool = False, resume: bool = True, device=None,
+              log=None) -> "pd.DataFrame":
+    """Train the models of :func:`model_recipes` for a run folder (``<run>/model/<name>/``).
+
+    ``kinds``: only these kinds (and whatever they start from); default all. A model whose
+    ``summary.json`` exists and records the same settings is not trained again (``resume``:
+    an interrupted one continues from its ``last.pt``). Returns one row per model: name, kind,
+    title, epochs run, best epoch, best validation loss and Dice, seconds, test cohort.
+    """
+    import pandas as pd
+
+    profile = run.profile
+    recipes = model_recipes(profile)
+    if kinds is not None:
+        wanted = {r["name"] for r in recipes if r["kind"] in set(kinds)}
+        for recipe in reversed(recipes):  # pull in what a wanted model starts from
+            if recipe["name"] in wanted and recipe["init_from"]:
+                wanted.add(recipe["init_from"])
+        recipes = [r for r in recipes if r["name"] in wanted]
+    for recipe in recipes:
+        if recipe["data"]:
+            run.require(*Path(recipe["data"]).parts[:1], Path(recipe["data"]).name)
+    settings_text = json.dumps(_plain(segmentation_config(profile)), sort_keys=True)
+    rows = []
+    for recipe in recipes:
+        out_dir = run.root / "model" / recipe["name"]
+        summary_path, stamp_path = out_dir / "summary.json", out_dir / "inputs.json"
+        # What the model is a function of: settings, training data and starting checkpoint. A
+        # re-run of an earlier stage changes the data, so the model is trained again from scratch.
+        inputs = {"settings": settings_text,
+                  "data": _file_digest(run.root / recipe["data"]) if recipe["data"] else None,
+                  "init": _file_digest(run.root / "model" / recipe["init_from"] / "best.pt")
+                  if recipe["init_from"] else None}
+        stamp = json.loads(stamp_path.read_text()) if stamp_path.is_file() else None
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+        if stamp != inputs or summary is None or not (out_dir / "best.pt").is_file():
+            if log:
+                log(f"training {recipe['name']} ...")
+            continuing = resume and stamp == inputs  # an interrupted run of the same inputs
+            if not continuing:
+                for stale in ("last.pt", "best.pt", "summary.json", "log.csv"):
+                    (out_dir / stale).unlink(missing_ok=True)
+            _atomic_text(json.dumps(inputs), stamp_path)
+            summary = train_recipe(recipe, run.root, profile, resume=continuing, device=device,
+                                   progress=progress)
+        rows.append({"name": recipe["name"], "kind": recipe["kind"], "title": recipe["title"],
+                     "trained": summary.get("trained", True),
+                     "epochs_run": summary.get("epochs_run"), "best_epoch": summary.get("best_epoch"),
+                     "best_val_loss": summary.get("best_val_loss"),
+                     "best_val_dice": summary.get("best_val_dice"),
+                     "seconds": summary.get("seconds"), "test": recipe["test"],
+                     "test_patients": summary.get("test_patients")})
+    return pd.DataFrame(rows)
+
+
+def _file_digest(path: Path) -> str:
+    import hashlib
+
+    if not path.is_file():
+        raise CrossmodError(f"{path}: missing; run the earlier notebook first")
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def _method_name(recipe: dict) -> str:
+    """The name a model's predictions go under: the oracle's folds merge into one method."""
+    return "mr_oracle" if recipe["kind"] == "mr_oracle" else recipe["name"]
+
+
+PREDICTION_COLUMNS = ("model", "title", "patient", "modality", "labels", "labels_lcc", "reference",
+                      "seconds", "common")
+
+
+def predict_run(run, *, progress: bool = False, device=None) -> "pd.DataFrame":
+    """Contour every test patient of every trained model of a run; the stage ``predictions/``.
+
+    For each model of :func:`model_recipes` (its ``model/<name>/best.pt`` and ``summary.json``
+    must exist): the patients it may be tested on (``test_patients`` of its summary, or its whole
+    test cohort), each read from the run's raw cohort, preprocessed as its training data,
+    predicted and written on the native grid, raw and with the largest-component
+    post-processing: ``predictions/<method>/<patient>_labels.nii.gz`` and ``..._labels_lcc.nii.gz``
+    (0 background, 1 Parotid_L, 2 Parotid_R). The manual contours of the same patients go to
+    ``predictions/reference/<modality>/<patient>_labels.nii.gz``, on the same grid. The oracle's
+    folds are one method, ``mr_oracle`` (each patient predicted by the fold that did not see it).
+
+    Writes ``predictions/index.csv`` (columns :data:`PREDICTION_COLUMNS`; paths relative to the
+    run folder; ``seconds``: preprocess + predict + post-process + write of that patient, plus its
+    read time; ``common``: the MR patients every MR method was tested on, for paired comparisons)
+    and returns it as a DataFrame.
+    """
+    import pandas as pd
+    import SimpleITK as sitk
+
+    from .io import write_image, write_label_map
+    from .preparation import cohort_sources
+    from .runs import write_json
+
+    profile = run.profile
+    recipes = model_recipes(profile)
+    missing = [r["name"] for r in recipes if not (run.root / "model" / r["name"] / "best.pt").is_file()]
+    if missing:
+        raise CrossmodError(f"{run.root / 'model'}: no trained model for {', '.join(missing)}; "
+                            "run chapter 4 (train_run) first")
+    sources = cohort_sources(run, progress=False)
+    items = {modality: dict(zip(source.patient_ids(), source.items))
+             for modality, source in sources.items()}
+    out_root = run.stage("predictions")
+    cache: dict = {}
+
+    def case_of(modality: str, patient: str):
+        key = (modality, patient)
+        if key not in cache:
+            if patient not in items[modality]:
+                raise CrossmodError(f"{modality} cohort: test patient {patient!r} not found "
+                                    f"(cohort: {sources[modality].root})")
+            t0 = time.perf_counter()
+            case = sources[modality].read(items[modality][patient])
+            read_s = time.perf_counter() - t0
+            reference = out_root / "reference" / modality / f"{patient}_labels.nii.gz"
+            write_label_map(case.structures, case.image, reference)
+            cache.clear()  # one patient in memory at a time (patients are visited model by model)
+            cache[key] = (case, read_s, reference)
+        return cache[key]
+
+    rows = []
+    tasks = []
+    for recipe in recipes:
+        summary = json.loads((run.root / "model" / recipe["name"] / "summary.json").read_text())
+        patients = summary.get("test_patients") or list(items[recipe["test"]])
+        tasks += [(recipe, patient) for patient in patients]
+    # Visit patients in order so that each is read once and all its models run together.
+    tasks.sort(key=lambda t: (t[0]["test"], t[1]))
+    iterator = tasks
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(tasks, desc="predict", unit="case")
+    models: dict = {}
+    for recipe, patient in iterator:
+        case, read_s, reference = case_of(recipe["test"], patient)
+        if recipe["name"] not in models:
+            models[recipe["name"]] = load_model(run.root / "model" / recipe["name"] / "best.pt",
+                                                resolve_device(device) if device else "cpu")
+        method = _method_name(recipe)
+        t0 = time.perf_counter()
+        maps = predict_label_maps(models[recipe["name"]], case, profile, modality=recipe["test"],
+                                  device=device)
+        paths = {}
+        for key, suffix in (("raw", ""), ("lcc", "_lcc")):
+            path = out_root / method / f"{patient}_labels{suffix}.nii.gz"
+            write_image(sitk.Cast(maps[key], sitk.sitkUInt8), path)
+            paths[key] = path
+        seconds = read_s + time.perf_counter() - t0
+        rows.append({"model": method,
+                     "title": "MR oracle (cross-validated)" if method == "mr_oracle" else recipe["title"],
+                     "patient": patient, "modality": recipe["test"],
+                     "labels": str(paths["raw"].relative_to(run.root)),
+                     "labels_lcc": str(paths["lcc"].relative_to(run.root)),
+                     "reference": str(reference.relative_to(run.root)), "seconds": seconds})
+    index = pd.DataFrame(rows, columns=[c for c in PREDICTION_COLUMNS if c != "common"])
+    mr = index[index["modality"] == "MR"]
+    common = set(mr["patient"])
+    for _, group in mr.groupby("model"):
+        common &= set(group["patient"])
+    index["common"] = (index["modality"] == "MR") & index["patient"].isin(common)
+    index = index.sort_values(["modality", "model", "patient"]).reset_index(drop=True)
+    tmp = out_root / "index.csv.tmp"
+    index.to_csv(tmp, index=False)
+    tmp.replace(out_root / "index.csv")
+    write_json({"models": sorted(index["model"].unique()), "common_mr_patients": sorted(common),
+                "postprocess_lcc": bool(segmentation_config(profile)["postprocess_lcc"])},
+               out_root / "summary.json")
+    return index
+
+
+def training_logs(run) -> "pd.DataFrame":
+    """The per-epoch logs of a run's trained models, stacked (column ``model`` + :data:`LOG_COLUMNS`)."""
+    import pandas as pd
+
+    frames = []
+    for recipe in model_recipes(run.profile):
+        path = run.root / "model" / recipe["name"] / "log.csv"
+        if path.is_file() and path.stat().st_size:
+            frame = pd.read_csv(path)
+            frame.insert(0, "model", recipe["name"])
+            frames.append(frame)
+    if not frames:
+        raise CrossmodError(f"{run.root / 'model'}: no training logs; run train_run first")
+    return pd.concat(frames, ignore_index=True)
+
+
+def prediction_examples(run, patient: str | None = None, models=None) -> dict:
+    """One axial MR slice with the manual and predicted contours of each method, for a figure.
+
+    ``patient``: default the first MR patient every MR method was tested on. The slice is the
+    one with the largest manual parotid area. Returns ``{"patient", "slice", "image" (2D float),
+    "spacing" (row, col mm), "reference" (2D labels), "predictions": {method: 2D labels},
+    "titles": {method: title}}``, all on the native MR grid.
+    """
+    import pandas as pd
+    import SimpleITK as sitk
+
+    from .preparation import cohort_sources
+
+    index_path = run.require("predictions", "index.csv") / "index.csv"
+    index = pd.read_csv(index_path)
+    mr = index[index["modality"] == "MR"]
+    if mr.empty:
+        raise CrossmodError(f"{index_path}: no MR predictions")
+    if patient is None:
+        common = mr[mr["common"]]
+        patient = sorted((common if len(common) else mr)["patient"])[0]
+    rows = mr[mr["patient"] == patient]
+    if rows.empty:
+        raise CrossmodError(f"{index_path}: no MR predictions for patient {patient!r}")
+    if models is not None:
+        rows = rows[rows["model"].isin(models)]
+    order = list(dict.fromkeys(_method_name(r) for r in model_recipes(run.profile)))
+    rows = rows.assign(_order=rows["model"].map({m: i for i, m in enumerate(order)})).sort_values("_order")
+    source = cohort_sources(run, progress=False)["MR"]
+    item = dict(zip(source.patient_ids(), source.items))[patient]
+    image = sitk.GetArrayFromImage(source.read(item).image).astype(np.float32)
+    reference = sitk.GetArrayFromImage(sitk.ReadImage(str(run.root / rows.iloc[0]["reference"])))
+    z = int(np.argmax((reference > 0).sum(axis=(1, 2))))
+    predictions, titles = {}, {}
+    for _, row in rows.iterrows():
+        predictions[row["model"]] = sitk.GetArrayFromImage(sitk.ReadImage(str(run.root / row["labels"])))[z]
+        titles[row["model"]] = row["title"]
+    spacing = sitk.ReadImage(str(run.root / rows.iloc[0]["reference"])).GetSpacing()
+    return {"patient": patient, "slice": z, "image": image[z], "spacing": (spacing[1], spacing[0]),
+            "reference": reference[z], "predictions": predictions, "titles": titles}
+
+
 def _bench_volume(n_slices: int, matrix: int, pixel_mm: float, slice_mm: float, seed: int = 0):
     """A T2w-like MR head volume of Table I's size (ellipse head, two bright glands, noise)."""
     rng = np.random.default_rng(seed)

@@ -100,6 +100,7 @@ def test_real_data_section(smoke_book):
 @pytest.mark.parametrize("chapter, needles", [
     ("02_cyclegan", ("geometric", "synthetic MR", "without geometric loss")),
     ("03_cleaning", ("Fig. 6", "decisions", "kept")),
+    ("04_segmentation", ("Fig. 5", "Cross-modality", "MR oracle", "s per patient", "manual (blue)")),
     ("08_review", ("review",)),
 ])
 def test_later_chapters_render_with_figures(smoke_book, chapter, needles):
@@ -114,7 +115,9 @@ def test_run_folder_holds_later_stages(smoke_book):
     run_dir, _, _ = smoke_book
     for path in ("synthetic/synthetic_mr.npz", "synthetic/cyclegan/checkpoint.pt",
                  "synthetic/cyclegan/losses.csv", "metrics/cyclegan_ablation.csv",
-                 "cleaned/decisions.csv", "cleaned/training_slices.npz", "cleaned/elastix/bspline.txt"):
+                 "cleaned/decisions.csv", "cleaned/training_slices.npz", "cleaned/elastix/bspline.txt",
+                 "model/cross_modality/best.pt", "model/naive/best.pt", "predictions/index.csv",
+                 "figures/fig_unet_examples.png"):
         assert (run_dir / path).is_file(), path
     synthetic = np.load(run_dir / "synthetic" / "synthetic_mr.npz")
     ct = load_slices(run_dir / "prepared" / "ct_slices.npz")

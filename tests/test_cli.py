@@ -11,7 +11,8 @@ import SimpleITK as sitk
 
 from crossmod_lib.cli import build_parser, main
 
-SUBCOMMANDS = ["run", "book", "phantom", "metrics", "data", "fetch", "profile", "bench"]
+SUBCOMMANDS = ["run", "book", "phantom", "metrics", "data", "fetch", "profile", "models",
+               "predict", "bench"]
 
 
 @pytest.mark.parametrize("command", [[]] + [[c] for c in SUBCOMMANDS] + [["data", "list"], ["data", "inspect"]])
@@ -185,3 +186,55 @@ def test_phantom_command_writes_cohorts(tmp_path, capsys):
     assert (out / "ct" / "ct_000" / "img.nrrd").is_file()
     assert (out / "mr" / "mr_000" / "structures_observer2" / "Parotid_R.nrrd").is_file()
     assert (out / "phantom.json").is_file()
+
+
+def test_models_prints_the_reference_architectures(capsys):
+    assert main(["models", "--profile", "full", "--json"]) == 0
+    networks = {row["network"]: row for row in json.loads(capsys.readouterr().out)["networks"]}
+    # Zhu et al.'s ResNet-9 generator and 70x70 PatchGAN, and the paper's U-Net (Fig. 5)
+    assert networks["generator G_MR (CT -> MR)"]["parameters"] == 11_365_633
+    assert networks["discriminator D_MR (70x70 PatchGAN)"]["parameters"] == 2_762_689
+    assert networks["U-Net (Fig. 5)"]["parameters"] == 31_036_611
+    assert main(["models", "--profile", "demo"]) == 0
+    out = capsys.readouterr().out
+    assert "96 x 96" in out and "U-Net (Fig. 5)" in out
+
+
+def _tiny_checkpoint(path):
+    import torch
+
+    from crossmod_lib import segmentation as seg
+
+    torch.manual_seed(0)
+    settings = {"preprocessing": {"pixel_mm": 2.0, "crop": 32, "ct_window": [40, 350],
+                                  "mr_upper_percentile": 99.0, "head_threshold": 20.0,
+                                  "cc_rule": "none", "cc_margin_mm": 0.0},
+                "segmentation": {"base_features": 4, "levels": 2}}
+    model = seg.build_model(settings)
+    return seg.save_checkpoint({"format": seg.CHECKPOINT_FORMAT, "model": model.state_dict(),
+                                "arch": model.arch, "config": {},
+                                "meta": {"kind": "test", "preprocessing": settings["preprocessing"]}},
+                               path)
+
+
+def test_predict_writes_labels_on_the_input_grid(tmp_path, capsys):
+    volume = np.zeros((6, 40, 50), np.float32)
+    volume[:, 8:32, 10:40] = 300.0
+    image = sitk.GetImageFromArray(volume)
+    image.SetSpacing((1.5, 1.5, 4.0))
+    image.SetOrigin((-30.0, 12.0, 5.0))
+    sitk.WriteImage(image, str(tmp_path / "mr.nii.gz"))
+    model = _tiny_checkpoint(tmp_path / "best.pt")
+    assert main(["predict", "--model", str(model), "--input", str(tmp_path / "mr.nii.gz"),
+                 "--output", str(tmp_path / "out"), "--no-lcc"]) == 0
+    assert "mr_labels.nii.gz" in capsys.readouterr().out
+    labels = sitk.ReadImage(str(tmp_path / "out" / "mr_labels.nii.gz"))
+    assert labels.GetSize() == image.GetSize() and labels.GetSpacing() == image.GetSpacing()
+    assert labels.GetOrigin() == image.GetOrigin()
+    # a non-DICOM input cannot carry an RTSTRUCT; a missing model is named
+    assert main(["predict", "--model", str(model), "--input", str(tmp_path / "mr.nii.gz"),
+                 "--output", str(tmp_path / "out2"), "--rtstruct"]) == 2
+    assert "DICOM" in capsys.readouterr().err
+    assert main(["predict", "--model", str(tmp_path / "nope.pt"), "--input", str(tmp_path),
+                 "--output", str(tmp_path / "o")]) == 2
+    assert "nope.pt" in capsys.readouterr().err

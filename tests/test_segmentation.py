@@ -494,3 +494,90 @@ def test_profiles_hold_the_papers_segmentation_settings():
         assert max(cfg["few_shot_k"]) <= load_profile(name)["phantom"]["n_mr"] - 1
         assert cfg["oracle_folds"] <= load_profile(name)["phantom"]["n_mr"]
     assert math.isclose(seg.flops_per_slice(load_profile("full")) / 1e9, 96.2, rel_tol=0.01)
+
+
+# ----------------------------------------------------------------------------------------------
+# A whole run: train_run -> predict_run (the contract chapter 5 reads)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A smoke-profile run folder with prepared phantom slices; the CT slices stand in for the
+    cleaned synthetic MR (only the plumbing is under test here)."""
+    import shutil
+
+    from crossmod_lib import preparation
+    from crossmod_lib.runs import RunFolder
+
+    profile = load_profile("smoke")
+    profile["phantom"].update({"ct_matrix": 208, "ct_slices": [44, 48], "mr_matrix": 400})
+    run = RunFolder.open(profile, tmp_path_factory.mktemp("run"))
+    sources = preparation.cohort_sources(run, progress=False)
+    pre = run.profile["preprocessing"]
+    preparation.prepare_cohort(sources["MR"], "MR", pre, run.stage("prepared"), progress=False)
+    preparation.prepare_cohort(sources["CT"], "CT", pre, run.stage("prepared"),
+                               coverage_mm=preparation.mr_coverage_mm(sources["MR"]), progress=False)
+    shutil.copy(run.root / "prepared" / "ct_slices.npz", run.stage("cleaned") / "training_slices.npz")
+    return run
+
+
+def test_train_run_and_predict_run_write_the_prediction_index(tiny_run):
+    import pandas as pd
+
+    run = tiny_run
+    trained = seg.train_run(run)
+    assert set(trained["name"]) == {r["name"] for r in seg.model_recipes(run.profile)}
+    index = seg.predict_run(run)
+    assert tuple(index.columns) == seg.PREDICTION_COLUMNS
+    assert set(index["model"]) == {"cross_modality", "ct_only", "naive", "mr_oracle",
+                                   "domain_random", "few_shot_k1"}
+    mr_patients = {"mr_000", "mr_001", "mr_002"}
+    # every MR patient predicted once by the oracle (out of fold), CT-only tested on held-out CT
+    assert sorted(index[index["model"] == "mr_oracle"]["patient"]) == sorted(mr_patients)
+    ct_rows = index[index["model"] == "ct_only"]
+    assert (ct_rows["modality"] == "CT").all() and len(ct_rows) >= 1
+    few = index[index["model"] == "few_shot_k1"]
+    assert len(few) == 2  # its fine-tuning patient is not tested
+    common = set(index[index["common"]]["patient"])
+    assert common == set(few["patient"]) and common < mr_patients
+    for _, row in index.iterrows():
+        labels = sitk.ReadImage(str(run.root / row["labels"]))
+        reference = sitk.ReadImage(str(run.root / row["reference"]))
+        assert not grid_differences(labels, reference)
+        assert set(np.unique(sitk.GetArrayViewFromImage(labels))) <= {0, 1, 2}
+        assert (sitk.GetArrayViewFromImage(reference) == 1).any()  # manual contours came along
+        assert row["seconds"] > 0
+    assert pd.read_csv(run.root / "predictions" / "index.csv").shape == index.shape
+    example = seg.prediction_examples(run)
+    assert list(example["predictions"])[0] == "cross_modality"
+    assert example["reference"].shape == example["image"].shape
+    assert (example["reference"] > 0).any()
+    logs = seg.training_logs(run)
+    assert {"model", "epoch", "val_loss"} <= set(logs.columns)
+
+
+def test_train_run_reuses_models_and_retrains_when_the_data_change(tiny_run):
+    import os
+
+    run = tiny_run
+    seg.train_run(run)  # everything trained by the previous test (or now)
+    best = run.root / "model" / "cross_modality" / "best.pt"
+    stamp = best.stat().st_mtime_ns
+    seg.train_run(run)
+    assert best.stat().st_mtime_ns == stamp  # same inputs: reused
+    data = run.root / "cleaned" / "training_slices.npz"
+    arrays = dict(np.load(data))
+    arrays["image"] = (255 - arrays["image"]).astype(np.uint8)
+    np.savez(data, **arrays)
+    os.utime(data)
+    trained = seg.train_run(run, kinds=["few_shot"])
+    assert set(trained["name"]) == {"cross_modality", "few_shot_k1"}  # few-shot pulls in its start
+    assert best.stat().st_mtime_ns != stamp  # new data: trained again
+
+
+def test_predict_run_without_models_is_a_clear_error(tmp_path):
+    from crossmod_lib.runs import RunFolder
+
+    run = RunFolder.open(load_profile("smoke"), tmp_path / "empty")
+    with pytest.raises(CrossmodError, match="no trained model"):
+        seg.predict_run(run)
