@@ -77,6 +77,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import CrossmodError
+from .slices import read_slices, write_slices
 
 __all__ = [
     "DEFAULT_SETTINGS", "LOSS_TERMS", "CycleGAN", "Discriminator", "Generator", "ImagePool",
@@ -805,17 +806,7 @@ class CycleGAN:
 def _load_slices(path, role: str, keys=("image", "head_mask")) -> dict[str, np.ndarray]:
     """Arrays of a prepared-slices ``.npz`` (numpy only), checked; one-line errors."""
     path = Path(path)
-    if not path.is_file():
-        raise CrossmodError(f"{path}: {role} slices not found")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CrossmodError(f"{path}: cannot read {role} slices ({reason})") from None
-    missing = [key for key in keys if key not in arrays]
-    if missing:
-        raise CrossmodError(f"{path}: {role} slices lack the array '{missing[0]}'")
+    arrays = read_slices(path, f"{role} slices", tuple(keys))
     image = arrays["image"]
     if image.dtype != np.uint8 or image.ndim != 3 or len(image) == 0:
         raise CrossmodError(f"{path}: 'image' must be non-empty uint8 [N, H, W], got "
@@ -1331,16 +1322,7 @@ def synthesise(checkpoint, ct_npz, out_npz, settings: dict | None = None, batch_
     arrays = {"image": synthetic, "reconstructed_ct": reconstructed}
     for key in ("labels", "head_mask", "patient", "slice_index", "z_mm"):
         arrays[key] = ct[key]
-    out_npz = Path(out_npz)
-    out_npz.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_npz.with_name(f".{out_npz.name}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            np.savez_compressed(handle, **arrays)
-        os.replace(tmp, out_npz)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    out_npz = write_slices(arrays, out_npz)
     return {"out": str(out_npz), "slices": len(synthetic),
             "seconds": time.perf_counter() - started,
             "device": str(next(g_mr.parameters()).device)}

@@ -109,6 +109,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import CrossmodError
+from .slices import read_slices
 
 CLASSES = ("background", "Parotid_L", "Parotid_R")
 STRUCTURES = CLASSES[1:]
@@ -740,14 +741,7 @@ def _write_log(history: list[dict], path: Path) -> None:
 
 def load_training_slices(path: str | Path) -> dict[str, np.ndarray]:
     """A slices ``.npz`` (image uint8 [N,H,W], labels, patient, ...), numpy only."""
-    path = Path(path)
-    if not path.is_file():
-        raise CrossmodError(f"{path}: training slices not found")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError) as exc:
-        raise CrossmodError(f"{path}: cannot read training slices ({exc})") from None
+    arrays = read_slices(path, "training slices", ("image", "labels", "patient"))
     _check_arrays(arrays, str(path))
     return arrays
 

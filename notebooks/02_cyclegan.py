@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 from IPython.display import Markdown, display
 
-from crossmod_lib import cleaning, cyclegan, runs
+from crossmod_lib import cleaning, cyclegan, preparation, runs
 
 run = runs.RunFolder.open(profile_path or profile, run_dir or None)
 prepared = run.require("prepared", "ct_slices.npz", "mr_slices.npz")
@@ -136,11 +136,12 @@ synthesis = cyclegan.synthesise(checkpoint, prepared / "ct_slices.npz",
                                 synthetic_dir / "synthetic_mr.npz", settings)
 print(f"{synthesis['slices']} synthetic MR slices in {synthesis['seconds']:.1f} s")
 
-ct_slices = np.load(prepared / "ct_slices.npz")
-area = (ct_slices["labels"] > 0).reshape(len(ct_slices["labels"]), -1).sum(axis=1)
-examples = np.argsort(area)[::-1][:: max(1, len(area) // 50)][:4]
+# One parotid-level slice from each of the first four patients of each cohort.
+examples = preparation.parotid_level_slices(preparation.load_slices(prepared / "ct_slices.npz"), count=4)
+mr_examples = preparation.parotid_level_slices(preparation.load_slices(prepared / "mr_slices.npz"),
+                                               count=len(examples))
 grid = cyclegan.example_grid(checkpoint, prepared / "ct_slices.npz", prepared / "mr_slices.npz",
-                             examples, settings=settings)
+                             examples, mr_examples, settings=settings)
 columns = [("ct", "CT"), ("synthetic_mr", "synthetic MR"), ("reconstructed_ct", "reconstructed CT"),
            ("mr", "MR"), ("synthetic_ct", "synthetic CT"), ("reconstructed_mr", "reconstructed MR")]
 fig, axes = plt.subplots(len(examples), 6, figsize=(12, 2.1 * len(examples)), squeeze=False,
