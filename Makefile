@@ -28,6 +28,12 @@ smoke: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# PNGs of the built book's start page and chapter 5 (headless Chromium) in _build/screenshots/;
+# run after `make book`. A page not built yet is skipped with a note.
+.PHONY: screenshots
+screenshots: $(STAMP)
+	$(BIN)/python -m crossmod_lib.pipeline screenshots --html _build/html --out _build/screenshots
+
 clean:
 	rm -rf _build book/_executed
 

@@ -3,25 +3,38 @@
 Each benchmark is a function returning a flat dict (``name`` first) that :func:`format_table`
 renders as a small text table; :data:`BENCHMARKS` maps the names to the functions.
 
+Results can be kept in a run folder with :func:`save_benchmark` (``<run>/metrics/bench_NAME.json``,
+with the provenance of the machine that ran it); the computation-time chapter shows what
+:func:`load_benchmarks` finds there.
+
 ``metrics``
     Times :func:`crossmod_lib.metrics.compare_masks` on one parotid-sized pair, two overlapping,
     slightly different perturbed ellipsoids of about 25 cc each (diameters about 27 x 37 x 47 mm,
     x, y, z), on a 512 x 512 x 150 uint8 grid at spacing 0.98 x 0.98 x 2.5 mm: the size of a head
     and neck CT. Target: 30 ms per pair.
+``registration``, ``cyclegan``
+    See :func:`bench_registration_profile` and :func:`bench_cyclegan_profile`.
+``inference``
+    Seconds per MR patient end to end, as section 2.F times it (:func:`bench_inference_profile`).
 """
 
 from __future__ import annotations
 
+import datetime as _dt
+import json
 import math
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
 from crossmod_lib.metrics import compare_masks
 
-__all__ = ["BENCHMARKS", "bench_cyclegan_profile", "bench_metrics", "bench_registration_profile",
-           "format_table", "parotid_pair"]
+__all__ = ["BENCHMARKS", "bench_cyclegan_profile", "bench_inference_profile", "bench_metrics",
+           "bench_registration_profile", "format_table", "load_benchmarks", "parotid_pair",
+           "result_table", "save_benchmark"]
 
 GRID_XYZ = (512, 512, 150)
 SPACING_XYZ_MM = (0.98, 0.98, 2.5)
@@ -41,8 +54,8 @@ def _perturbed_ellipsoid(
     reach = 1.0 + np.abs(coefficients).sum()
     lo, hi = [], []
     for c, r, s, n in zip(centre_zyx_mm, radii_zyx_mm, spacing_zyx, shape_zyx):
-        lo.append(max(0, int(math.floor((c - reach * r) / s)) - 1))
-        hi.append(min(n, int(math.ceil((c + reach * r) / s)) + 2))
+        lo.append(max(0, math.floor((c - reach * r) / s) - 1))
+        hi.append(min(n, math.ceil((c + reach * r) / s) + 2))
     axes = [
         (np.arange(a, b) * s - c) / r
         for a, b, s, c, r in zip(lo, hi, spacing_zyx, centre_zyx_mm, radii_zyx_mm)
@@ -111,13 +124,15 @@ def bench_metrics(repeats: int = 20, seed: int = 0) -> dict:
 
 
 def _format_value(value) -> str:
-    if isinstance(value, bool) or isinstance(value, np.bool_):
+    if isinstance(value, (bool, np.bool_)):
         return "yes" if value else "no"
     if isinstance(value, (float, np.floating)):
         value = float(value)
         if math.isinf(value) or math.isnan(value):
             return str(value)
         return f"{value:.3f}" if abs(value) < 1000 else f"{value:.1f}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_format_value(v)}" for k, v in value.items())
     if isinstance(value, (tuple, list)):
         return " x ".join(f"{v:g}" if isinstance(v, (float, np.floating)) else str(v) for v in value)
     return str(value)
@@ -137,7 +152,6 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-#: ``crossmod bench NAME`` → the function that runs it.
 def bench_registration_profile(repeats: int = 5, profile: str = "full") -> dict:
     """``crossmod bench registration``: elastix rigid + B-spline per slice at the profile's
     settings on 256 x 256 slices of 1 mm (target: <= 0.5 s per slice per core after the first)."""
@@ -157,8 +171,105 @@ def bench_cyclegan_profile(repeats: int = 10, profile: str = "demo") -> dict:
                           iterations=repeats, warmup=3)
 
 
+def bench_inference_profile(repeats: int = 3, profile: str = "demo") -> dict:
+    """``crossmod bench inference``: seconds per MR patient end to end (read NIfTI, preprocess,
+    U-Net, write NIfTI) on a Table-I-sized MR (512 x 512 x 30, 0.5 x 0.5 x 4 mm) with the profile's
+    network (random weights: the time does not depend on them), as section 2.F times it (paper:
+    0.86 +- 0.02 s per patient on a V100)."""
+    from .config import load_profile
+    from .segmentation import bench_inference
+
+    settings = load_profile(profile)
+    device = settings["segmentation"].get("device", "auto")
+    result = bench_inference(settings, repeats=max(2, int(repeats)), device=device)
+    return {"name": "inference", **result}
+
+
+#: ``crossmod bench NAME`` → the function that runs it.
 BENCHMARKS: dict[str, Callable[..., dict]] = {
     "metrics": lambda repeats=20, profile=None: bench_metrics(repeats=repeats),
     "registration": bench_registration_profile,
     "cyclegan": bench_cyclegan_profile,
+    "inference": bench_inference_profile,
 }
+
+BENCH_FORMAT = "crossmod-benchmark-1"
+
+
+def _plain(value):
+    """JSON-able copy of a result (numpy scalars and arrays, tuples, paths)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (np.bool_, bool)):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        value = float(value)
+        return value if math.isfinite(value) else str(value)  # JSON has no inf/nan
+    if isinstance(value, np.ndarray):
+        return _plain(value.tolist())
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def save_benchmark(result: dict, run, options: dict | None = None) -> Path:
+    """Keep a benchmark's result in a run folder: ``<run>/metrics/bench_<name>.json`` (atomic),
+    with the options it ran with and the provenance (commit, date, device, library versions) of
+    this machine. ``run``: a :class:`~crossmod_lib.runs.RunFolder` or the run folder's path.
+    A later save of the same benchmark replaces the file. Returns the path."""
+    from .errors import CrossmodError
+    from .runs import provenance
+
+    name = result.get("name") if isinstance(result, dict) else None
+    if not name or not str(name).replace("_", "").isalnum():
+        raise CrossmodError(f"save_benchmark: the result needs a plain 'name' (got {name!r})")
+    root = Path(run) if isinstance(run, (str, os.PathLike)) else Path(run.root)
+    if not root.is_dir():
+        raise CrossmodError(f"{root}: no such run folder to save the benchmark in")
+    record = {"format": BENCH_FORMAT, "name": str(name),
+              "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+              "options": _plain(options or {}), "provenance": _plain(provenance()),
+              "result": _plain(result)}
+    path = root / "metrics" / f"bench_{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def result_table(result: dict):
+    """A benchmark result as a one-column pandas table (``value``, one row per key; a nested
+    dict's keys become ``key: subkey`` rows), values formatted as :func:`format_table` does."""
+    import pandas as pd
+
+    rows = {}
+    for key, value in result.items():
+        if isinstance(value, dict):
+            rows.update({f"{key}: {k}": v for k, v in value.items()})
+        else:
+            rows[str(key)] = value
+    return pd.DataFrame({"value": [_format_value(v) for v in rows.values()]}, index=list(rows))
+
+
+def load_benchmarks(run) -> dict[str, dict]:
+    """The benchmarks saved in a run folder (:func:`save_benchmark`), name → record, sorted by
+    name; {} when there are none. A file that is not such a record: one-line CrossmodError."""
+    from .errors import CrossmodError
+
+    root = Path(run) if isinstance(run, (str, os.PathLike)) else Path(run.root)
+    records = {}
+    for path in sorted((root / "metrics").glob("bench_*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise CrossmodError(f"{path}: not readable as JSON ({' '.join(str(exc).split())[:120]})") from None
+        if not isinstance(record, dict) or record.get("format") != BENCH_FORMAT or \
+                not isinstance(record.get("result"), dict):
+            raise CrossmodError(f"{path}: not a saved benchmark ({BENCH_FORMAT} record expected)")
+        records[record["name"]] = record
+    return records

@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_dir(p)
     p.add_argument("--no-run", action="store_true",
                    help="build from the run folder's already executed notebooks")
+    p.add_argument("--no-pdf", action="store_true",
+                   help="HTML only (by default a PDF is also built when LaTeX is installed)")
     p.add_argument("--out", type=Path, default=None,
                    help="folder receiving _build/html/ (default: the repository root)")
     p.set_defaults(func=cmd_book)
@@ -168,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default=None,
                    help="profile whose settings to use (registration: full, cyclegan: demo)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--save", type=Path, default=None, metavar="RUN_DIR",
+                   help="also keep the result, with this machine's provenance, in "
+                        "RUN_DIR/metrics/bench_NAME.json (chapter 7 shows it)")
     p.set_defaults(func=cmd_bench)
     return parser
 
@@ -188,7 +193,7 @@ def cmd_book(args) -> int:
     run = RunFolder.open(args.profile, args.run_dir)
     if not args.no_run:
         run_notebooks(run)
-    build_book(run, args.out)
+    build_book(run, args.out, pdf=not args.no_pdf)
     return 0
 
 
@@ -332,7 +337,11 @@ def cmd_bench(args) -> int:
 
     options = {k: v for k, v in (("repeats", args.repeats), ("profile", args.profile)) if v is not None}
     result = bench.BENCHMARKS[args.name](**options)
+    result = result if "name" in result else {"name": args.name, **result}
     print(json.dumps(result, indent=2) if args.json else bench.format_table(result))
+    if args.save is not None:
+        path = bench.save_benchmark(result, args.save, options)
+        print(f"saved to {path}")
     return 0
 
 

@@ -1502,7 +1502,7 @@ def _method_name(recipe: dict) -> str:
 
 
 PREDICTION_COLUMNS = ("model", "title", "patient", "modality", "labels", "labels_lcc", "reference",
-                      "seconds", "common")
+                      "seconds", "predict_seconds", "device", "common")
 
 
 def predict_run(run, *, progress: bool = False, device=None) -> "pd.DataFrame":
@@ -1519,7 +1519,8 @@ def predict_run(run, *, progress: bool = False, device=None) -> "pd.DataFrame":
 
     Writes ``predictions/index.csv`` (columns :data:`PREDICTION_COLUMNS`; paths relative to the
     run folder; ``seconds``: preprocess + predict + post-process + write of that patient, plus its
-    read time; ``common``: the MR patients every MR method was tested on, for paired comparisons)
+    read time; ``predict_seconds``: the network alone; ``device``: where it ran; ``common``: the
+    MR patients every MR method was tested on, for paired comparisons)
     and returns it as a DataFrame.
     """
     import pandas as pd
@@ -1577,8 +1578,9 @@ def predict_run(run, *, progress: bool = False, device=None) -> "pd.DataFrame":
                                                 resolve_device(device) if device else "cpu")
         method = _method_name(recipe)
         t0 = time.perf_counter()
+        steps: dict = {}
         maps = predict_label_maps(models[recipe["name"]], case, profile, modality=recipe["test"],
-                                  device=device)
+                                  device=device, timings=steps)
         paths = {}
         for key, suffix in (("raw", ""), ("lcc", "_lcc")):
             path = out_root / method / f"{patient}_labels{suffix}.nii.gz"
@@ -1590,7 +1592,9 @@ def predict_run(run, *, progress: bool = False, device=None) -> "pd.DataFrame":
                      "patient": patient, "modality": recipe["test"],
                      "labels": str(paths["raw"].relative_to(run.root)),
                      "labels_lcc": str(paths["lcc"].relative_to(run.root)),
-                     "reference": str(reference.relative_to(run.root)), "seconds": seconds})
+                     "reference": str(reference.relative_to(run.root)), "seconds": seconds,
+                     "predict_seconds": steps.get("predict"),
+                     "device": str(next(models[recipe["name"]].parameters()).device)})
     index = pd.DataFrame(rows, columns=[c for c in PREDICTION_COLUMNS if c != "common"])
     mr = index[index["modality"] == "MR"]
     common = set(mr["patient"])

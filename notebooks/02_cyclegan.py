@@ -137,7 +137,9 @@ synthesis = cyclegan.synthesise(checkpoint, prepared / "ct_slices.npz",
 print(f"{synthesis['slices']} synthetic MR slices in {synthesis['seconds']:.1f} s")
 
 # One parotid-level slice from each of the first four patients of each cohort.
-examples = preparation.parotid_level_slices(preparation.load_slices(prepared / "ct_slices.npz"), count=4)
+ct_slices = preparation.load_slices(prepared / "ct_slices.npz")
+runs.write_json(synthesis, synthetic_dir / "synthesis.json")  # chapter 7 reads the synthesis time
+examples = preparation.parotid_level_slices(ct_slices, count=4)
 mr_examples = preparation.parotid_level_slices(preparation.load_slices(prepared / "mr_slices.npz"),
                                                count=len(examples))
 grid = cyclegan.example_grid(checkpoint, prepared / "ct_slices.npz", prepared / "mr_slices.npz",
