@@ -1,20 +1,31 @@
 """Figures shared by the chapters: orthogonal views with contours, slice galleries.
 
-Conventions of the paper's figures: left parotid red, right parotid green (Fig. 1); axial slices in
-radiological convention (patient left on the image right, anterior at the top); coronal and sagittal
-views with the head at the top and physical aspect ratios.
+Conventions of the paper's figures: left parotid red, right parotid green (Fig. 1); automatic
+contours red and manual ones blue (Fig. 7); cross-modality learning red and the CT-trained network
+green, the interobserver variability a grey band (Fig. 8). Axial slices in radiological convention
+(patient left on the image right, anterior at the top); coronal and sagittal views with the head at
+the top and physical aspect ratios.
 """
 
 from __future__ import annotations
+
+import textwrap
 
 import matplotlib.pyplot as plt
 import numpy as np
 import SimpleITK as sitk
 from matplotlib.colors import ListedColormap
+from matplotlib.ticker import MaxNLocator
 
 from .io import PAROTIDS, Case
 
 STRUCTURE_COLOURS = {"Parotid_L": "#e41a1c", "Parotid_R": "#4daf4a"}
+#: Fig. 7 (paper): the automatic contour red, the manual one blue.
+CONTOUR_COLOURS = {"automatic": "#e41a1c", "manual": "#377eb8"}
+#: Fig. 8 (paper): cross-modality learning red, the CT-trained network green; the rest follow.
+METHOD_COLOURS = {"cross_modality": "#d62728", "ct_only": "#2ca02c", "naive": "#7f7f7f",
+                  "domain_random": "#9467bd", "mr_oracle": "#1f77b4"}
+_MORE_COLOURS = ("#ff7f0e", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
 
 
 def _overlay(ax, labels: np.ndarray, extent, origin: str, names=PAROTIDS) -> None:
@@ -29,6 +40,35 @@ def _overlay(ax, labels: np.ndarray, extent, origin: str, names=PAROTIDS) -> Non
                    extent=extent, origin=origin)
 
 
+def _centre(labels: np.ndarray) -> tuple[int, int, int]:
+    """(x, y, z) voxel index of the labels' centroid, or the volume centre when there are none."""
+    if labels.any():
+        zc, yc, xc = (round(float(v)) for v in np.argwhere(labels > 0).mean(axis=0))
+    else:
+        zc, yc, xc = (s // 2 for s in labels.shape)
+    return xc, yc, zc
+
+
+def view_planes(shape, spacing, point_index, views=("axial", "coronal", "sagittal")):
+    """Index expressions, extents and origins of axial, coronal and sagittal planes.
+
+    ``shape``: the array's [z, y, x] shape; ``spacing``: SimpleITK (x, y, z) spacing;
+    ``point_index``: the (x, y, z) voxel the planes pass through. Returns a list of
+    ``(name, index, extent, origin)`` for ``views``, to use as ``array[index]`` with
+    ``imshow(..., extent=extent, origin=origin)``: axial with anterior at the top and patient left
+    on the image right, coronal and sagittal with the head at the top, all in mm.
+    """
+    xc, yc, zc = point_index
+    sx, sy, sz = spacing
+    nz, ny, nx = shape
+    planes = {
+        "axial": ((zc, slice(None), slice(None)), [0, nx * sx, ny * sy, 0], "upper"),
+        "coronal": ((slice(None), yc, slice(None)), [0, nx * sx, 0, nz * sz], "lower"),
+        "sagittal": ((slice(None), slice(None), xc), [0, ny * sy, 0, nz * sz], "lower"),
+    }
+    return [(name, *planes[name]) for name in views]
+
+
 def orthogonal_views(case: Case, axes, window: tuple[float, float], point_index=None,
                      title: str = "") -> None:
     """Axial, coronal and sagittal views of a case on three axes, parotids coloured.
@@ -38,25 +78,12 @@ def orthogonal_views(case: Case, axes, window: tuple[float, float], point_index=
     """
     array = sitk.GetArrayFromImage(case.image).astype(np.float32)  # [z, y, x]
     labels = case.label_array(PAROTIDS)
-    if point_index is None:
-        if labels.any():
-            zc, yc, xc = (int(round(v)) for v in np.argwhere(labels > 0).mean(axis=0))
-        else:
-            zc, yc, xc = (s // 2 for s in array.shape)
-    else:
-        xc, yc, zc = point_index
-    sx, sy, sz = case.image.GetSpacing()
-    nz, ny, nx = array.shape
+    point = _centre(labels) if point_index is None else point_index
     lo, hi = window
-    views = [
-        ("axial", array[zc], labels[zc], [0, nx * sx, ny * sy, 0], "upper"),
-        ("coronal", array[:, yc, :], labels[:, yc, :], [0, nx * sx, 0, nz * sz], "lower"),
-        ("sagittal", array[:, :, xc], labels[:, :, xc], [0, ny * sy, 0, nz * sz], "lower"),
-    ]
-    for ax, (name, plane, plane_labels, extent, origin) in zip(axes, views):
-        ax.imshow(plane, cmap="gray", vmin=lo, vmax=hi, extent=extent, origin=origin,
+    for ax, (name, index, extent, origin) in zip(axes, view_planes(array.shape, case.image.GetSpacing(), point)):
+        ax.imshow(array[index], cmap="gray", vmin=lo, vmax=hi, extent=extent, origin=origin,
                   interpolation="bilinear")
-        _overlay(ax, plane_labels, extent, origin)
+        _overlay(ax, labels[index], extent, origin)
         ax.set_title(f"{title} {name}".strip(), fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -114,4 +141,218 @@ def metric_boxplots(table, metrics=(("dsc", "DSC"), ("hd", "HD (mm)"), ("msd", "
         ax.set_title(label, fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# Chapter 5: Figs. 7 and 8
+
+
+def _outline(ax, mask: np.ndarray, colour: str, extent, origin: str, width: float = 1.2) -> None:
+    if mask.any():
+        ax.contour(mask.astype(float), levels=[0.5], colors=[colour], linewidths=width,
+                   extent=extent, origin=origin)
+
+
+def contour_views(image: sitk.Image, manual: np.ndarray, automatic: np.ndarray, axes,
+                  window: tuple[float, float] | None = None, point_index=None,
+                  views=("axial", "sagittal", "coronal"), margin_mm: float | None = 25.0) -> None:
+    """One patient's MR in three planes with the manual (blue) and automatic (red) contours.
+
+    ``manual`` and ``automatic`` are label arrays [z, y, x] on the image's grid (every gland is
+    outlined on its own; the manual contour is drawn wider, underneath). By default the axial
+    plane is the one with the largest manual parotid area, the coronal plane passes through the
+    glands' centroid and the sagittal plane through the left gland's centroid (a sagittal plane
+    through the midline would miss both glands); the window is the 1st-99th percentile of the
+    image. ``margin_mm``: the in-plane view is zoomed to the glands (both contours) plus this
+    margin (None: the whole field of view); the cranio-caudal axis is always shown whole.
+    """
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    if point_index is None:
+        reference = manual if manual.any() else automatic
+        xc, yc, _ = _centre(reference)
+        zc = int(np.argmax((reference > 0).sum(axis=(1, 2)))) if reference.any() else array.shape[0] // 2
+        for value in (1, 2):
+            if (reference == value).any():
+                xc = _centre(reference == value)[0]
+                break
+        point_index = (xc, yc, zc)
+    if window is None:
+        window = tuple(float(v) for v in np.percentile(array, (1, 99)))
+    values = sorted((set(np.unique(manual)) | set(np.unique(automatic))) - {0})
+    sx, sy, _ = image.GetSpacing()
+    union = (manual > 0) | (automatic > 0)
+    limits = {}
+    if margin_mm is not None and union.any():
+        ys, xs = np.flatnonzero(union.any(axis=(0, 2))), np.flatnonzero(union.any(axis=(0, 1)))
+        limits["x"] = (max(xs[0] * sx - margin_mm, 0), min((xs[-1] + 1) * sx + margin_mm, array.shape[2] * sx))
+        limits["y"] = (max(ys[0] * sy - margin_mm, 0), min((ys[-1] + 1) * sy + margin_mm, array.shape[1] * sy))
+    for ax, (name, index, extent, origin) in zip(axes, view_planes(array.shape, image.GetSpacing(),
+                                                                   point_index, views)):
+        ax.imshow(array[index], cmap="gray", vmin=window[0], vmax=window[1], extent=extent,
+                  origin=origin, interpolation="bilinear")
+        for value in values:
+            _outline(ax, manual[index] == value, CONTOUR_COLOURS["manual"], extent, origin, width=2.0)
+            _outline(ax, automatic[index] == value, CONTOUR_COLOURS["automatic"], extent, origin,
+                     width=1.0)
+        if limits:
+            if name == "axial":
+                ax.set_xlim(*limits["x"])
+                ax.set_ylim(limits["y"][1], limits["y"][0])  # anterior at the top
+            elif name == "coronal":
+                ax.set_xlim(*limits["x"])
+            else:  # sagittal: anterior-posterior along the horizontal axis
+                ax.set_xlim(*limits["y"])
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+
+def figure_contours(examples: list[dict], title: str = "", views=("axial", "sagittal", "coronal"),
+                    panel: float = 2.6):
+    """Paper Fig. 7: one column per patient, rows axial, sagittal and coronal; automatic red,
+    manual blue. ``examples``: dicts with ``patient``, ``image``, ``reference`` and
+    ``prediction`` (as :func:`crossmod_lib.evaluation.contour_examples` gives), optionally ``dsc``."""
+    if not examples:
+        raise ValueError("figure_contours: no examples")
+    fig, axes = plt.subplots(len(views), len(examples), squeeze=False, constrained_layout=True,
+                             figsize=(panel * len(examples), panel * len(views) * 0.9))
+    for column, example in enumerate(examples):
+        contour_views(example["image"], example["reference"], example["prediction"],
+                      axes[:, column], views=views)
+        label = example["patient"] + (f" (DSC {example['dsc']:.2f})" if "dsc" in example else "")
+        axes[0, column].set_title(label, fontsize=9)
+    for row, name in enumerate(views):
+        axes[row, 0].set_ylabel(name, fontsize=9)
+    handles = [plt.Line2D([], [], color=CONTOUR_COLOURS["automatic"], lw=2, label="automatic"),
+               plt.Line2D([], [], color=CONTOUR_COLOURS["manual"], lw=2, label="manual")]
+    fig.legend(handles=handles, loc="lower center", ncol=2, frameon=False,
+               bbox_to_anchor=(0.5, -0.03))
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def method_colours(models) -> dict:
+    """A colour per method: :data:`METHOD_COLOURS`, then further colours in turn."""
+    extra = iter(_MORE_COLOURS * 4)
+    return {m: METHOD_COLOURS.get(m) or next(extra) for m in models}
+
+
+def method_boxplots(per_patient, interobserver=None, band: str = "sd",
+                    metrics=(("dsc", "DSC"), ("hd", "HD (mm)"), ("msd", "MSD (mm)")),
+                    order=None, title: str = "", width: float = 9.0):
+    """Paper Fig. 8: box plots per method of metrics averaged over both glands, one panel per
+    metric (stacked top to bottom as in the paper), with the patients as points.
+
+    ``per_patient``: :func:`crossmod_lib.evaluation.per_patient`'s table (columns model, title,
+    modality and the metrics). ``interobserver``: the same averages between two observers, drawn
+    as a grey band: ``band="sd"`` mean ± SD (the paper's Table II form), ``"range"`` min to max.
+    Undefined distances (an empty contour) are left out and counted under the method's name.
+    """
+    import seaborn as sns
+
+    if band not in ("sd", "range"):
+        raise ValueError(f"band={band!r}: 'sd' or 'range'")
+    models = list(order) if order is not None else list(dict.fromkeys(per_patient["model"]))
+    data = per_patient[per_patient["model"].isin(models)]
+    titles = data.drop_duplicates("model").set_index("model")["title"]
+    modality = data.drop_duplicates("model").set_index("model")["modality"]
+    colours = method_colours(models)
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(width, 2.5 * len(metrics) + 0.6),
+                             sharex=True, squeeze=False, constrained_layout=True)
+    for ax, (key, label) in zip(axes[:, 0], metrics):
+        finite = data[np.isfinite(data[key].to_numpy(dtype=float))]
+        if interobserver is not None and len(interobserver):
+            values = interobserver[key].to_numpy(dtype=float)
+            values = values[np.isfinite(values)]
+            if values.size:
+                mean = values.mean()
+                sd = values.std(ddof=1) if values.size > 1 else 0.0
+                lo, hi = (mean - sd, mean + sd) if band == "sd" else (values.min(), values.max())
+                ax.axhspan(lo, hi, color="#bbbbbb", alpha=0.5, zorder=0, lw=0)
+                ax.axhline(mean, color="#888888", lw=1, ls="--", zorder=0.5)
+        sns.boxplot(data=finite, x="model", y=key, order=models, hue="model", hue_order=models,
+                    palette=colours, legend=False, ax=ax, width=0.55, showfliers=False,
+                    boxprops={"alpha": 0.75})
+        sns.stripplot(data=finite, x="model", y=key, order=models, color="black", size=3,
+                      alpha=0.6, jitter=0.12, ax=ax)
+        ax.set_ylabel(label)
+        ax.set_xlabel("")
+        undefined = {m: int((~np.isfinite(data.loc[data["model"] == m, key].to_numpy(dtype=float))).sum())
+                     for m in models}
+        for k, m in enumerate(models):
+            if undefined[m]:
+                ax.annotate(f"{undefined[m]} undefined", (k, 1.0), xycoords=("data", "axes fraction"),
+                            ha="center", va="top", fontsize=7, color="#aa0000")
+    labels = [textwrap.fill(f"{titles.get(m, m)} [{modality.get(m, '')}]", 16) for m in models]
+    axes[-1, 0].set_xticks(range(len(models)), labels, fontsize=8)
+    if interobserver is not None and len(interobserver):
+        what = "mean ± SD" if band == "sd" else "min to max"
+        handle = plt.Rectangle((0, 0), 1, 1, color="#bbbbbb", alpha=0.5,
+                               label=f"interobserver variability ({what} over patients)")
+        fig.legend(handles=[handle], loc="outside lower center", fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# Chapter 6: Fig. 9 and area profiles
+
+
+def figure_contour_defects(examples: list[dict], panel: float = 2.8):
+    """Paper Fig. 9: flagged CT contours (top row) above the nearest healthy slice of the same
+    gland (bottom row), the clinical contour in yellow. ``examples``: dicts from
+    :func:`crossmod_lib.contour_quality.figure9_examples`."""
+    if not examples:
+        raise ValueError("figure_contour_defects: no examples")
+    fig, axes = plt.subplots(2, len(examples), squeeze=False, constrained_layout=True,
+                             figsize=(panel * len(examples), panel * 2))
+    for column, item in enumerate(examples):
+        rows, cols = item["ct"].shape
+        dy, dx = item["spacing"]
+        extent = [0, cols * dx, rows * dy, 0]
+        for row, (image, mask, what) in enumerate((
+                (item["ct"], item["mask"], (f"slice {item['slice']}: {item['rule']}, "
+                                            f"{item['ratio']:.0%} of expected")),
+                (item["neighbour_ct"], item["neighbour_mask"],
+                 f"slice {item['neighbour']}: not flagged"))):
+            ax = axes[row, column]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if image is None:
+                ax.set_axis_off()
+                continue
+            ax.imshow(image, cmap="gray", vmin=0, vmax=1, extent=extent, interpolation="bilinear")
+            _outline(ax, mask, "#ffd92f", extent, "upper", width=1.5)
+            ax.set_title((f"{item['patient']} {item['structure'].replace('_', ' ')}\n" if row == 0
+                          else "") + what, fontsize=8)
+    return fig
+
+
+def area_profiles(profiles, glands, ncols: int = 3, panel=(3.2, 2.2)):
+    """The area profile of each listed gland (rows of ``glands``: patient, structure), its
+    expected area (dashed) and its flagged slices (red), from the tables of
+    :func:`crossmod_lib.contour_quality.assess_cohort`."""
+    glands = list(glands)
+    if not glands:
+        raise ValueError("area_profiles: no glands")
+    nrows = int(np.ceil(len(glands) / ncols))
+    fig, axes = plt.subplots(nrows, min(ncols, len(glands)), squeeze=False, constrained_layout=True,
+                             figsize=(panel[0] * min(ncols, len(glands)), panel[1] * nrows))
+    for ax in axes.ravel():
+        ax.set_visible(False)
+    for ax, (patient, structure) in zip(axes.ravel(), glands):
+        ax.set_visible(True)
+        rows = profiles[(profiles["patient"] == patient) & (profiles["structure"] == structure)]
+        ax.plot(rows["slice"], rows["area_mm2"], "o-", ms=3, color="#333333", lw=1, label="contoured")
+        ax.plot(rows["slice"], rows["expected_mm2"], "--", color="#1f77b4", lw=1, label="expected")
+        bad = rows[rows["flagged"]]
+        ax.plot(bad["slice"], bad["area_mm2"], "o", ms=6, mfc="none", color="#d62728", label="flagged")
+        ax.set_title(f"{patient} {structure.replace('_', ' ')}", fontsize=8)
+        ax.set_xlabel("slice", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("area (mm²)", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes.ravel()[0].legend(fontsize=7, frameon=False)
     return fig

@@ -101,6 +101,9 @@ def test_real_data_section(smoke_book):
     ("02_cyclegan", ("geometric", "synthetic MR", "without geometric loss")),
     ("03_cleaning", ("Fig. 6", "decisions", "kept")),
     ("04_segmentation", ("Fig. 5", "Cross-modality", "MR oracle", "s per patient", "manual (blue)")),
+    ("05_evaluation", ("Table II", "Fig. 8", "Fig. 7", "Wilcoxon", "paper")),
+    ("06_contour_quality", ("Fig. 9", "training slices")),
+    ("07_computation_time", ("V100", "72 h")),
     ("08_review", ("review",)),
 ])
 def test_later_chapters_render_with_figures(smoke_book, chapter, needles):
@@ -117,7 +120,11 @@ def test_run_folder_holds_later_stages(smoke_book):
                  "synthetic/cyclegan/losses.csv", "metrics/cyclegan_ablation.csv",
                  "cleaned/decisions.csv", "cleaned/training_slices.npz", "cleaned/elastix/bspline.txt",
                  "model/cross_modality/best.pt", "model/naive/best.pt", "predictions/index.csv",
-                 "figures/fig_unet_examples.png"):
+                 "figures/fig_unet_examples.png", "figures/fig7_contours.png",
+                 "figures/fig8_boxplots.png", "figures/fig9_contour_defects.png",
+                 "metrics/segmentation.csv", "metrics/table_2_lcc.csv",
+                 "metrics/segmentation_tests.csv", "metrics/contour_quality_glands.csv",
+                 "notebooks/timings.json"):
         assert (run_dir / path).is_file(), path
     synthetic = np.load(run_dir / "synthetic" / "synthetic_mr.npz")
     ct = load_slices(run_dir / "prepared" / "ct_slices.npz")
