@@ -57,8 +57,11 @@ print(f"run folder: {run.root}")
 # {cite}`raudaschl2017`) and 27 T2-weighted MR of other patients. The profile says where this
 # run's cohorts come from (`data.ct`, `data.mr`): the embedded digital phantom (see the
 # introduction), generated into the run folder on first use, a public dataset of
-# `data_manifest.yaml` (e.g. OpenKBP CT {cite}`babier2021`), or a folder of the user's own DICOM
-# (image series + RTSTRUCT) or nnU-Net/NIfTI data.
+# `data_manifest.yaml` (e.g. OpenKBP CT {cite}`babier2021`), T2-weighted MR *simulated* from the
+# CTs and contours of other patients of such a dataset (`simulated_mr`, the `openkbp` profile's
+# real-anatomy tier: real shapes and manual contours, simulated MR contrast; see
+# `crossmod_lib.simulation`), or a folder of the user's own DICOM (image series + RTSTRUCT) or
+# nnU-Net/NIfTI data.
 
 # %%
 cohorts = preparation.cohort_sources(run, progress=False)
