@@ -860,6 +860,31 @@ def _volume_cc(masks: np.ndarray | Sequence[np.ndarray], spacing) -> float:
     return float(np.count_nonzero(masks)) * spacing[0] * spacing[1] * spacing[2] / 1000.0
 
 
+def _partial_cut(plane: np.ndarray, grid: SliceGrid, part: str, side: float) -> np.ndarray:
+    """What a partial contour keeps of one slice's gland mask ``plane`` [y, x]: the ``part``
+    (lateral, medial, anterior or posterior) half about the gland's centre on that slice."""
+    if part in ("lateral", "medial"):
+        coord = side * grid.ux
+        centre = coord[plane].mean()
+        keep = coord >= centre if part == "lateral" else coord < centre
+    else:
+        coord = grid.uy
+        centre = coord[plane].mean()
+        keep = coord >= centre if part == "posterior" else coord < centre
+    return plane & keep
+
+
+def _longest_run(slices: Sequence[int]) -> list[int]:
+    """The longest run of consecutive integers in the sorted ``slices`` (the first of equals)."""
+    best: list[int] = []
+    current: list[int] = []
+    for k in slices:
+        current = current + [k] if current and k == current[-1] + 1 else [k]
+        if len(current) > len(best):
+            best = current
+    return best
+
+
 def inject_label_defects(masks: dict[str, np.ndarray], grid: SliceGrid, rng: np.random.Generator,
                          partial_rate: float, missing_rate: float) -> list[dict]:
     """Damage CT gland masks [z, y, x] in place like the clinical contours of the paper's Fig. 9.
@@ -870,6 +895,14 @@ def inject_label_defects(masks: dict[str, np.ndarray], grid: SliceGrid, rng: np.
     placed inside the gland's extent and never on the same slices. Each returned record names the
     structure, side, kind and slices (indices along the arrays' first axis). The rates only decide
     whether a defect is applied: the same random numbers are drawn either way.
+
+    A partial run covers only slices where the cut keeps part of the contour and removes part
+    of it: a tip of the gland a pixel or a row wide has no such half, and a "partial" contour
+    there would be the whole contour or none. The run is drawn over the gland's extent and, where
+    it reaches such a slice, moved (deterministically) into the longest block of consecutive
+    slices that can be cut, and shortened to that block if it is longer; a gland with no such
+    slice gets no partial defect. So every recorded partial slice keeps some but not all of the
+    true contour, and every recorded missing slice had a contour.
     """
     defects = []
     for name, mask in masks.items():
@@ -883,21 +916,22 @@ def inject_label_defects(masks: dict[str, np.ndarray], grid: SliceGrid, rng: np.
             continue
         partial_slices: list[int] = []
         if do_partial:
-            run = min(run, present.size - 2)
-            first = present[0] + int(start_u * (present.size - run + 1))
-            partial_slices = [int(k) for k in range(first, first + run) if mask[k].any()]
             side = 1.0 if name.endswith("_L") else -1.0
-            for k in partial_slices:
-                ux, uy = grid.ux[mask[k]], grid.uy[mask[k]]
-                if part in ("lateral", "medial"):
-                    coord, centre = side * grid.ux, side * ux.mean()
-                    keep = coord >= centre if part == "lateral" else coord < centre
-                else:
-                    coord, centre = grid.uy, uy.mean()
-                    keep = coord >= centre if part == "posterior" else coord < centre
-                mask[k] &= keep
-            defects.append({"structure": name, "side": name[-1], "kind": "partial",
-                            "part": part, "slices": partial_slices})
+            cuts = {}
+            for k in present:
+                kept = _partial_cut(mask[k], grid, part, side)
+                if 0 < np.count_nonzero(kept) < np.count_nonzero(mask[k]):
+                    cuts[int(k)] = kept
+            block = _longest_run(sorted(cuts))
+            if block:
+                run = min(run, present.size - 2, len(block))
+                first = present[0] + int(start_u * (present.size - run + 1))
+                first = min(max(first, block[0]), block[-1] - run + 1)
+                partial_slices = list(range(first, first + run))
+                for k in partial_slices:
+                    mask[k] = cuts[k]
+                defects.append({"structure": name, "side": name[-1], "kind": "partial",
+                                "part": part, "slices": partial_slices})
         if do_missing:
             # interior slices only (a missing end slice is a different, milder error) and away
             # from the partial run
@@ -914,7 +948,7 @@ def inject_label_defects(masks: dict[str, np.ndarray], grid: SliceGrid, rng: np.
 
 def _check_defects(defects: list[dict], truth: dict[str, np.ndarray],
                    labels: dict[str, np.ndarray]) -> None:
-    """Every recorded defect really changed the contour, and nothing else did."""
+    """Every recorded defect really changed the contour as recorded, and nothing else did."""
     touched = {name: set() for name in labels}
     for d in defects:
         for k in d["slices"]:
@@ -922,6 +956,8 @@ def _check_defects(defects: list[dict], truth: dict[str, np.ndarray],
             if np.count_nonzero(after) >= np.count_nonzero(before) or (
                     d["kind"] == "missing" and after.any()):
                 raise RuntimeError(f"phantom defect {d} did not change slice {k}")
+            if d["kind"] == "partial" and not after.any():
+                raise RuntimeError(f"phantom defect {d} removed all of slice {k}")
             touched[d["structure"]].add(k)
     for name, label in labels.items():
         diff = np.flatnonzero((truth[name] != label).reshape(label.shape[0], -1).any(axis=1))

@@ -69,21 +69,43 @@ def view_planes(shape, spacing, point_index, views=("axial", "coronal", "sagitta
     return [(name, *planes[name]) for name in views]
 
 
+def _gland_point(labels: np.ndarray) -> tuple[tuple[int, int, int], str]:
+    """Where Fig. 1's views cross, chosen like Fig. 7's (:func:`contour_views`): the axial plane
+    with the largest labelled area, the coronal plane through the centroid of all labels and the
+    sagittal plane through the first gland present (the left parotid, else the right one), since
+    a sagittal plane through both glands' centroid is the midline and misses them. Returns the
+    (x, y, z) voxel index and the structure the sagittal plane cuts ("" when there are no labels:
+    then the volume centre)."""
+    xc, yc, zc = _centre(labels)
+    for value, name in enumerate(PAROTIDS, start=1):
+        if (labels == value).any():
+            zc = int(np.argmax((labels > 0).sum(axis=(1, 2))))
+            return (_centre(labels == value)[0], yc, zc), name
+    return (xc, yc, zc), ""
+
+
 def orthogonal_views(case: Case, axes, window: tuple[float, float], point_index=None,
                      title: str = "") -> None:
     """Axial, coronal and sagittal views of a case on three axes, parotids coloured.
 
-    The views pass through ``point_index`` ((x, y, z) voxel index), by default the centroid of the
-    parotid labels (or the volume centre when there are none).
+    The views pass through ``point_index`` ((x, y, z) voxel index), by default the axial slice
+    with the largest parotid area, the coronal plane through the parotids' centroid and the
+    sagittal plane through the left parotid's centroid (the right one's when there is no left);
+    the volume centre when there are no labels.
     """
     array = sitk.GetArrayFromImage(case.image).astype(np.float32)  # [z, y, x]
     labels = case.label_array(PAROTIDS)
-    point = _centre(labels) if point_index is None else point_index
+    if point_index is None:
+        point, sagittal_gland = _gland_point(labels)
+    else:
+        point, sagittal_gland = point_index, ""
     lo, hi = window
     for ax, (name, index, extent, origin) in zip(axes, view_planes(array.shape, case.image.GetSpacing(), point)):
         ax.imshow(array[index], cmap="gray", vmin=lo, vmax=hi, extent=extent, origin=origin,
                   interpolation="bilinear")
         _overlay(ax, labels[index], extent, origin)
+        if name == "sagittal" and sagittal_gland:
+            name = f"sagittal ({sagittal_gland.replace('_', ' ')})"
         ax.set_title(f"{title} {name}".strip(), fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])

@@ -219,6 +219,43 @@ def test_ct_defects_injected_and_recorded(ct, ct_defects):
     assert volumes["label_volumes_cc"]["Parotid_L"] < volumes["volumes_cc"]["Parotid_L"]
 
 
+# Seeds and indices whose glands include one-voxel tip slices (CT patients 8/25 and 8/29 at
+# these settings): a partial defect drawn onto such a slice once kept the whole slice (and
+# ct_patient raised) or none of it (an empty slice recorded as "partial").
+DEFECT_SWEEP = [(seed, index) for seed in (7, 8, 9) for index in range(20, 32)]
+
+
+def test_ct_defects_truthful_across_seeds():
+    tips = 0
+    for seed, index in DEFECT_SWEEP:
+        patient = P.ct_patient(seed, index, ct_matrix=208, ct_slices=(60, 70), partial_rate=1.0,
+                               missing_rate=1.0)
+        defects = patient.info["defects"]
+        for name in P.PAROTIDS:
+            where = (seed, index, name)
+            truth = true_gland(patient, name)
+            label = arr(patient.structures[name]) > 0
+            area = truth.sum(axis=(1, 2))
+            tips += int((area == 1).any())
+            assert not (label & ~truth).any(), where
+            mine = [d for d in defects if d["structure"] == name]
+            assert "partial" in {d["kind"] for d in mine}, where
+            recorded = set()
+            for d in mine:
+                slices = d["slices"]
+                assert slices == list(range(slices[0], slices[0] + len(slices))), (where, d)
+                assert 1 <= len(slices) <= (8 if d["kind"] == "partial" else 3), (where, d)
+                for k in slices:
+                    if d["kind"] == "missing":
+                        assert area[k] > 0 and not label[k].any(), (where, d, k)
+                    else:  # part of the contour kept, part of it removed
+                        assert 0 < label[k].sum() < area[k], (where, d, k)
+                recorded |= set(slices)
+            changed = {int(k) for k in np.flatnonzero((truth != label).any(axis=(1, 2)))}
+            assert changed == recorded, where
+    assert tips >= 2  # the sweep reaches glands with one-voxel tip slices
+
+
 def test_observer2_agreement(mr):
     for name in P.PAROTIDS:
         a = arr(mr.structures[name]) > 0
