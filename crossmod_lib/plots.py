@@ -191,14 +191,7 @@ def contour_views(image: sitk.Image, manual: np.ndarray, automatic: np.ndarray, 
     """
     array = sitk.GetArrayFromImage(image).astype(np.float32)
     if point_index is None:
-        reference = manual if manual.any() else automatic
-        xc, yc, _ = _centre(reference)
-        zc = int(np.argmax((reference > 0).sum(axis=(1, 2)))) if reference.any() else array.shape[0] // 2
-        for value in (1, 2):
-            if (reference == value).any():
-                xc = _centre(reference == value)[0]
-                break
-        point_index = (xc, yc, zc)
+        point_index, _ = _gland_point(manual if manual.any() else automatic)
     if window is None:
         window = tuple(float(v) for v in np.percentile(array, (1, 99)))
     values = sorted((set(np.unique(manual)) | set(np.unique(automatic))) - {0})

@@ -81,8 +81,8 @@ display(table_1.join(paper.TABLE_I))
 
 # %% [markdown]
 # ### Fig. 1: example views
-# Axial, coronal and sagittal views through the parotids of one MR (top) and one CT (bottom), left
-# parotid red, right parotid green. The CT is shown in the soft-tissue window (level 40, width 350
+# Axial, coronal and sagittal views of one MR (top) and one CT (bottom): the axial slice with the
+# largest parotid area, the sagittal plane through the left parotid; left parotid red, right green. The CT is shown in the soft-tissue window (level 40, width 350
 # HU {cite}`hoang2010`); the MR from zero to its 99.5th percentile.
 
 # %%
