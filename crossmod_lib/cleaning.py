@@ -11,11 +11,14 @@ goes through:
    ``cleaning.outline_dice_threshold`` (paper: 80 %) is rejected.
 2. **Refinement registration** (:func:`register_slice`): with elastix, in 2D, the synthetic MR
    (moving) onto its CT slice (fixed): rigid (Euler) followed by a deformable B-spline with a final
-   control-point spacing of 8 mm, Mattes mutual information, and elastix's adaptive stochastic
+   control-point spacing of 8 mm (on coarser pixels than the paper's 1 mm, never finer than
+   ``cleaning.bspline.min_grid_spacing_px`` pixels: :func:`grid_spacing_mm`), Mattes mutual
+   information, and elastix's adaptive stochastic
    gradient descent (the paper says "gradient descent"; ASGD is elastix's standard gradient-descent
    optimiser, ``StandardGradientDescent`` can be chosen instead). The registered synthetic MR sits
    on the CT grid, so the CT labels are its labels. A registration that fails (error, NaN, a
-   displacement beyond ``cleaning.max_displacement_mm``, mutual information falling by more than
+   displacement beyond ``cleaning.max_displacement_mm``, a transform that folds more than
+   ``cleaning.max_folded_fraction`` of the head, mutual information falling by more than
    ``cleaning.max_similarity_drop``) or whose outline Dice afterwards is below the threshold
    rejects the slice, with its reason; nothing is kept silently.
 3. **Manual review** (:mod:`crossmod_lib.review`): decisions made by hand in ``cleaned/review.json``
@@ -43,11 +46,12 @@ Columns of ``decisions.csv`` (:data:`DECISION_COLUMNS`):
   ``z_rel_mm``: z minus the patient's parotid centre (label-area-weighted mean z); ``position``:
   0 for the patient's most inferior slice to 1 for the most superior;
 - ``outline_dice``: the outline QC before registration;
-- ``registration_status``: ok, error, nan, diverged, worse, not_run (rejected by the outline QC
+- ``registration_status``: ok, error, nan, diverged, folded, worse, not_run (rejected by the outline QC
   and not accepted by hand) or disabled (``cleaning.register: false``); ``registration_reason``:
   the registration's own verdict; ``registration_time_s`` / ``registration_cpu_s``: wall and CPU
   time; ``cached``: taken from an earlier run; ``nmi_before``/``nmi_after``: normalised mutual
-  information with the CT; ``max_displacement_mm`` over the head; ``rotation_deg``,
+  information with the CT; ``max_displacement_mm`` and ``folded_fraction`` (Jacobian
+  determinant <= 0) over the head; ``rotation_deg``,
   ``translation_mm`` of the rigid stage; ``outline_dice_after``;
 - ``accepted_auto`` and ``reason`` ("ok" or why not): the automatic decision;
 - ``manual_decision`` (accept, reject or empty), ``manual_time``, ``decided_by`` (auto/manual);
@@ -58,6 +62,7 @@ Columns of ``decisions.csv`` (:data:`DECISION_COLUMNS`):
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import multiprocessing as mp
@@ -76,16 +81,22 @@ from .preparation import head_mask
 
 __all__ = [
     "DECISION_COLUMNS",
+    "DROP_KINDS",
     "OPTIMIZERS",
     "bench_registration",
     "clean",
     "clean_run",
     "cleaning_settings",
+    "compare_grid_spacing",
     "counts_by_patient",
     "counts_by_position",
+    "drop_kind",
     "elastix_parameter_maps",
+    "example_caption",
     "export_nnunet",
     "figure6_examples",
+    "folded_fraction",
+    "grid_spacing_mm",
     "load_decisions",
     "load_examples",
     "load_inputs",
@@ -107,7 +118,8 @@ METRICS = ("AdvancedMattesMutualInformation", "AdvancedNormalizedCorrelation")
 DECISION_COLUMNS = [
     "row", "patient", "slice_index", "z_mm", "z_rel_mm", "position", "outline_dice",
     "registration_status", "registration_reason", "registration_time_s", "registration_cpu_s",
-    "cached", "nmi_before", "nmi_after", "max_displacement_mm", "rotation_deg", "translation_mm",
+    "cached", "nmi_before", "nmi_after", "max_displacement_mm", "folded_fraction", "rotation_deg",
+    "translation_mm",
     "outline_dice_after", "accepted_auto", "reason", "manual_decision", "manual_time", "decided_by",
     "accepted_final", "image_source",
 ]
@@ -117,6 +129,7 @@ STATUS_OK = "ok"
 STATUS_ERROR = "error"          # elastix raised, crashed, timed out, or the input is degenerate
 STATUS_NAN = "nan"              # the result holds NaN/inf
 STATUS_DIVERGED = "diverged"    # displacement beyond cleaning.max_displacement_mm
+STATUS_FOLDED = "folded"        # the transform folds more of the head than cleaning.max_folded_fraction
 STATUS_WORSE = "worse"          # mutual information with the CT fell
 STATUS_NOT_RUN = "not_run"      # rejected by the outline QC before registration
 STATUS_DISABLED = "disabled"    # cleaning.register is false
@@ -140,6 +153,7 @@ def cleaning_settings(profile: dict) -> dict:
         block = profile.get("cleaning")
         if not isinstance(block, dict):
             raise CrossmodError(f"profile '{profile.get('name', '?')}': no 'cleaning' block (setting cleaning.*)")
+        block = _with_full_defaults(block)
         pre = profile.get("preprocessing", {})
         settings = {
             "outline_dice_threshold": block.get("outline_dice_threshold"),
@@ -151,10 +165,12 @@ def cleaning_settings(profile: dict) -> dict:
             "rigid_resolutions": block.get("rigid", {}).get("resolutions"),
             "rigid_iterations": block.get("rigid", {}).get("iterations"),
             "bspline_grid_spacing_mm": block.get("bspline", {}).get("grid_spacing_mm"),
+            "bspline_min_grid_spacing_px": block.get("bspline", {}).get("min_grid_spacing_px"),
             "bspline_resolutions": block.get("bspline", {}).get("resolutions"),
             "bspline_iterations": block.get("bspline", {}).get("iterations"),
             "max_displacement_mm": block.get("max_displacement_mm"),
             "max_similarity_drop": block.get("max_similarity_drop"),
+            "max_folded_fraction": block.get("max_folded_fraction"),
             "timeout_s": block.get("timeout_s"),
             "workers": block.get("workers"),
             "examples": block.get("examples"),
@@ -163,6 +179,23 @@ def cleaning_settings(profile: dict) -> dict:
         }
     _check_settings(settings)
     return settings
+
+
+def _with_full_defaults(block: dict) -> dict:
+    """The ``cleaning`` block with settings it lacks taken from ``profiles/full.yaml``.
+
+    A run folder keeps the profile it started with (``profile.yaml``); a setting added since
+    then takes its documented default instead of failing the stage.
+    """
+    from .config import load_profile
+
+    merged = dict(load_profile("full")["cleaning"])
+    for key, value in block.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
 
 
 def _check_settings(s: dict) -> None:
@@ -185,8 +218,10 @@ def _check_settings(s: dict) -> None:
         number(f"{stage}_resolutions", 1, 8, integer=True)
         number(f"{stage}_iterations", 1, integer=True)
     number("bspline_grid_spacing_mm", 0.0, low_open=True)
+    number("bspline_min_grid_spacing_px", 0.0)
     number("max_displacement_mm", 0.0, low_open=True)
     number("max_similarity_drop", 0.0)
+    number("max_folded_fraction", 0.0, 1.0)
     number("timeout_s", 0.0, low_open=True)
     number("workers", 0, integer=True)
     number("examples", 0, integer=True)
@@ -209,6 +244,19 @@ def _setting_name(key: str) -> str:
         if key.startswith(stage + "_"):
             return f"cleaning.{stage}.{key[len(stage) + 1:]}"
     return f"cleaning.{key}"
+
+
+def grid_spacing_mm(settings: dict) -> float:
+    """The final B-spline control-point spacing used, in mm.
+
+    ``cleaning.bspline.grid_spacing_mm`` (paper: 8 mm), but never finer than
+    ``cleaning.bspline.min_grid_spacing_px`` pixels: the paper's 8 mm grid sits on 1 mm pixels,
+    8 pixels per control-point interval. On coarser pixels the same 8 mm leaves too few pixels per
+    control point (3.2 at 2.5 mm) and the mutual information then folds the image (chapter 3).
+    """
+    s = settings if "bspline_grid_spacing_mm" in settings else cleaning_settings(settings)
+    return max(float(s["bspline_grid_spacing_mm"]),
+               float(s.get("bspline_min_grid_spacing_px") or 0.0) * float(s["pixel_mm"]))
 
 
 def _workers(settings: dict) -> int:
@@ -320,7 +368,7 @@ def elastix_parameter_maps(settings: dict) -> dict[str, dict[str, list[str]]]:
         "WriteResultImage": ["false"],
     })
     levels = int(s["bspline_resolutions"])
-    spacing = float(s["bspline_grid_spacing_mm"])
+    spacing = grid_spacing_mm(s)
     bspline = dict(common)
     bspline.update({
         "Transform": ["BSplineTransform"],
@@ -415,8 +463,29 @@ def _rigid_parameters(transforms) -> tuple[float, float]:
     return math.degrees(p[0]), float(math.hypot(p[1], p[2]))
 
 
-def _max_displacement(fixed_image, transform, mask: np.ndarray) -> float:
-    """Largest displacement (mm) of the composed rigid + B-spline transform over the head pixels.
+def folded_fraction(field: np.ndarray, pixel_mm: float, mask: np.ndarray) -> float:
+    """Fraction of the ``mask`` pixels where the transform ``x -> x + u(x)`` folds.
+
+    ``field``: the displacement ``u`` in mm, [H, W, 2] with the components in ITK order (x along
+    the columns, y along the rows). Folding: the Jacobian determinant ``det(I + du/dx)`` is <= 0,
+    so the map is not invertible there (tissue is turned inside out or pushed through itself);
+    the derivatives are central differences on the pixel grid.
+    """
+    field = np.asarray(field, dtype=np.float64)
+    mask = np.asarray(mask, dtype=bool)
+    if field.shape[:2] != mask.shape or field.shape[2:] != (2,):
+        raise CrossmodError(f"folded_fraction: field {field.shape} does not match mask {mask.shape} (+ 2 components)")
+    if not mask.any():
+        return 0.0
+    dux_dy, dux_dx = np.gradient(field[..., 0], float(pixel_mm))
+    duy_dy, duy_dx = np.gradient(field[..., 1], float(pixel_mm))
+    det = (1.0 + dux_dx) * (1.0 + duy_dy) - dux_dy * duy_dx
+    return float(np.mean(det[mask] <= 0.0))
+
+
+def _displacement(fixed_image, transform, mask: np.ndarray, pixel_mm: float) -> tuple[float, float]:
+    """Largest displacement (mm) and folded fraction of the composed rigid + B-spline transform
+    over the head pixels (:func:`folded_fraction`).
 
     The field comes from ITK's TransformToDisplacementFieldFilter on elastix's combination
     transform (identical to transformix's deformation field, which would also write a file).
@@ -433,7 +502,9 @@ def _max_displacement(fixed_image, transform, mask: np.ndarray) -> float:
     length = np.sqrt((field ** 2).sum(axis=-1))
     region = mask if mask.any() else np.ones(length.shape, dtype=bool)
     values = length[region]
-    return float(values.max()) if np.all(np.isfinite(values)) else math.nan
+    if not np.all(np.isfinite(values)):
+        return math.nan, math.nan
+    return float(values.max()), folded_fraction(field, pixel_mm, region)
 
 
 def _elastix_run(fixed_image, moving_image, maps: dict):
@@ -458,11 +529,17 @@ def register_slice(fixed, moving, settings: dict, fixed_mask=None, maps: dict | 
     ``settings`` a profile or :func:`cleaning_settings`; ``fixed_mask`` the CT head mask (computed
     from ``fixed`` when not given). Returns ``(warped, info)``: the registered synthetic MR as
     uint8 on the CT grid (``None`` when the registration produced nothing usable) and a dict with
-    ``status`` (ok, error, nan, diverged, worse), ``accepted`` (status ok and outline Dice after
+    ``status`` (ok, error, nan, diverged, folded, worse), ``accepted`` (status ok and outline Dice after
     registration at least the threshold), ``reason``, ``time_s`` (wall) and ``cpu_s`` (this
     process's CPU time), ``nmi_before``, ``nmi_after``
-    (normalised mutual information with the CT), ``max_displacement_mm``, ``rotation_deg``,
-    ``translation_mm`` and ``outline_dice_after``. Never raises for a failed registration.
+    (normalised mutual information with the CT), ``max_displacement_mm``, ``folded_fraction``
+    (of the head pixels, :func:`folded_fraction`), ``rotation_deg``, ``translation_mm`` and
+    ``outline_dice_after``. Never raises for a failed registration.
+
+    The checks, in this order: displacement beyond ``max_displacement_mm`` (status diverged), more
+    than ``max_folded_fraction`` of the head folded (folded), normalised mutual information with the
+    CT falling by more than ``max_similarity_drop`` (worse); then, for status ok, the outline Dice
+    after registration against ``outline_dice_threshold``.
 
     Runs single-threaded (parallelism is over slices). elastix can crash the process on degenerate
     input; constant images are refused before elastix sees them, and :func:`clean` runs each
@@ -478,8 +555,8 @@ def register_slice(fixed, moving, settings: dict, fixed_mask=None, maps: dict | 
     info = {
         "status": STATUS_ERROR, "accepted": False, "reason": "", "time_s": 0.0, "cpu_s": 0.0,
         "nmi_before": mutual_information(fixed, moving), "nmi_after": math.nan,
-        "max_displacement_mm": math.nan, "rotation_deg": math.nan, "translation_mm": math.nan,
-        "outline_dice_after": math.nan,
+        "max_displacement_mm": math.nan, "folded_fraction": math.nan, "rotation_deg": math.nan,
+        "translation_mm": math.nan, "outline_dice_after": math.nan,
     }
     for name, image in (("moving (synthetic MR)", moving), ("fixed (CT)", fixed)):
         if not np.all(np.isfinite(image)):
@@ -494,7 +571,7 @@ def register_slice(fixed, moving, settings: dict, fixed_mask=None, maps: dict | 
     try:
         fixed_image = _to_itk(fixed, s["pixel_mm"])
         warped, transforms, transform = _elastix_run(fixed_image, _to_itk(moving, s["pixel_mm"]), maps)
-        bound = _max_displacement(fixed_image, transform, mask)
+        bound, folded = _displacement(fixed_image, transform, mask, s["pixel_mm"])
     except Exception as exc:  # noqa: BLE001 - elastix reports failures as various errors with a long log
         info["time_s"], info["cpu_s"] = time.perf_counter() - start, time.process_time() - cpu
         message = " ".join(str(exc).split())
@@ -505,7 +582,8 @@ def register_slice(fixed, moving, settings: dict, fixed_mask=None, maps: dict | 
         info.update(status=STATUS_NAN, reason="registration produced NaN/inf or no image")
         return None, info
     rotation, translation = _rigid_parameters(transforms)
-    info.update(max_displacement_mm=bound, rotation_deg=rotation, translation_mm=translation)
+    info.update(max_displacement_mm=bound, folded_fraction=folded, rotation_deg=rotation,
+                translation_mm=translation)
     if not math.isfinite(bound):
         info.update(status=STATUS_NAN, reason="registration produced a NaN/inf displacement field")
         return None, info
@@ -514,9 +592,13 @@ def register_slice(fixed, moving, settings: dict, fixed_mask=None, maps: dict | 
     info["outline_dice_after"] = outline_dice(out, mask, threshold)
     limit = float(s["max_displacement_mm"])
     drop = float(s["max_similarity_drop"])
+    fold_limit = float(s["max_folded_fraction"])
     if bound > limit:
         info.update(status=STATUS_DIVERGED,
                     reason=f"registration diverged (displacement up to {bound:.1f} mm > {limit:g} mm)")
+    elif folded > fold_limit:
+        info.update(status=STATUS_FOLDED, reason=(
+            f"registration folded {folded:.1%} of the head (> {fold_limit:.1%}): not invertible"))
     elif info["nmi_after"] < info["nmi_before"] - drop:
         info.update(status=STATUS_WORSE, reason=(
             f"registration decreased similarity (NMI {info['nmi_before']:.3f} -> {info['nmi_after']:.3f})"))
@@ -750,7 +832,7 @@ def _digest(fixed, moving, mask, maps, settings) -> str:
         h.update(str(array.shape).encode() + str(array.dtype).encode())
         h.update(array.tobytes())
     relevant = {k: settings[k] for k in ("pixel_mm", "head_threshold", "outline_dice_threshold",
-                                         "max_displacement_mm", "max_similarity_drop")}
+                                         "max_displacement_mm", "max_similarity_drop", "max_folded_fraction")}
     h.update(json.dumps([maps, relevant], sort_keys=True).encode())
     h.update(_elastix_version().encode())
     return h.hexdigest()
@@ -926,8 +1008,8 @@ def clean(synthetic_path, ct_path, out_dir, profile: dict, decisions_override=No
             "outline_dice": float(qc[i]), "registration_status": "", "registration_reason": "",
             "registration_time_s": math.nan,
             "registration_cpu_s": math.nan, "cached": False, "nmi_before": math.nan, "nmi_after": math.nan,
-            "max_displacement_mm": math.nan, "rotation_deg": math.nan, "translation_mm": math.nan,
-            "outline_dice_after": math.nan,
+            "max_displacement_mm": math.nan, "folded_fraction": math.nan, "rotation_deg": math.nan,
+            "translation_mm": math.nan, "outline_dice_after": math.nan,
         }
         warped = None
         if i in registered:
@@ -939,6 +1021,7 @@ def clean(synthetic_path, ct_path, out_dir, profile: dict, decisions_override=No
                 cached=bool(cached), nmi_before=info.get("nmi_before", math.nan),
                 nmi_after=info.get("nmi_after", math.nan),
                 max_displacement_mm=info.get("max_displacement_mm", math.nan),
+                folded_fraction=info.get("folded_fraction", math.nan),
                 rotation_deg=info.get("rotation_deg", math.nan),
                 translation_mm=info.get("translation_mm", math.nan),
                 outline_dice_after=info.get("outline_dice_after", math.nan),
@@ -985,6 +1068,7 @@ def clean(synthetic_path, ct_path, out_dir, profile: dict, decisions_override=No
     summary = summarise_decisions(table)
     summary.update({
         "settings": {k: v for k, v in settings.items()},
+        "bspline_grid_spacing_used_mm": grid_spacing_mm(settings),
         "elastix": _elastix_version(),
         "manual_decisions_unmatched": len(set(manual) - set(zip(patients, slices.tolist()))),
         "registration_time_s_median": _median(table["registration_time_s"][~table["cached"].astype(bool)]),
@@ -1084,6 +1168,48 @@ def load_decisions(run_or_dir) -> pd.DataFrame:
     return table
 
 
+def compare_grid_spacing(run_or_paths, rows, spacings_mm=None) -> pd.DataFrame:
+    """Register the given slices again with other final B-spline grid spacings: how each behaves.
+
+    ``run_or_paths``: a :class:`~crossmod_lib.runs.RunFolder` (its ``synthetic/`` and ``prepared/``
+    slices and profile) or ``(synthetic_path, ct_path, profile)``. ``rows``: slice rows.
+    ``spacings_mm``: final spacings to try (default: the paper's 8 mm and this profile's
+    :func:`grid_spacing_mm`). Runs in this process, one slice after the other. One row per slice and
+    spacing: row, patient, grid_spacing_mm, grid_spacing_px, status, max_displacement_mm,
+    folded_fraction, nmi_before, nmi_after, outline_dice, outline_dice_after, cpu_s.
+    """
+    if hasattr(run_or_paths, "require"):
+        synthetic_path, ct_path, _ = _run_paths(run_or_paths)
+        profile = run_or_paths.profile
+    else:
+        synthetic_path, ct_path, profile = run_or_paths
+    settings = cleaning_settings(profile)
+    syn, ct = load_inputs(synthetic_path, ct_path)
+    n = len(ct["image"])
+    rows = [int(r) for r in rows]
+    bad = [r for r in rows if not 0 <= r < n]
+    if bad:
+        raise CrossmodError(f"{ct_path}: no slice row {bad[0]} (it has {n})")
+    if spacings_mm is None:
+        spacings_mm = sorted({float(settings["bspline_grid_spacing_mm"]), grid_spacing_mm(settings)})
+    records = []
+    for spacing in spacings_mm:
+        trial = dict(settings, bspline_grid_spacing_mm=float(spacing), bspline_min_grid_spacing_px=0.0)
+        maps = elastix_parameter_maps(trial)
+        for r in rows:
+            mask = ct["head_mask"][r].astype(bool)
+            _, info = register_slice(ct["image"][r], syn["image"][r], trial, fixed_mask=mask, maps=maps)
+            records.append({
+                "row": r, "patient": str(ct["patient"][r]), "grid_spacing_mm": float(spacing),
+                "grid_spacing_px": float(spacing) / float(settings["pixel_mm"]), "status": info["status"],
+                "max_displacement_mm": info["max_displacement_mm"], "folded_fraction": info["folded_fraction"],
+                "nmi_before": info["nmi_before"], "nmi_after": info["nmi_after"],
+                "outline_dice": float(outline_dice(syn["image"][r], mask, settings["head_threshold"])),
+                "outline_dice_after": info["outline_dice_after"], "cpu_s": info["cpu_s"],
+            })
+    return pd.DataFrame.from_records(records)
+
+
 # ----------------------------------------------------------------------------------------------
 # Summaries and Fig. 6
 
@@ -1102,7 +1228,7 @@ def summarise_decisions(table: pd.DataFrame) -> dict:
         "rejected_auto": int(rejected_auto.sum()),
         "rejected_outline": int((rejected_auto & reason.str.startswith("outline Dice ")).sum()),
         "rejected_registration": int((rejected_auto & status.isin(
-            [STATUS_ERROR, STATUS_NAN, STATUS_DIVERGED, STATUS_WORSE])).sum()),
+            [STATUS_ERROR, STATUS_NAN, STATUS_DIVERGED, STATUS_FOLDED, STATUS_WORSE])).sum()),
         "rejected_outline_after": int((rejected_auto & reason.str.startswith("outline Dice after")).sum()),
         "manual_accept": int((manual == "accept").sum()),
         "manual_reject": int((manual == "reject").sum()),
@@ -1128,70 +1254,152 @@ def counts_by_patient(table: pd.DataFrame) -> pd.DataFrame:
     return out[["slices", "kept", "dropped", "kept_fraction", "accepted_auto", "manual", "median_outline_dice"]]
 
 
+# Why a slice was dropped, in one word: the order is that of the checks.
+DROP_KINDS = ("outline", "error", "nan", "diverged", "folded", "worse", "outline after", "by hand")
+
+
+def drop_kind(table: pd.DataFrame) -> pd.Series:
+    """Why each slice of a decisions table was dropped (:data:`DROP_KINDS`); "" for kept slices.
+
+    "outline": the outline QC before registration; "error", "nan", "diverged", "folded", "worse":
+    the registration's status; "outline after": the outline Dice after registration; "by hand": a
+    manual rejection (whatever the automatic decision was).
+    """
+    final = table["accepted_final"].astype(bool).to_numpy()
+    manual = table["manual_decision"].fillna("").astype(str).to_numpy() if "manual_decision" in table else None
+    status = table["registration_status"].fillna("").astype(str).to_numpy()
+    reason = table["reason"].fillna("").astype(str).to_numpy()
+    kinds = []
+    for i in range(len(table)):
+        if final[i]:
+            kinds.append("")
+        elif manual is not None and manual[i] == "reject":
+            kinds.append("by hand")
+        elif reason[i].startswith("outline Dice after"):
+            kinds.append("outline after")
+        elif reason[i].startswith("outline Dice"):
+            kinds.append("outline")
+        elif status[i] in DROP_KINDS:
+            kinds.append(status[i])
+        else:  # not reached by clean(); a table edited by hand
+            kinds.append("error")
+    return pd.Series(kinds, index=table.index, name="drop_kind", dtype=object)
+
+
+def _position_labels(edges: np.ndarray, by: str) -> list[str]:
+    labels = []
+    for k, (lo, hi) in enumerate(itertools.pairwise(edges)):
+        if by == "position":
+            text = f"{lo:.0%}–{hi:.0%}"
+            if k == 0:
+                text += " (inferior end)"
+            elif k == len(edges) - 2:
+                text += " (superior end)"
+        else:
+            text = f"{lo:+.0f} to {hi:+.0f} mm"
+        labels.append(text)
+    return labels
+
+
 def counts_by_position(table: pd.DataFrame, by: str = "position", bins=5) -> pd.DataFrame:
     """Kept and dropped slices by cranio-caudal position (the paper saw failures at the ends).
 
-    ``by="position"``: each slice's place within its patient, 0 (most inferior) to 1 (most
-    superior), in ``bins`` equal bins; ``by="z_rel_mm"``: z relative to the patient's parotid
-    centre in mm, ``bins`` a number of equal-width bins or a sequence of edges.
+    ``by="position"``: each slice's place within its own patient's slice range, 0 % (the most
+    inferior slice) to 100 % (the most superior), in ``bins`` equal bins, so that patients of
+    different length line up; ``by="z_rel_mm"``: z relative to the patient's parotid centre in mm,
+    ``bins`` a number of equal-width bins or a sequence of edges. Rows are labelled "0%–20%
+    (inferior end)" ... or "-20 to +0 mm"; the columns give the slices, kept, dropped, the kept
+    fraction, the dropped ones by :func:`drop_kind` (outline QC / registration checks / by hand),
+    the automatic acceptances and the median outline Dice.
     """
     if by not in ("position", "z_rel_mm"):
         raise CrossmodError(f"counts_by_position: by={by!r}, expected 'position' or 'z_rel_mm'")
     values = table[by].astype(float)
     if np.ndim(bins) == 0:
+        if int(bins) < 1:
+            raise CrossmodError(f"counts_by_position: bins={bins!r}, expected at least 1")
         lo, hi = (0.0, 1.0) if by == "position" else (float(values.min()), float(values.max()))
         if hi <= lo:
             hi = lo + 1.0
         edges = np.linspace(lo, hi, int(bins) + 1)
     else:
         edges = np.asarray(bins, dtype=float)
-    category = pd.cut(values, edges, include_lowest=True)
+        if edges.ndim != 1 or len(edges) < 2 or np.any(np.diff(edges) <= 0):
+            raise CrossmodError(f"counts_by_position: bin edges {list(bins)!r} must increase")
+    labels = _position_labels(edges, by)
+    category = pd.cut(values, edges, include_lowest=True, labels=labels)
+    kind = drop_kind(table)
+    registration = ("error", "nan", "diverged", "folded", "worse", "outline after")
     t = table.assign(bin=category, kept=table["accepted_final"].astype(bool),
-                     auto=table["accepted_auto"].astype(bool))
+                     auto=table["accepted_auto"].astype(bool), by_outline=kind == "outline",
+                     by_registration=kind.isin(registration), by_hand=kind == "by hand")
     out = t.groupby("bin", observed=False).agg(
-        slices=("kept", "size"), kept=("kept", "sum"), accepted_auto=("auto", "sum"),
-        median_outline_dice=("outline_dice", "median"),
+        slices=("kept", "size"), kept=("kept", "sum"), dropped_outline=("by_outline", "sum"),
+        dropped_registration=("by_registration", "sum"), dropped_by_hand=("by_hand", "sum"),
+        accepted_auto=("auto", "sum"), median_outline_dice=("outline_dice", "median"),
     )
     out["dropped"] = out["slices"] - out["kept"]
     out["kept_fraction"] = out["kept"] / out["slices"].where(out["slices"] > 0)
-    out.index.name = "position (inferior -> superior)" if by == "position" else "z - parotid centre [mm]"
-    return out[["slices", "kept", "dropped", "kept_fraction", "accepted_auto", "median_outline_dice"]]
+    out.index = pd.Index([str(label) for label in out.index],
+                         name="position in the patient's slice range" if by == "position" else "z - parotid centre")
+    return out[["slices", "kept", "dropped", "kept_fraction", "dropped_outline", "dropped_registration",
+                "dropped_by_hand", "accepted_auto", "median_outline_dice"]]
+
+
+def _spread_pick(group: pd.DataFrame, n: int, chosen: list, seen: set) -> None:
+    """Add up to ``n`` rows of ``group`` (sorted by outline Dice) at evenly spaced ranks to
+    ``chosen``, at each rank the nearest slice of a patient not in ``seen`` (else any new slice)."""
+    order = [r for r in group.itertuples(index=False) if int(r.row) not in chosen]
+    if n <= 0 or not order:
+        return
+    ranks = np.unique(np.linspace(0, len(order) - 1, min(n, len(order))).round().astype(int))
+    for r in ranks:
+        hit = None
+        for offset in range(len(order)):
+            for j in (r + offset, r - offset):
+                if 0 <= j < len(order) and int(order[j].row) not in chosen and order[j].patient not in seen:
+                    hit = j
+                    break
+            if hit is not None:
+                break
+        if hit is None:
+            hit = next((j for j in range(len(order)) if int(order[j].row) not in chosen), None)
+        if hit is not None:
+            chosen.append(int(order[hit].row))
+            seen.add(order[hit].patient)
 
 
 def pick_examples(table: pd.DataFrame, n: int = 3) -> tuple[list[int], list[int]]:
-    """Rows of ``n`` selected (accepted) and ``n`` rejected example slices, as in Fig. 6.
+    """Rows of ``n`` selected (kept) and rejected example slices, as in Fig. 6.
 
-    Each group is sorted by outline Dice and sampled at evenly spaced ranks (so it spans the
-    range), preferring different patients; deterministic.
+    Selected: sorted by outline Dice and sampled at evenly spaced ranks (so they span the range),
+    preferring different patients. Rejected: first one slice of every :func:`drop_kind` present
+    (the slice of median outline Dice of that kind), so each reason is shown even when there are
+    more kinds than ``n``; then evenly spaced ranks up to ``n``. Rejected rows are ordered by kind
+    (:data:`DROP_KINDS`) then Dice, selected ones by Dice. Deterministic.
     """
-    picks = []
     final = table["accepted_final"].astype(bool).to_numpy()
-    for wanted in (True, False):
-        group = table[final == wanted].sort_values(["outline_dice", "row"], kind="mergesort")
-        if n <= 0 or group.empty:
-            picks.append([])
-            continue
-        order = list(group.itertuples(index=False))
-        chosen, seen = [], set()
-        ranks = np.unique(np.linspace(0, len(order) - 1, min(n, len(order))).round().astype(int))
-        for r in ranks:  # at each rank, the nearest slice of a patient not shown yet
-            for offset in range(len(order)):
-                hit = None
-                for j in (r + offset, r - offset):
-                    if 0 <= j < len(order) and order[j].row not in chosen and order[j].patient not in seen:
-                        hit = j
-                        break
-                if hit is not None:
-                    chosen.append(int(order[hit].row))
-                    seen.add(order[hit].patient)
-                    break
-            else:
-                for j in range(len(order)):
-                    if order[j].row not in chosen:
-                        chosen.append(int(order[j].row))
-                        break
-        picks.append(sorted(chosen[:n], key=lambda row: float(table.loc[table["row"] == row, "outline_dice"].iloc[0])))
-    return picks[0], picks[1]
+    by_dice = ["outline_dice", "row"]
+    dice_of = dict(zip(table["row"].astype(int), table["outline_dice"].astype(float)))
+    selected: list[int] = []
+    if n > 0:
+        _spread_pick(table[final].sort_values(by_dice, kind="mergesort"), n, selected, set())
+    selected.sort(key=lambda row: (dice_of[row], row))
+
+    rejected: list[int] = []
+    dropped = table[~final].assign(drop_kind=drop_kind(table)[~final])
+    if n > 0 and len(dropped):
+        seen: set = set()
+        present = [k for k in DROP_KINDS if (dropped["drop_kind"] == k).any()]
+        present.sort(key=lambda k: -int((dropped["drop_kind"] == k).sum()))  # the commonest first
+        for kind in present:
+            group = dropped[dropped["drop_kind"] == kind].sort_values(by_dice, kind="mergesort")
+            middle = group.iloc[[len(group) // 2]]
+            _spread_pick(middle, 1, rejected, seen)
+        _spread_pick(dropped.sort_values(by_dice, kind="mergesort"), n - len(rejected), rejected, seen)
+        kind_of = dict(zip(dropped["row"].astype(int), dropped["drop_kind"]))
+        rejected.sort(key=lambda row: (DROP_KINDS.index(kind_of[row]), dice_of[row], row))
+    return selected, rejected
 
 
 def _example_arrays(table, rows, ct, syn, registered) -> dict:
@@ -1204,15 +1412,21 @@ def _example_arrays(table, rows, ct, syn, registered) -> dict:
         if entry is not None and entry[0] is not None:
             reg[j], has[j] = entry[0], True
     t = table.set_index("row").loc[rows] if len(rows) else table.iloc[:0]
+    kinds = drop_kind(table).set_axis(table["row"].to_numpy()).reindex(rows) if len(rows) else []
     return {
         "row": rows, "patient": ct["patient"][rows].astype(str), "slice_index": ct["slice_index"][rows],
         "z_mm": ct["z_mm"][rows], "ct": ct["image"][rows], "labels": ct["labels"][rows],
         "head_mask": ct["head_mask"][rows].astype(bool), "synthetic": syn["image"][rows],
         "registered": reg, "has_registered": has,
+        "position": t["position"].to_numpy(float),
         "outline_dice": t["outline_dice"].to_numpy(float),
         "outline_dice_after": t["outline_dice_after"].to_numpy(float),
+        "max_displacement_mm": t["max_displacement_mm"].to_numpy(float),
+        "folded_fraction": t["folded_fraction"].to_numpy(float),
         "accepted_final": t["accepted_final"].to_numpy(bool),
         "reason": np.array([str(r) for r in t["reason"]], dtype=str),
+        "drop_kind": np.array([str(k) for k in kinds], dtype=str),
+        "decided_by": np.array([str(d) for d in t["decided_by"]], dtype=str),
     }
 
 
@@ -1227,24 +1441,66 @@ def figure6_examples(run_or_dir, n: int | None = None) -> dict[str, list[dict]]:
 
     Each item: ``ct``, ``synthetic`` (unregistered), ``registered`` (or None), ``labels``,
     ``head_mask``, ``dice`` (outline Dice before registration), ``dice_after``, ``patient``,
-    ``slice_index``, ``z_mm``, ``reason``. ``n`` limits each group (default: all kept).
+    ``slice_index``, ``z_mm``, ``position`` (0 inferior to 1 superior in its patient), ``reason``,
+    ``kind`` (:func:`drop_kind`, "" when kept), ``decided_by``, ``max_displacement_mm``,
+    ``folded_fraction`` and ``caption`` (:func:`example_caption`). ``n`` limits each group
+    (default: all kept).
     """
     ex = load_examples(run_or_dir)
+    count = len(ex["row"])
+
+    def column(key, default):
+        return ex[key] if key in ex else np.full(count, default)
+
     out = {"selected": [], "rejected": []}
-    for j in range(len(ex["row"])):
+    for j in range(count):
         item = {
             "row": int(ex["row"][j]), "patient": str(ex["patient"][j]),
             "slice_index": int(ex["slice_index"][j]), "z_mm": float(ex["z_mm"][j]),
+            "position": float(column("position", math.nan)[j]),
             "ct": ex["ct"][j], "synthetic": ex["synthetic"][j],
             "registered": ex["registered"][j] if ex["has_registered"][j] else None,
             "labels": ex["labels"][j], "head_mask": ex["head_mask"][j],
             "dice": float(ex["outline_dice"][j]), "dice_after": float(ex["outline_dice_after"][j]),
-            "reason": str(ex["reason"][j]),
+            "max_displacement_mm": float(column("max_displacement_mm", math.nan)[j]),
+            "folded_fraction": float(column("folded_fraction", math.nan)[j]),
+            "reason": str(ex["reason"][j]), "kind": str(column("drop_kind", "")[j]),
+            "decided_by": str(column("decided_by", "auto")[j]),
+            "accepted": bool(ex["accepted_final"][j]),
         }
-        out["selected" if ex["accepted_final"][j] else "rejected"].append(item)
+        item["caption"] = example_caption(item)
+        out["selected" if item["accepted"] else "rejected"].append(item)
     if n is not None:
         out = {k: v[:n] for k, v in out.items()}
     return out
+
+
+def example_caption(item: dict, width: int = 30) -> str:
+    """A Fig. 6 panel title: kept or why rejected, and the outline Dice before -> after registration.
+
+    ``item``: one of :func:`figure6_examples`. The reason is the decisions table's own, without its
+    "registration " prefix, wrapped to ``width`` characters.
+    """
+    import textwrap
+
+    dice = f"outline Dice {item['dice']:.3f}"
+    if math.isfinite(item.get("dice_after", math.nan)):
+        dice += f" → {item['dice_after']:.3f}"
+    where = f"{item['patient']} · {item['position']:.0%} up" if math.isfinite(item.get("position", math.nan)) \
+        else item["patient"]
+    if item.get("accepted", not item.get("kind")):
+        head = "kept" + (" (by hand)" if item.get("decided_by") == "manual" else "")
+        return f"{head}\n{where}\n{dice}"
+    reason = item.get("reason", "") or ""
+    reason = reason.removeprefix("registration ")
+    if item.get("kind") == "by hand":
+        text = "rejected by hand" + (f" (auto: {reason})" if reason and reason != "ok" else "")
+    else:
+        text = f"rejected: {reason}" if reason else "rejected"
+    lines = textwrap.wrap(text, width)
+    if item.get("kind") == "outline":  # the reason is the outline Dice; no registration ran
+        return "\n".join(lines + [where])
+    return "\n".join(lines + [where, dice])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -525,6 +525,20 @@ def _gallery_rows(state: ReviewState, n: int) -> list[int]:
     return [r for r in order if r in chosen]
 
 
+def _drop_label(record: pd.Series, manual: str, final: bool) -> str:
+    """Why a slice is not used, one word (:func:`crossmod_lib.cleaning.drop_kind`); "" when used."""
+    from .cleaning import drop_kind
+
+    if final:
+        return ""
+    one = pd.DataFrame([{
+        "accepted_final": False, "manual_decision": manual,
+        "registration_status": str(record.get("registration_status", "") or ""),
+        "reason": str(record.get("reason", "") or ""),
+    }])
+    return str(drop_kind(one).iloc[0])
+
+
 def static_gallery(state_or_table, n: int = 12, columns: int = 3, size: float = 2.2):
     """A matplotlib Figure for headless builds.
 
@@ -556,7 +570,9 @@ def static_gallery(state_or_table, n: int = 12, columns: int = 3, size: float = 
             _outline(a_ct, state.images["head_mask"][row], "yellow")
             _contours(a_ct, state.images["labels"][row])
             syn = state.images["synthetic"][row]
-            _panel(a_syn, syn, f"sMR Dice {float(record['outline_dice']):.2f}{' (manual)' if manual else ''}")
+            why = _drop_label(record, manual, state.final(row))
+            _panel(a_syn, syn, f"sMR Dice {float(record['outline_dice']):.2f}{' (manual)' if manual else ''}"
+                               f"{f' · {why}' if why else ''}")
             _outline(a_syn, state.images["head_mask"][row], "yellow")
             _outline(a_syn, head_mask(syn, state.head_threshold), "cyan", "--")
             for ax in (a_ct, a_syn):

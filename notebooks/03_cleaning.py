@@ -43,51 +43,75 @@ import numpy as np
 from IPython.display import Markdown, display
 
 from crossmod_lib import cleaning, plots, review, runs
+from crossmod_lib.preparation import head_mask
 
 run = runs.RunFolder.open(profile_path or profile, run_dir or None)
-settings = run.profile["cleaning"]
+settings = cleaning.cleaning_settings(run.profile)
 figures = run.stage("figures")
 threshold = settings["outline_dice_threshold"]
-print(f"outline Dice threshold {threshold}, B-spline grid {settings['bspline']['grid_spacing_mm']} mm, "
+grid_mm = cleaning.grid_spacing_mm(settings)
+print(f"outline Dice threshold {threshold}; B-spline grid {grid_mm:g} mm "
+      f"({grid_mm / settings['pixel_mm']:g} pixels of {settings['pixel_mm']:g} mm; paper: 8 mm on 1 mm pixels); "
       f"{settings['metric']}, {settings['optimizer']}")
 
 # %% [markdown]
 # ## Outline check and registration
 # For every synthetic slice: the head outline (the same mask definition as chapter 1 and the
 # CycleGAN's geometric loss) against the CT's head mask; slices at or above the threshold are
-# registered (synthetic MR moving, CT fixed). A registration that fails, diverges or ends with an
-# outline Dice below the threshold rejects its slice, with the reason in the decisions table
-# (`cleaned/decisions.csv`). The elastix parameter maps are saved beside it (`cleaned/elastix/`).
+# registered (synthetic MR moving, CT fixed). A registration is rejected, with its reason in the
+# decisions table (`cleaned/decisions.csv`), when elastix fails, when it moves a head pixel further
+# than `cleaning.max_displacement_mm` (*diverged*), when the transform folds more than
+# `cleaning.max_folded_fraction` of the head (Jacobian determinant ≤ 0: the mapping is not
+# invertible, so it is not anatomy; *folded*), when the mutual information with the CT falls
+# (*worse*), or when the outline Dice afterwards is below the threshold. The elastix parameter maps
+# are saved beside the table (`cleaned/elastix/`).
 
 # %%
 decisions = cleaning.clean_run(run, progress=False)
 counts = cleaning.summarise_decisions(decisions)
+kinds = cleaning.drop_kind(decisions)
+by_kind = ", ".join(f"{int((kinds == k).sum())} {k}" for k in cleaning.DROP_KINDS if (kinds == k).any())
 display(Markdown(
     f"**{counts['accepted_final']} of {counts['slices']}** synthetic slices kept "
     f"({counts['accepted_final'] / max(counts['slices'], 1):.0%}): "
     f"{counts['rejected_outline']} dropped by the outline check, "
-    f"{counts['rejected_registration'] + counts['rejected_outline_after']} by the registration; "
+    f"{counts['rejected_registration'] + counts['rejected_outline_after']} by the registration checks; "
     f"manual decisions: {counts['manual_accept']} accepted, {counts['manual_reject']} rejected "
     f"({counts['overridden']} overriding the automatic decision)."
+    + (f" Dropped, by reason: {by_kind}." if by_kind else "")
 ))
-registered = decisions[decisions["registration_time_s"].fillna(0) > 0]
+timed = decisions[decisions["registration_cpu_s"].fillna(0) > 0]
+if len(timed):
+    print(f"registration per slice: median {timed['registration_cpu_s'].median():.2f} s CPU, "
+          f"{timed['registration_time_s'].median():.2f} s wall ({settings['workers'] or 'all'} workers; "
+          f"{len(timed)} slices, {int(timed['cached'].sum())} of them timed in an earlier run and cached)")
+registered = decisions[decisions["registration_status"].isin(["ok", "diverged", "folded", "worse"])]
 if len(registered):
-    print(f"registration time per slice: median {registered['registration_time_s'].median():.2f} s "
-          f"(wall, {settings['workers'] or 'all'} workers)")
+    print(f"over the head: largest displacement median {registered['max_displacement_mm'].median():.1f} mm "
+          f"(max {registered['max_displacement_mm'].max():.1f} mm, limit {settings['max_displacement_mm']:g} mm); "
+          f"{int((registered['folded_fraction'] > 0).sum())} of {len(registered)} registrations fold part of the "
+          f"head (limit {settings['max_folded_fraction']:.0%} of it)")
 
 # %% [markdown]
 # ## Fig. 6: selected and rejected examples
-# Source CT and synthetic MR pairs; green frames were kept for training, red ones rejected. In most
-# rejected cases the synthetic slice looks like an MR but not like *this* CT.
+# Source CT (top) and synthetic MR (bottom); green frames were kept for training, red ones
+# rejected. Each title gives the decision, why (for a rejected slice), the patient and the slice's
+# position in that patient's slice range (0 % the most inferior), and the outline Dice before →
+# after registration. The rejected examples include one slice of every reason that occurs.
 
 # %%
 examples = cleaning.figure6_examples(run)
 pairs = [(item, True) for item in examples["selected"]] + [(item, False) for item in examples["rejected"]]
+if not examples["rejected"]:
+    display(Markdown("*No slice was rejected in this run, so Fig. 6 shows selected examples only.*"))
 if pairs:
-    fig, axes = plt.subplots(2, len(pairs), figsize=(2.1 * len(pairs), 4.6), squeeze=False,
+    lines = max(item["caption"].count("\n") + 1 for item, _ in pairs)
+    fig, axes = plt.subplots(2, len(pairs), figsize=(2.2 * len(pairs), 4.4 + 0.16 * lines), squeeze=False,
                              constrained_layout=True)
     for k, (item, kept) in enumerate(pairs):
-        for r, (image, title) in enumerate(((item["ct"], "CT"), (item["synthetic"], "synthetic MR"))):
+        dice = f"outline Dice {item['dice']:.3f}"
+        for r, (image, title) in enumerate(((item["ct"], f"CT\n{item['caption']}"),
+                                            (item["synthetic"], f"synthetic MR\n{dice}"))):
             ax = axes[r, k]
             ax.imshow(image, cmap="gray", vmin=0, vmax=255)
             ax.set_xticks([])
@@ -95,43 +119,103 @@ if pairs:
             for spine in ax.spines.values():
                 spine.set_edgecolor("#2ca02c" if kept else "#d62728")
                 spine.set_linewidth(3)
-            ax.set_title(f"{title}\n{item['patient']} Dice {item['dice']:.2f}" if r == 0 else title,
-                         fontsize=7)
+            ax.set_title(title, fontsize=6.5, color="#1b5e20" if kept else "#b71c1c")
     fig.savefig(figures / "fig6_cleaning_examples.png", dpi=120, bbox_inches="tight")
     plt.show()
 
 # %% [markdown]
-# ## Where the CycleGAN fails
-# The distribution of the outline Dice with the threshold, and the counts of kept and dropped slices
-# per patient and by cranio-caudal position. The paper saw most failures at the top and bottom
-# slices, where the MR's limited field of view gave the CycleGAN few examples.
+# ## The checks, slice by slice
+# Left: the outline Dice before (grey) and after (blue) registration, with the threshold. Right:
+# the largest displacement the registration applies inside the head, with the limit beyond which
+# it counts as diverged.
 
 # %%
-fig, ax = plt.subplots(figsize=(7, 3), constrained_layout=True)
-ax.hist(decisions["outline_dice"], bins=np.linspace(0, 1, 41), color="#777777")
-ax.axvline(threshold, color="#d62728", linestyle="--", label=f"threshold {threshold}")
-ax.set_xlabel("head-outline Dice, synthetic MR vs source CT")
-ax.set_ylabel("slices")
-ax.legend(fontsize=8)
+fig, axes = plt.subplots(1, 2, figsize=(10, 3), constrained_layout=True)
+bins = np.linspace(min(0.5, float(decisions["outline_dice"].min())), 1, 51)
+axes[0].hist(decisions["outline_dice"], bins=bins, color="#777777", label="before registration")
+after = decisions["outline_dice_after"].dropna()
+if len(after):
+    axes[0].hist(after, bins=bins, color="#1f77b4", alpha=0.6, label="after registration")
+axes[0].axvline(threshold, color="#d62728", linestyle="--", label=f"threshold {threshold}")
+axes[0].set_xlabel("head-outline Dice, synthetic MR vs source CT")
+axes[0].set_ylabel("slices")
+axes[0].legend(fontsize=7)
+shift = decisions["max_displacement_mm"].dropna()
+if len(shift):
+    top = max(float(shift.max()), settings["max_displacement_mm"]) * 1.05
+    axes[1].hist(shift, bins=np.linspace(0, top, 41), color="#777777")
+axes[1].axvline(settings["max_displacement_mm"], color="#d62728", linestyle="--",
+                label=f"limit {settings['max_displacement_mm']:g} mm")
+axes[1].set_xlabel("largest displacement inside the head (mm)")
+axes[1].set_ylabel("slices")
+axes[1].legend(fontsize=7)
 fig.savefig(figures / "cleaning_dice_histogram.png", dpi=120, bbox_inches="tight")
 plt.show()
+
+# %% [markdown]
+# ## Why the control-point grid is coarser than 8 mm on coarse pixels
+# The paper's 8 mm grid sits on 1 mm pixels: 8 pixels per control-point interval. On coarser pixels
+# the same 8 mm leaves few pixels to each control point, and mutual information then warps the
+# synthetic MR freely: it inflates a faint structure to mimic the bright CT bone and folds the image
+# (`cleaning.bspline.min_grid_spacing_px` keeps the grid at least 8 pixels wide). Below, a few of
+# this run's slices registered with both grids; with 1 mm pixels both are the paper's 8 mm.
+
+# %%
+if grid_mm != settings["bspline_grid_spacing_mm"] and counts["slices"]:
+    candidates = decisions[decisions["registration_status"] != "not_run"]
+    rows = candidates["row"].to_numpy()[np.linspace(0, len(candidates) - 1, min(6, len(candidates))).astype(int)]
+    grids = cleaning.compare_grid_spacing(run, rows)
+    display(grids.groupby(["grid_spacing_mm", "grid_spacing_px"]).agg(
+        slices=("row", "size"), folding=("folded_fraction", lambda v: int((v > 0).sum())),
+        folded_fraction_mean=("folded_fraction", "mean"), max_displacement_mm=("max_displacement_mm", "median"),
+        outline_dice_after=("outline_dice_after", "median"), rejected=("status", lambda v: int((v != "ok").sum())),
+        cpu_s=("cpu_s", "median"),
+    ).round(4))
+else:
+    print(f"the profile's grid is the paper's {grid_mm:g} mm ({grid_mm / settings['pixel_mm']:g} pixels)")
+
+# %% [markdown]
+# ## Where the CycleGAN fails
+# Kept and dropped slices per patient, and by cranio-caudal position: each slice's place within its
+# own patient's slice range (0 % the most inferior slice, 100 % the most superior), in five equal
+# bins, so that patients of different length line up. The paper saw most failures at the top and
+# bottom slices, where the MR's limited field of view gave the CycleGAN few examples.
+
+# %%
 display(cleaning.counts_by_patient(decisions).round(3))
-display(cleaning.counts_by_position(decisions, by="position", bins=5).round(3))
+by_position = cleaning.counts_by_position(decisions, by="position", bins=5)
+display(by_position.round(3))
+fig, ax = plt.subplots(figsize=(7, 2.8), constrained_layout=True)
+x = np.arange(len(by_position))
+share = by_position[["dropped_outline", "dropped_registration", "dropped_by_hand"]].div(
+    by_position["slices"].where(by_position["slices"] > 0), axis=0).fillna(0)
+bottom = np.zeros(len(x))
+for column, colour, label in (("dropped_outline", "#d62728", "outline check"),
+                              ("dropped_registration", "#ff7f0e", "registration checks"),
+                              ("dropped_by_hand", "#9467bd", "by hand")):
+    ax.bar(x, share[column], bottom=bottom, color=colour, label=label)
+    bottom += share[column].to_numpy()
+ax.set_xticks(x, [label.replace(" (", "\n(") for label in by_position.index], fontsize=7)
+ax.set_ylabel("dropped fraction")
+ax.set_ylim(0, max(0.05, float(bottom.max()) * 1.2))
+ax.set_xlabel("position in the patient's slice range (inferior → superior)")
+ax.legend(fontsize=7)
+fig.savefig(figures / "cleaning_by_position.png", dpi=120, bbox_inches="tight")
+plt.show()
 
 # %% [markdown]
 # ## Before and after registration
-# CT (gray) with the synthetic MR's head outline before (yellow) and after (cyan) registration, and
-# the CT's parotid contours, which now label the registered synthetic MR.
+# The registered synthetic MR with its head outline before (yellow) and after (cyan) registration,
+# and the CT's parotid contours, which now label it; selected examples first, then rejected ones
+# whose registration produced an image (titled with their reason).
 
 # %%
-kept = [item for item in examples["selected"] if item["registered"] is not None]
-if kept:
-    fig, axes = plt.subplots(1, len(kept), figsize=(2.8 * len(kept), 3), squeeze=False,
+shown = [item for item in examples["selected"] + examples["rejected"] if item["registered"] is not None]
+if shown:
+    fig, axes = plt.subplots(1, len(shown), figsize=(2.6 * len(shown), 3.4), squeeze=False,
                              constrained_layout=True)
-    threshold_px = run.profile["preprocessing"]["head_threshold"]
-    from crossmod_lib.preparation import head_mask
-
-    for ax, item in zip(axes[0], kept):
+    threshold_px = settings["head_threshold"]
+    for ax, item in zip(axes[0], shown):
         ax.imshow(item["registered"], cmap="gray", vmin=0, vmax=255)
         ax.contour(head_mask(item["synthetic"], threshold_px), levels=[0.5], colors=["#ffd92f"],
                    linewidths=0.8)
@@ -141,7 +225,8 @@ if kept:
                               (2, plots.STRUCTURE_COLOURS["Parotid_R"])):
             if (item["labels"] == value).any():
                 ax.contour(item["labels"] == value, levels=[0.5], colors=[colour], linewidths=1)
-        ax.set_title(f"{item['patient']}: Dice {item['dice']:.2f} → {item['dice_after']:.2f}", fontsize=8)
+        ax.set_title(f"{item['caption']}\nmoved ≤ {item['max_displacement_mm']:.1f} mm, "
+                     f"folded {item['folded_fraction']:.1%}", fontsize=6.5)
         ax.set_axis_off()
     fig.savefig(figures / "cleaning_registration.png", dpi=120, bbox_inches="tight")
     plt.show()

@@ -114,10 +114,33 @@ def test_full_profile_has_the_papers_cleaning_settings():
     settings = cleaning.cleaning_settings(load_profile("full"))
     assert settings["outline_dice_threshold"] == 0.8
     assert settings["bspline_grid_spacing_mm"] == 8.0
+    assert cleaning.grid_spacing_mm(settings) == 8.0  # 1 mm pixels: the paper's grid
     assert settings["metric"] == "AdvancedMattesMutualInformation"
     assert "GradientDescent" in settings["optimizer"]
     for name in ("demo", "smoke"):
         cleaning.cleaning_settings(load_profile(name))
+
+
+def test_grid_spacing_is_never_finer_than_min_grid_spacing_px():
+    demo = cleaning.cleaning_settings(load_profile("demo"))
+    assert demo["pixel_mm"] == 2.5 and demo["bspline_min_grid_spacing_px"] == 8
+    assert cleaning.grid_spacing_mm(demo) == 20.0  # 8 pixels of 2.5 mm, not 3.2 pixels
+    assert cleaning.elastix_parameter_maps(demo)["bspline"]["FinalGridSpacingInPhysicalUnits"] == ["20", "20"]
+    assert cleaning.grid_spacing_mm(dict(demo, bspline_min_grid_spacing_px=0)) == 8.0
+    assert cleaning.grid_spacing_mm(dict(demo, bspline_grid_spacing_mm=30.0)) == 30.0  # coarser stays
+    with pytest.raises(CrossmodError, match="cleaning.bspline.min_grid_spacing_px"):
+        cleaning.cleaning_settings(dict(demo, bspline_min_grid_spacing_px=-1))
+
+
+def test_run_folder_profile_without_newer_settings_gets_the_full_defaults():
+    profile = load_profile("demo")
+    del profile["cleaning"]["max_folded_fraction"]  # as in a run folder's profile.yaml from before
+    del profile["cleaning"]["bspline"]["min_grid_spacing_px"]
+    settings = cleaning.cleaning_settings(profile)
+    full = load_profile("full")["cleaning"]
+    assert settings["max_folded_fraction"] == full["max_folded_fraction"]
+    assert settings["bspline_min_grid_spacing_px"] == full["bspline"]["min_grid_spacing_px"]
+    assert settings["bspline_iterations"] == load_profile("demo")["cleaning"]["bspline"]["iterations"]
 
 
 def test_bad_setting_is_a_one_line_error_naming_it():
@@ -228,6 +251,70 @@ def test_diverging_registration_is_rejected():
     assert "diverged" in info["reason"]
 
 
+def test_folded_fraction_counts_where_the_jacobian_is_not_positive():
+    mask = np.ones((20, 30), bool)
+    assert cleaning.folded_fraction(np.zeros((20, 30, 2)), 2.5, mask) == 0.0
+    yy, xx = np.mgrid[0:20, 0:30] * 2.5
+    stretch = np.stack([0.5 * xx, 0.2 * yy], -1)  # det (1.5)(1.2) > 0: no fold
+    assert cleaning.folded_fraction(stretch, 2.5, mask) == 0.0
+    field = np.zeros((20, 30, 2))
+    field[:, 10:20, 0] = -2.0 * (xx[:, 10:20] - xx[0, 10])  # x -> -x over ten columns: turned over
+    fraction = cleaning.folded_fraction(field, 2.5, mask)
+    assert 8 / 30 <= fraction <= 12 / 30
+    half = mask.copy()
+    half[:, 15:] = False
+    assert cleaning.folded_fraction(field, 2.5, half) == pytest.approx(
+        float(np.mean((np.gradient(field[..., 0], 2.5, axis=1) <= -1)[half])))
+    assert cleaning.folded_fraction(field, 2.5, np.zeros((20, 30), bool)) == 0.0
+    with pytest.raises(CrossmodError, match="folded_fraction"):
+        cleaning.folded_fraction(field, 2.5, np.ones((5, 5), bool))
+
+
+def test_folding_registration_is_rejected_with_its_share(monkeypatch):
+    case = cleaning.synthetic_registration_case(SIZE, PIXEL, seed=2)
+    monkeypatch.setattr(cleaning, "folded_fraction", lambda field, pixel_mm, mask: 0.034)
+    warped, info = cleaning.register_slice(case["ct"], case["moving"], fast_settings())
+    assert info["status"] == "folded" and not info["accepted"]
+    assert "folded 3.4% of the head" in info["reason"]
+    assert info["folded_fraction"] == 0.034 and warped is not None
+    monkeypatch.undo()
+    _, info = cleaning.register_slice(case["ct"], case["moving"], fast_settings())
+    assert info["status"] == "ok" and info["folded_fraction"] == 0.0
+
+
+def textured_mismatch(seed, size=96, pixel=2.5):
+    """A demo-sized CT-like slice and a synthetic-MR-like one that lost the bone (a faint spot left
+    in the vertebra) and carries strong texture inside the head, as the demo CycleGAN's output."""
+    from scipy import ndimage
+
+    case = cleaning.synthetic_registration_case(size, pixel, seed=seed, rotation_deg=1.0, shift_mm=(1.0, -1.0),
+                                                amplitude_mm=1.0, scale_x=0.98)
+    classes, _ = cleaning._head_classes(size, pixel, seed=seed)
+    bone = ndimage.binary_dilation(np.isin(classes, (4, 5)), iterations=1)
+    moving = np.where(bone, 80, case["moving"]).astype(float)
+    cy, cx = np.argwhere(classes == 5).mean(axis=0).round().astype(int)
+    moving[cy - 1:cy + 2, cx - 1:cx + 2] = 150
+    noise = np.random.default_rng(seed).normal(0, 50, moving.shape)
+    moving = np.clip(moving + np.where(case["head_mask"], noise, 0), 0, 255).astype(np.uint8)
+    return case, moving
+
+
+def test_grid_of_8_pixels_does_not_fold_where_8_mm_on_coarse_pixels_does():
+    settings = cleaning.cleaning_settings(load_profile("demo"))  # 2.5 mm pixels
+    folded = {0.0: [], 8.0: []}
+    moved = {0.0: [], 8.0: []}
+    for seed in range(3):
+        case, moving = textured_mismatch(seed)
+        for min_px, shares in folded.items():  # 0: the paper's 8 mm = 3.2 pixels; 8: 20 mm
+            _, info = cleaning.register_slice(case["ct"], moving, dict(settings, bspline_min_grid_spacing_px=min_px),
+                                              fixed_mask=case["head_mask"])
+            shares.append(info["folded_fraction"])
+            moved[min_px].append(info["max_displacement_mm"])
+    assert max(folded[8.0]) == 0.0
+    assert sum(folded[0.0]) > 0.0
+    assert sum(moved[8.0]) < sum(moved[0.0])
+
+
 def _crashing_register(fixed, moving, settings, fixed_mask=None, maps=None):
     if int(moving[0, 0]) == 1:
         os._exit(3)  # like an elastix segfault: the worker dies without a word
@@ -297,9 +384,11 @@ def test_clean_writes_decisions_training_slices_and_parameter_maps(cleaned):
     assert np.mean((training["image"].astype(float) - truth) ** 2) < before
 
     assert "EulerTransform" in (out / "elastix" / "rigid.txt").read_text()
-    assert "(FinalGridSpacingInPhysicalUnits 8 8)" in (out / "elastix" / "bspline.txt").read_text()
+    # 8 mm on 3 mm pixels would be 2.7 pixels per control point: min_grid_spacing_px (8) gives 24 mm
+    assert "(FinalGridSpacingInPhysicalUnits 24 24)" in (out / "elastix" / "bspline.txt").read_text()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["accepted_final"] == len(accepted)
+    assert summary["bspline_grid_spacing_used_mm"] == 24.0
     assert summary["rejected_outline"] == int((~table["accepted_auto"]).sum())
     assert not list(out.glob("**/.*.tmp"))
 
@@ -312,9 +401,62 @@ def test_examples_and_figure6_data(cleaned):
         assert item["dice"] >= 0.8 and item["registered"] is not None
         assert item["ct"].shape == item["synthetic"].shape == (SIZE, SIZE)
     for item in fig6["rejected"]:
-        assert item["reason"] != "ok"
+        assert item["reason"] != "ok" and item["kind"] == "outline"
+        assert item["reason"] in item["caption"].replace("\n", " ") and f"{item['dice']:.3f}" in item["caption"]
+    for item in fig6["selected"]:
+        assert item["caption"].startswith("kept") and f"{item['dice']:.3f} → {item['dice_after']:.3f}" in item["caption"]
     patients = [item["patient"] for item in fig6["selected"]]
     assert len(set(patients)) == len(patients)  # different patients where possible
+
+
+def _decision_rows(kinds):
+    """A decisions table with the given (patient, outline Dice, status, reason, manual) rows."""
+    rows = []
+    for i, (patient, dice, status, reason, manual) in enumerate(kinds):
+        rows.append({"row": i, "patient": patient, "outline_dice": dice, "registration_status": status,
+                     "reason": reason, "manual_decision": manual,
+                     "accepted_auto": reason == "ok",
+                     "accepted_final": (reason == "ok") if not manual else manual == "accept",
+                     "position": i / max(len(kinds) - 1, 1)})
+    return pd.DataFrame(rows)
+
+
+def test_rejected_examples_cover_every_reason_present():
+    outline = [(f"p{i}", 0.3 + 0.01 * i, "not_run", f"outline Dice {0.3 + 0.01 * i:.3f} < 0.8", "") for i in range(20)]
+    table = _decision_rows(
+        outline
+        + [("p1", 0.99, "ok", "ok", "")] * 5
+        + [("p2", 0.98, "diverged", "registration diverged (displacement up to 28.1 mm > 25 mm)", "")]
+        + [("p3", 0.97, "folded", "registration folded 3.0% of the head (> 1.0%): not invertible", "")] * 2
+        + [("p4", 0.95, "ok", "outline Dice after registration 0.700 < 0.8", "")]
+        + [("p5", 0.99, "ok", "ok", "reject")]
+    )
+    kinds = cleaning.drop_kind(table)
+    assert kinds[table["accepted_final"]].eq("").all()
+    assert set(kinds[~table["accepted_final"]]) == {"outline", "diverged", "folded", "outline after", "by hand"}
+    selected, rejected = cleaning.pick_examples(table, n=2)
+    assert len(selected) == 2 and table.loc[selected, "accepted_final"].all()
+    assert sorted(kinds[rejected]) == sorted(["outline", "diverged", "folded", "outline after", "by hand"])
+    assert list(kinds[rejected]) == sorted(kinds[rejected], key=cleaning.DROP_KINDS.index)
+    _, many = cleaning.pick_examples(table, n=8)
+    assert len(many) == 8 and len(set(many)) == 8 and (kinds[many] == "outline").sum() == 4
+    assert cleaning.pick_examples(table, n=0) == ([], [])
+
+
+def test_example_caption_names_the_reason_and_the_outline_dice():
+    item = {"patient": "ct_007", "position": 0.0, "dice": 0.9943, "dice_after": 0.9672, "accepted": False,
+            "kind": "diverged", "reason": "registration diverged (displacement up to 32.0 mm > 25 mm)"}
+    caption = cleaning.example_caption(item)
+    assert caption.replace("\n", " ").startswith("rejected: diverged (displacement")
+    assert "32.0 mm > 25 mm" in caption.replace("\n", " ") and "0.994 → 0.967" in caption
+    assert "ct_007 · 0% up" in caption
+    manual = dict(item, kind="by hand", reason="ok")
+    assert cleaning.example_caption(manual).startswith("rejected by hand\nct_007")
+    overridden = dict(item, kind="by hand", reason="outline Dice after registration 0.700 < 0.8")
+    assert cleaning.example_caption(overridden).replace("\n", " ").startswith(
+        "rejected by hand (auto: outline Dice after registration 0.700 < 0.8)")
+    kept = dict(item, accepted=True, kind="", reason="ok", decided_by="manual", dice_after=float("nan"))
+    assert cleaning.example_caption(kept).startswith("kept (by hand)") and "→" not in cleaning.example_caption(kept)
 
 
 def test_counts_per_patient_and_position(cleaned):
@@ -324,11 +466,18 @@ def test_counts_per_patient_and_position(cleaned):
     assert per_patient.loc["pA", "kept"] == 3 and per_patient.loc["pA", "dropped"] == 3
     by_position = cleaning.counts_by_position(table, bins=3)
     assert by_position["slices"].sum() == len(table)
+    assert list(by_position.index) == ["0%–33% (inferior end)", "33%–67%", "67%–100% (superior end)"]
+    assert (by_position["dropped"] == by_position[["dropped_outline", "dropped_registration",
+                                                   "dropped_by_hand"]].sum(axis=1)).all()
+    assert by_position["dropped_outline"].sum() == int((~table["accepted_final"]).sum())
     # the fabricated failures sit at the ends, as the paper saw
     assert by_position["kept_fraction"].iloc[1] == 1.0
     assert by_position["kept_fraction"].iloc[0] < 1.0 and by_position["kept_fraction"].iloc[-1] < 1.0
     by_mm = cleaning.counts_by_position(table, by="z_rel_mm", bins=[-20, -5, 5, 20])
     assert by_mm["slices"].sum() == len(table)
+    assert list(by_mm.index) == ["-20 to -5 mm", "-5 to +5 mm", "+5 to +20 mm"]
+    with pytest.raises(CrossmodError, match="must increase"):
+        cleaning.counts_by_position(table, by="z_rel_mm", bins=[5, -5])
 
 
 def test_registration_disabled_keeps_outline_decisions(cleaned, tmp_path):

@@ -204,6 +204,9 @@ def test_widget_and_gallery_without_a_browser(cleaned_run, tmp_path):
     run = RunFolder(root=root, profile=cleaned_run["run"].profile)
     fig = review.review(run, interactive=False, n=4)
     assert len([ax for ax in fig.axes if ax.images]) == 8  # 4 CT | synthetic MR pairs
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title().startswith("sMR")]
+    assert any(title.endswith(" · outline") for title in titles)  # rejected ones say why
+    assert any(" · " not in title for title in titles)  # used ones do not
     widget = review.review(run, interactive=True)
     assert isinstance(widget, review.ReviewWidget)
     assert widget.image.value[:4] == b"\x89PNG"
