@@ -493,3 +493,24 @@ def test_import_needs_only_torch_and_numpy():
                             text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_parotid_contrast_measures_the_inversion(tmp_path):
+    from crossmod_lib.slices import write_slices
+
+    labels = np.zeros((2, 8, 8), np.uint8)
+    labels[:, 2:4, 2:4] = 1
+    head = np.zeros((2, 8, 8), bool)
+    head[:, 1:7, 1:7] = True
+    dark = np.where(head, 100, 0).astype(np.uint8)
+    dark[labels > 0] = 50        # CT-like: the gland darker than its surroundings
+    bright = np.where(head, 100, 0).astype(np.uint8)
+    bright[labels > 0] = 200     # T2w-like: brighter
+    for name, image in (("syn.npz", dark), ("mr.npz", bright)):
+        write_slices({"image": image, "labels": labels, "head_mask": head}, tmp_path / name)
+    syn, real = cg.parotid_contrast(tmp_path / "syn.npz", tmp_path / "mr.npz")
+    assert syn["parotid mean"] == 50 and syn["rest of head mean"] == 100
+    assert syn["parotid / rest of head"] == 0.5 and real["parotid / rest of head"] == 2.0
+    write_slices({"image": bright, "labels": np.zeros_like(labels), "head_mask": head}, tmp_path / "none.npz")
+    with pytest.raises(CrossmodError, match="no parotid"):
+        cg.parotid_contrast(tmp_path / "none.npz", tmp_path / "mr.npz")
