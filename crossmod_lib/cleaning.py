@@ -78,6 +78,7 @@ from scipy import ndimage
 from .errors import CrossmodError
 from .metrics import dice
 from .preparation import head_mask
+from .slices import read_slices
 
 __all__ = [
     "DECISION_COLUMNS",
@@ -749,25 +750,7 @@ def register_many(tasks: list, workers: int, timeout_s: float, progress: bool = 
 
 
 def _load_npz(path: Path, what: str, required: tuple) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise CrossmodError(f"{path}: {what} not found")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError, EOFError) as exc:
-        raise CrossmodError(f"{path}: cannot read {what} ({' '.join(str(exc).split())})") from None
-    missing = [k for k in required if k not in arrays]
-    if missing:
-        raise CrossmodError(f"{path}: {what} lacks array(s) {', '.join(missing)}")
-    first = required[0]
-    image = arrays[first]
-    if image.ndim != 3:
-        raise CrossmodError(f"{path}: '{first}' must be [N, H, W], got shape {image.shape}")
-    for key in required[1:]:
-        if len(arrays[key]) != len(image):
-            raise CrossmodError(f"{path}: '{key}' has {len(arrays[key])} rows, '{first}' {len(image)}")
-    return arrays
+    return read_slices(path, what, required)
 
 
 def load_inputs(synthetic_path, ct_path) -> tuple[dict, dict]:

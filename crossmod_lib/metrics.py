@@ -73,16 +73,16 @@ from crossmod_lib.errors import CrossmodError
 from crossmod_lib.io import GRID_TOLERANCE, grid_differences, read_image
 
 __all__ = [
-    "METRICS",
     "GRID_TOLERANCE",
+    "METRICS",
+    "compare_files",
+    "compare_images",
+    "compare_masks",
     "dice",
+    "empty_case",
+    "summarise",
     "surface",
     "surface_distances",
-    "compare_masks",
-    "empty_case",
-    "compare_images",
-    "compare_files",
-    "summarise",
 ]
 
 #: The four per-structure metrics, in report order.

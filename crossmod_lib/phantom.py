@@ -45,7 +45,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -57,6 +56,7 @@ from scipy import ndimage
 
 from crossmod_lib import __version__
 from crossmod_lib.errors import CrossmodError
+from crossmod_lib.parallel import run_tasks
 
 PHANTOM_VERSION = "1.0"
 
@@ -1229,7 +1229,7 @@ def write_phantom(out_dir, *, seed: int = 2021, n_ct: int = 3, n_mr: int = 3,
         mr_kw = {"mr_matrix": mr_matrix, "mr_slices": mr_slices}
         tasks = [("ct", seed, i, ct_kw, str(tmp)) for i in range(n_ct)]
         tasks += [("mr", seed, i, mr_kw, str(tmp)) for i in range(n_mr)]
-        infos = _run_tasks(tasks, workers, progress)
+        infos = run_tasks(_generate, tasks, workers, progress, desc="phantom", unit="patient")
         ct_infos = sorted((i for i in infos if i["modality"] == "CT"), key=lambda i: i["index"])
         mr_infos = sorted((i for i in infos if i["modality"] == "MR"), key=lambda i: i["index"])
         summary = {
@@ -1252,52 +1252,6 @@ def write_phantom(out_dir, *, seed: int = 2021, n_ct: int = 3, n_mr: int = 3,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return summary
-
-
-def _run_tasks(tasks: list[tuple], workers: int, progress: bool) -> list[dict]:
-    bar = None
-    if progress:
-        try:  # tqdm comes with the project, but the phantom must not depend on it
-            from tqdm import tqdm
-            bar = tqdm(total=len(tasks), desc="phantom", unit="patient")
-        except ImportError:
-            bar = None
-    infos = []
-    try:
-        if workers == 1 or len(tasks) == 1 or not _can_spawn():
-            for task in tasks:
-                infos.append(_generate(task))
-                if bar is not None:
-                    bar.update(1)
-        else:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor, as_completed
-            # spawn, not fork: forking a process that runs threads (a notebook kernel, torch)
-            # can deadlock, and the workers need nothing but the task tuples
-            context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=min(workers, len(tasks)),
-                                     mp_context=context) as pool:
-                futures = [pool.submit(_generate, t) for t in tasks]
-                try:
-                    for future in as_completed(futures):
-                        infos.append(future.result())
-                        if bar is not None:
-                            bar.update(1)
-                except BaseException:
-                    for f in futures:
-                        f.cancel()
-                    raise
-    finally:
-        if bar is not None:
-            bar.close()
-    return infos
-
-
-def _can_spawn() -> bool:
-    """Whether worker processes can be spawned: they re-import the main script, which fails when
-    it is not a file (code piped to ``python -``); then the phantom is generated in-process."""
-    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
-    return main_file is None or os.path.isfile(main_file)
 
 
 def _replace_dir(new: Path, target: Path) -> None:

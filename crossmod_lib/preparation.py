@@ -26,8 +26,8 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .errors import CrossmodError
-from .slices import read_slices, write_slices
 from .io import PAROTIDS, Case, find_image, list_cases, read_case, read_header
+from .slices import read_slices, write_slices
 
 # ----------------------------------------------------------------------------------------------
 # Table I: acquisition parameters from the headers
@@ -311,8 +311,8 @@ def prepare_case(case: Case, modality: str, settings: dict, coverage_mm: float |
             "patient": case.patient_id,
             "modality": modality,
             "source": str(case.source) if case.source else "",
-            "slices_total": int(len(z)),
-            "slices_kept": int(len(index)),
+            "slices_total": len(z),
+            "slices_kept": len(index),
             "z_min_mm": float(z[index].min()),
             "z_max_mm": float(z[index].max()),
             "crop_row": y0,

@@ -58,7 +58,7 @@ class RunFolder:
     profile: dict
 
     @classmethod
-    def open(cls, profile: str | Path | dict, run_dir: str | Path | None = None) -> "RunFolder":
+    def open(cls, profile: str | Path | dict, run_dir: str | Path | None = None) -> RunFolder:
         settings = profile if isinstance(profile, dict) else load_profile(profile)
         root = Path(run_dir) if run_dir else default_run_dir(settings["name"])
         root = root.resolve()

@@ -102,6 +102,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -110,6 +111,9 @@ from torch import nn
 
 from .errors import CrossmodError
 from .slices import read_slices
+
+if TYPE_CHECKING:  # pandas is imported where it is used: training needs torch + numpy only
+    import pandas as pd
 
 CLASSES = ("background", "Parotid_L", "Parotid_R")
 STRUCTURES = CLASSES[1:]
@@ -1430,7 +1434,7 @@ def predict_path(model_path, input_path, output_dir, settings: dict | None = Non
 
 
 def train_run(run, *, kinds=None, progress: bool = False, resume: bool = True, device=None,
-              log=None) -> "pd.DataFrame":
+              log=None) -> pd.DataFrame:
     """Train the models of :func:`model_recipes` for a run folder (``<run>/model/<name>/``).
 
     ``kinds``: only these kinds (and whatever they start from); default all. A model whose
@@ -1505,7 +1509,7 @@ PREDICTION_COLUMNS = ("model", "title", "patient", "modality", "labels", "labels
                       "seconds", "predict_seconds", "device", "common")
 
 
-def predict_run(run, *, progress: bool = False, device=None) -> "pd.DataFrame":
+def predict_run(run, *, progress: bool = False, device=None) -> pd.DataFrame:
     """Contour every test patient of every trained model of a run; the stage ``predictions/``.
 
     For each model of :func:`model_recipes` (its ``model/<name>/best.pt`` and ``summary.json``
@@ -1611,7 +1615,7 @@ def predict_run(run, *, progress: bool = False, device=None) -> "pd.DataFrame":
     return index
 
 
-def training_logs(run) -> "pd.DataFrame":
+def training_logs(run) -> pd.DataFrame:
     """The per-epoch logs of a run's trained models, stacked (column ``model`` + :data:`LOG_COLUMNS`)."""
     import pandas as pd
 

@@ -103,6 +103,7 @@ from scipy import ndimage, sparse
 from crossmod_lib import __version__
 from crossmod_lib.errors import CrossmodError
 from crossmod_lib.io import PAROTIDS, Case, write_image
+from crossmod_lib.parallel import run_tasks
 from crossmod_lib.phantom import (
     MR_SUBSLICES,
     MR_TE_RANGE,
@@ -758,7 +759,7 @@ def write_simulated_cohort(out_dir, dataset: str, folders, *, seed: int,
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cohort is an ordinary folder
     try:
         tasks = [(dataset, str(f), int(seed), asdict(settings), str(tmp)) for f in folders]
-        infos = _run(tasks, workers, progress)
+        infos = run_tasks(_simulate_one, tasks, workers, progress, desc="simulate MR", unit="patient")
         summary = {
             "format": "crossmod T2w MR simulated from CT",
             "version": SIMULATOR_VERSION,
@@ -775,38 +776,6 @@ def write_simulated_cohort(out_dir, dataset: str, folders, *, seed: int,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return summary
-
-
-def _run(tasks: list[tuple], workers: int, progress: bool) -> list[dict]:
-    from crossmod_lib.phantom import _can_spawn
-
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(tasks), desc="simulate MR", unit="patient")
-    infos = []
-    try:
-        if workers == 1 or len(tasks) == 1 or not _can_spawn():
-            for task in tasks:
-                infos.append(_simulate_one(task))
-                if bar is not None:
-                    bar.update(1)
-        else:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
-            # spawn, not fork: the caller may run threads (a notebook kernel, torch)
-            context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=min(workers, len(tasks)),
-                                     mp_context=context) as pool:
-                for info in pool.map(_simulate_one, tasks):
-                    infos.append(info)
-                    if bar is not None:
-                        bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-    return infos
 
 
 def _replace_dir(new: Path, target: Path) -> None:
