@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import os
 import re
 import struct
 import zlib
@@ -263,3 +264,25 @@ def write_label_map(masks: dict[str, sitk.Image], reference: sitk.Image, path: s
     path = Path(path)
     write_image(label_map(masks, reference, names), path)
     return path
+
+
+def replace_folder(new: str | Path, target: str | Path) -> None:
+    """Move the finished folder ``new`` to ``target``, replacing what was there; if the move
+    fails the previous folder is put back (a reader never sees a half-written one)."""
+    import shutil
+    import tempfile
+
+    new, target = Path(new), Path(target)
+    if target.exists() or target.is_symlink():
+        if not target.is_dir():
+            raise CrossmodError(f"{target}: exists and is not a folder")
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, old / target.name)
+        try:
+            os.replace(new, target)
+        except BaseException:
+            os.replace(old / target.name, target)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, target)

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -56,6 +55,7 @@ from scipy import ndimage
 
 from crossmod_lib import __version__
 from crossmod_lib.errors import CrossmodError
+from crossmod_lib.io import replace_folder
 from crossmod_lib.parallel import run_tasks
 
 PHANTOM_VERSION = "1.0"
@@ -1247,25 +1247,8 @@ def write_phantom(out_dir, *, seed: int = 2021, n_ct: int = 3, n_mr: int = 3,
             "mr": mr_infos,
         }
         (tmp / "phantom.json").write_text(json.dumps(summary, indent=1))
-        _replace_dir(tmp, out_dir)
+        replace_folder(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return summary
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move the finished folder ``new`` to ``target``, replacing what was there last."""
-    if target.exists() or target.is_symlink():
-        if not target.is_dir():
-            raise CrossmodError(f"phantom out_dir {target} exists and is not a folder")
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, old / target.name)
-        try:
-            os.replace(new, target)
-        except BaseException:
-            os.replace(old / target.name, target)  # put the previous phantom back
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, target)

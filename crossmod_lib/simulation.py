@@ -102,7 +102,7 @@ from scipy import ndimage, sparse
 
 from crossmod_lib import __version__
 from crossmod_lib.errors import CrossmodError
-from crossmod_lib.io import PAROTIDS, Case, write_image
+from crossmod_lib.io import PAROTIDS, Case, replace_folder, write_image
 from crossmod_lib.parallel import run_tasks
 from crossmod_lib.phantom import (
     MR_SUBSLICES,
@@ -771,23 +771,8 @@ def write_simulated_cohort(out_dir, dataset: str, folders, *, seed: int,
             "patients": sorted(infos, key=lambda i: names.index(i["patient_id"])),
         }
         (tmp / "simulation.json").write_text(json.dumps(summary, indent=1))
-        _replace_dir(tmp, out_dir)
+        replace_folder(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return summary
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move the finished folder ``new`` to ``target``, replacing what was there."""
-    if target.exists() or target.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, old / target.name)
-        try:
-            os.replace(new, target)
-        except BaseException:
-            os.replace(old / target.name, target)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, target)
