@@ -294,6 +294,15 @@ def prepare_case(case: Case, modality: str, settings: dict, coverage_mm: float |
             keep = np.ones(len(z), dtype=bool)
         index = np.flatnonzero(keep)
         mask = head_mask(normalised[index], settings["head_threshold"])
+        empty_head = 0
+        if modality == "CT":
+            # A CT slice without head (a volume padded beyond the scan, e.g. OpenKBP's fixed
+            # 128-slice grid) has nothing to translate: the cleaning step would only reject it.
+            has_head = mask.any(axis=(1, 2))
+            empty_head = int((~has_head).sum())
+            if not has_head.any():
+                raise CrossmodError("no CT slice in the cranio-caudal range contains a head outline")
+            index, mask = index[has_head], mask[has_head]
         y0, x0 = crop_origin(mask, settings["crop"])
     except CrossmodError as exc:
         raise CrossmodError(f"{where}: {exc}") from None
@@ -313,6 +322,7 @@ def prepare_case(case: Case, modality: str, settings: dict, coverage_mm: float |
             "source": str(case.source) if case.source else "",
             "slices_total": len(z),
             "slices_kept": len(index),
+            "slices_empty_head": empty_head,
             "z_min_mm": float(z[index].min()),
             "z_max_mm": float(z[index].max()),
             "crop_row": y0,

@@ -162,6 +162,26 @@ def test_prepare_case_crops_around_the_head_and_keeps_labels(modality):
     assert prepared.head_mask[:, 23:25, 23:25].all()
 
 
+def test_prepare_case_drops_ct_slices_without_head():
+    # a CT volume padded with air beyond the scan (as OpenKBP's fixed grid): those slices are dropped
+    case = head_phantom("CT")
+    array = sitk.GetArrayFromImage(case.image)
+    array[11:] = -1000.0
+    padded = sitk.GetImageFromArray(array)
+    padded.CopyInformation(case.image)
+    case.image = padded
+    prepared = prep.prepare_case(case, "CT", SETTINGS, coverage_mm=10.0)
+    assert list(prepared.slice_index) == [8, 9, 10]
+    assert prepared.info["slices_empty_head"] == 2 and prepared.info["slices_kept"] == 3
+    assert prepared.head_mask.any(axis=(1, 2)).all()
+    array[:] = -1000.0
+    empty = sitk.GetImageFromArray(array)
+    empty.CopyInformation(case.image)
+    case.image, case.source = empty, "/data/ct_008"
+    with pytest.raises(CrossmodError, match="/data/ct_008: no CT slice .* head outline"):
+        prep.prepare_case(case, "CT", SETTINGS, coverage_mm=10.0)
+
+
 def test_prepare_case_names_the_case_on_error():
     case = head_phantom("CT")
     case.structures = {}
