@@ -255,7 +255,7 @@ def method_colours(models) -> dict:
 
 def method_boxplots(per_patient, interobserver=None, band: str = "sd",
                     metrics=(("dsc", "DSC"), ("hd", "HD (mm)"), ("msd", "MSD (mm)")),
-                    order=None, title: str = "", width: float = 9.0):
+                    order=None, title: str = "", width: float = 9.0, distance_scale: str = "auto"):
     """Paper Fig. 8: box plots per method of metrics averaged over both glands, one panel per
     metric (stacked top to bottom as in the paper), with the patients as points.
 
@@ -263,11 +263,16 @@ def method_boxplots(per_patient, interobserver=None, band: str = "sd",
     modality and the metrics). ``interobserver``: the same averages between two observers, drawn
     as a grey band: ``band="sd"`` mean ± SD (the paper's Table II form), ``"range"`` min to max.
     Undefined distances (an empty contour) are left out and counted under the method's name.
+    ``distance_scale``: y axis of the distance panels (all but DSC): ``"linear"``, ``"log"`` or
+    ``"auto"`` (log when one method's median is over 5x another's, as a baseline that misses the
+    glands would otherwise squash every other box into a line).
     """
     import seaborn as sns
 
     if band not in ("sd", "range"):
         raise ValueError(f"band={band!r}: 'sd' or 'range'")
+    if distance_scale not in ("linear", "log", "auto"):
+        raise ValueError(f"distance_scale={distance_scale!r}: 'linear', 'log' or 'auto'")
     models = list(order) if order is not None else list(dict.fromkeys(per_patient["model"]))
     data = per_patient[per_patient["model"].isin(models)]
     titles = data.drop_duplicates("model").set_index("model")["title"]
@@ -291,6 +296,14 @@ def method_boxplots(per_patient, interobserver=None, band: str = "sd",
                     boxprops={"alpha": 0.75})
         sns.stripplot(data=finite, x="model", y=key, order=models, color="black", size=3,
                       alpha=0.6, jitter=0.12, ax=ax)
+        if key != "dsc" and _log_axis(finite, key, distance_scale):
+            values = finite[key].to_numpy(dtype=float)
+            if (values > 0).all():
+                ax.set_yscale("log")
+            else:  # a distance of 0 (both contours empty): linear below 1 mm
+                ax.set_yscale("symlog", linthresh=1.0)
+                ax.set_ylim(bottom=0.0)
+            label += ", log scale"
         ax.set_ylabel(label)
         ax.set_xlabel("")
         undefined = {m: int((~np.isfinite(data.loc[data["model"] == m, key].to_numpy(dtype=float))).sum())
@@ -309,6 +322,15 @@ def method_boxplots(per_patient, interobserver=None, band: str = "sd",
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
+
+
+def _log_axis(finite, key: str, scale: str) -> bool:
+    """Whether a distance panel gets a log axis (see :func:`method_boxplots`)."""
+    if scale != "auto":
+        return scale == "log"
+    medians = finite.groupby("model")[key].median()
+    medians = medians[medians > 0]
+    return len(medians) > 1 and medians.max() > 5.0 * medians.min()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -118,7 +118,9 @@ display(paper.RESULTS_TEXT)
 # The paper compares cross-modality learning (red) with the CT-trained network (green); we add
 # the other methods of chapter 4. Points are patients; the grey band is the interobserver
 # variability as **mean ± SD over patients** (both glands averaged), its mean dashed. Undefined
-# distances (an empty predicted gland) are left out and counted at the top of the panel.
+# distances (an empty predicted gland) are left out and counted at the top of the panel. The
+# distance panels switch to a log axis when one method's median is over five times another's (a
+# method that misses the glands sits 50-100 mm away and would flatten the other boxes).
 
 # %%
 patients = evaluation.per_patient(metrics, postprocess=main)

@@ -287,6 +287,17 @@ def test_method_boxplots_band_is_mean_sd():
     fig = plots.method_boxplots(table, inter, band="range")
     band = next(p for p in fig.axes[1].patches if p.get_alpha() == 0.5 and p.get_width() >= 1)
     assert (band.get_y(), band.get_y() + band.get_height()) == pytest.approx((5.0, 7.0))
+    # medians 9 vs 8 mm: linear axes; a baseline 110 mm off the glands: log distance axes, DSC linear
+    assert [ax.get_yscale() for ax in fig.axes[:3]] == ["linear"] * 3
+    far = pd.concat([table, table[table["model"] == "ct_only"].assign(model="naive", title="naive",
+                                                                      hd=110.0, msd=55.0)])
+    fig = plots.method_boxplots(far, inter)
+    assert [ax.get_yscale() for ax in fig.axes[:3]] == ["linear", "log", "log"]
+    assert "log scale" in fig.axes[1].get_ylabel()
+    fig = plots.method_boxplots(far, inter, distance_scale="linear")
+    assert [ax.get_yscale() for ax in fig.axes[:3]] == ["linear"] * 3
+    with pytest.raises(ValueError, match="distance_scale"):
+        plots.method_boxplots(far, inter, distance_scale="cubic")
 
 
 # ----------------------------------------------------------------------------------------------
