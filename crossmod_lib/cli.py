@@ -174,6 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also keep the result, with this machine's provenance, in "
                         "RUN_DIR/metrics/bench_NAME.json (chapter 7 shows it)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("record", help="keep a finished run's results, with provenance, for the book",
+                       description="Copy a finished run's metric tables, summaries, timings, profile "
+                                   "and main figures, with each chapter's commit, date and device "
+                                   "and a sha256 per file, into a small folder the book's "
+                                   "'Recorded runs' chapter shows (default: recorded/<profile>/).")
+    p.add_argument("--run-dir", type=Path, required=True, help="the finished run folder")
+    p.add_argument("--out", type=Path, default=None,
+                   help="destination folder (default: recorded/<profile name> in the repository)")
+    p.set_defaults(func=cmd_record)
     return parser
 
 
@@ -342,6 +352,24 @@ def cmd_bench(args) -> int:
     if args.save is not None:
         path = bench.save_benchmark(result, args.save, options)
         print(f"saved to {path}")
+    return 0
+
+
+def cmd_record(args) -> int:
+    import yaml
+
+    from . import record
+
+    out = args.out
+    if out is None:
+        profile_file = args.run_dir / "profile.yaml"
+        if not profile_file.is_file():
+            raise CrossmodError(f"{args.run_dir}: no profile.yaml (not a run folder)")
+        name = (yaml.safe_load(profile_file.read_text()) or {}).get("name") or args.run_dir.name
+        out = record.default_folder() / name
+    info = record.record_run(args.run_dir, out)
+    size = sum(f["bytes"] for f in info["files"].values())
+    print(f"recorded {len(info['files'])} files ({size / 1024:.0f} KiB) of {args.run_dir} -> {out}")
     return 0
 
 

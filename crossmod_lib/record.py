@@ -1,0 +1,200 @@
+"""Recorded runs: the results of a run made elsewhere (a GPU session, a long CPU run), kept with
+their provenance so the book can show them, labelled as recorded.
+
+A run folder is large (images, models, slices) and lives outside git. ``record_run`` copies
+what a reader needs to see the run's results (the metric tables, the cleaning summary, the
+timings, the profile and a few figures) into a small folder, normally ``recorded/<profile>/`` in
+the repository, with ``record.json``: where and when each chapter ran (commit, date, device, read
+from the executed notebooks' own provenance tables), when it was recorded, and the sha256 of
+every file. ``read_record`` checks those hashes, so a recorded table cannot be edited by hand
+without the book refusing it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from .errors import CrossmodError
+from .io import replace_folder
+from .runs import provenance
+
+FORMAT = "crossmod-record-1"
+
+# What a record holds, relative to the run folder. Metric tables and JSON summaries are small;
+# the figures are the ones the recorded-runs chapter shows (paper Figs 6-8 and the synthesis).
+RECORDED_GLOBS = ("profile.yaml", "metrics/*.csv", "metrics/*.json", "cleaned/summary.json",
+                  "synthetic/synthesis.json", "notebooks/timings.json")
+RECORDED_FIGURES = ("cyclegan_examples.png", "fig6_cleaning_examples.png", "cleaning_by_position.png",
+                    "fig8_boxplots.png", "fig7_contours.png", "computation_time.png")
+MAX_BYTES = 8 * 1024 * 1024  # a record is committed to git: refuse anything bigger
+
+
+def default_folder() -> Path:
+    """``recorded/`` at the top of the repository."""
+    return Path(__file__).resolve().parents[1] / "recorded"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+_ROW = re.compile(r"^\|\s*(commit|date \(UTC\)|device|profile)\s*\|\s*(.*?)\s*\|\s*$", re.M)
+
+
+def notebook_provenance(ipynb: str | Path) -> dict:
+    """Commit, date, device and profile from an executed chapter's provenance table (its last
+    Markdown output with a ``commit`` row); an empty dict when the notebook has none."""
+    try:
+        notebook = json.loads(Path(ipynb).read_text())
+    except (OSError, ValueError) as exc:
+        raise CrossmodError(f"{ipynb}: not a readable notebook ({exc})") from None
+    found: dict = {}
+    for cell in notebook.get("cells", []):
+        for output in cell.get("outputs", []):
+            text = output.get("data", {}).get("text/markdown")
+            if not text:
+                continue
+            rows = dict(_ROW.findall("".join(text) if isinstance(text, list) else text))
+            if "commit" in rows:
+                found = {"commit": rows["commit"], "date": rows.get("date (UTC)", ""),
+                         "device": rows.get("device", ""), "profile": rows.get("profile", "")}
+    return found
+
+
+def record_run(run_dir: str | Path, out_dir: str | Path, figures=RECORDED_FIGURES) -> dict:
+    """Copy a finished run's results into ``out_dir`` (replaced atomically) with ``record.json``.
+
+    The run must have its executed notebooks and Table II (chapter 5); a chapter whose notebook
+    lacks a provenance table is recorded with an empty provenance, never a guessed one.
+    """
+    run_dir, out_dir = Path(run_dir).absolute(), Path(out_dir).absolute()
+    for needed in ("profile.yaml", "metrics/table_2_lcc.csv"):
+        if not (run_dir / needed).is_file():
+            raise CrossmodError(f"{run_dir}: no {needed}; record a run that finished chapter 5")
+    notebooks_dir = run_dir / "notebooks"
+    chapters = {p.stem: notebook_provenance(p) for p in sorted(notebooks_dir.glob("[0-9][0-9]_*.ipynb"))}
+    if not chapters:
+        raise CrossmodError(f"{notebooks_dir}: no executed notebooks")
+    timings = {}
+    if (notebooks_dir / "timings.json").is_file():
+        timings = json.loads((notebooks_dir / "timings.json").read_text()).get("notebooks", {})
+    for stem, info in chapters.items():
+        if stem in timings:
+            info["seconds"] = timings[stem].get("seconds")
+    sources = sorted({p for pattern in RECORDED_GLOBS for p in run_dir.glob(pattern) if p.is_file()})
+    sources += [run_dir / "figures" / name for name in figures if (run_dir / "figures" / name).is_file()]
+    size = sum(p.stat().st_size for p in sources)
+    if size > MAX_BYTES:
+        raise CrossmodError(f"{run_dir}: the record would be {size / 2**20:.1f} MiB "
+                            f"(limit {MAX_BYTES / 2**20:.0f} MiB); record fewer figures")
+    profile = {}
+    try:
+        import yaml
+
+        profile = yaml.safe_load((run_dir / "profile.yaml").read_text()) or {}
+    except Exception as exc:  # a damaged profile.yaml: say which file
+        raise CrossmodError(f"{run_dir / 'profile.yaml'}: unreadable ({exc})") from None
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        files = {}
+        for source in sources:
+            relative = source.relative_to(run_dir).as_posix()
+            target = tmp / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+            files[relative] = {"sha256": _sha256(target), "bytes": target.stat().st_size}
+        recorded = provenance()
+        recorded.pop("versions", None)
+        info = {
+            "format": FORMAT,
+            "profile": profile.get("name", ""),
+            "description": profile.get("description", ""),
+            "run_dir": str(run_dir),
+            "chapters": chapters,
+            "recorded": {**recorded, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},
+            "files": files,
+        }
+        (tmp / "record.json").write_text(json.dumps(info, indent=1))
+        replace_folder(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return info
+
+
+@dataclass
+class Record:
+    """A verified recorded run: ``info`` is record.json, ``root`` its folder."""
+
+    root: Path
+    info: dict
+
+    @property
+    def name(self) -> str:
+        return self.info.get("profile") or self.root.name
+
+    def path(self, relative: str) -> Path | None:
+        """The recorded file, or None when the record does not hold it."""
+        return self.root / relative if relative in self.info["files"] else None
+
+    def table(self, relative: str) -> pd.DataFrame | None:
+        path = self.path(relative)
+        return pd.read_csv(path) if path is not None else None
+
+    def json(self, relative: str) -> dict | None:
+        path = self.path(relative)
+        return json.loads(path.read_text()) if path is not None else None
+
+    def provenance_table(self) -> pd.DataFrame:
+        """One row per chapter: the commit, date and device it ran on (and its wall time)."""
+        rows = [{"chapter": stem, "commit": c.get("commit", "not recorded"),
+                 "date (UTC)": c.get("date", ""), "device": c.get("device", ""),
+                 "seconds": c.get("seconds")} for stem, c in self.info["chapters"].items()]
+        return pd.DataFrame(rows).set_index("chapter")
+
+
+def read_record(folder: str | Path) -> Record:
+    """Read and verify ``folder/record.json``: every listed file present with its sha256."""
+    folder = Path(folder)
+    where = folder / "record.json"
+    try:
+        info = json.loads(where.read_text())
+    except FileNotFoundError:
+        raise CrossmodError(f"{where}: missing (not a recorded run)") from None
+    except ValueError as exc:
+        raise CrossmodError(f"{where}: not valid JSON ({exc})") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise CrossmodError(f"{where}: format is not {FORMAT}")
+    for key in ("chapters", "recorded", "files"):
+        if not isinstance(info.get(key), dict):
+            raise CrossmodError(f"{where}: no '{key}' entry")
+    for relative, entry in info["files"].items():
+        path = folder / relative
+        if not path.is_file():
+            raise CrossmodError(f"{path}: listed in record.json but missing")
+        if _sha256(path) != entry.get("sha256"):
+            raise CrossmodError(f"{path}: changed since it was recorded (sha256 differs)")
+    return Record(folder, info)
+
+
+def recorded_runs(root: str | Path | None = None) -> list[Record]:
+    """Every recorded run under ``root`` (default: the repository's ``recorded/``), verified."""
+    root = Path(root) if root else default_folder()
+    if not root.is_dir():
+        return []
+    return [read_record(p) for p in sorted(root.iterdir()) if (p / "record.json").is_file()]

@@ -1,0 +1,105 @@
+"""Recorded runs (crossmod_lib.record): copy with provenance, verify, refuse tampering."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from crossmod_lib import record
+from crossmod_lib.cli import main
+from crossmod_lib.errors import CrossmodError
+
+
+def _notebook(path, commit, date="2026-01-02T03:04:05+00:00"):
+    table = ("| | |\n|---|---|\n"
+             f"| commit | {commit} |\n| date (UTC) | {date} |\n| profile | tiny |\n"
+             "| device | x86_64, 2 CPU cores |\n")
+    cell = {"cell_type": "code", "source": "", "metadata": {}, "execution_count": 1,
+            "outputs": [{"output_type": "display_data", "metadata": {},
+                         "data": {"text/markdown": table, "text/plain": "<Markdown>"}}]}
+    path.write_text(json.dumps({"cells": [cell], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+
+
+def _finished_run(root):
+    (root / "metrics").mkdir(parents=True)
+    (root / "figures").mkdir()
+    (root / "notebooks").mkdir()
+    (root / "cleaned").mkdir()
+    (root / "profile.yaml").write_text("name: tiny\ndescription: a tiny run\n")
+    pd.DataFrame({"ROI": ["Right parotid"], "Method": ["Cross-modality"], "DSC": ["0.70 ± 0.10"]}).to_csv(
+        root / "metrics" / "table_2_lcc.csv", index=False)
+    (root / "cleaned" / "summary.json").write_text(json.dumps({"slices": 10, "accepted_final": 8}))
+    (root / "figures" / "fig8_boxplots.png").write_bytes(b"\x89PNG fake")
+    (root / "figures" / "not_recorded.png").write_bytes(b"\x89PNG other")
+    (root / "model").mkdir()
+    (root / "model" / "big.pt").write_bytes(b"0" * 1000)
+    _notebook(root / "notebooks" / "01_data_preparation.ipynb", "abc123def456")
+    _notebook(root / "notebooks" / "05_evaluation.ipynb", "fedcba654321")
+    (root / "notebooks" / "08_review.ipynb").write_text(json.dumps({"cells": []}))
+    (root / "notebooks" / "timings.json").write_text(json.dumps(
+        {"notebooks": {"01_data_preparation": {"seconds": 12.5}}}))
+    return root
+
+
+def test_record_round_trip_keeps_provenance_and_only_results(tmp_path):
+    run = _finished_run(tmp_path / "run")
+    info = record.record_run(run, tmp_path / "recorded" / "tiny")
+    assert info["chapters"]["01_data_preparation"]["commit"] == "abc123def456"
+    assert info["chapters"]["01_data_preparation"]["seconds"] == 12.5
+    assert info["chapters"]["05_evaluation"]["commit"] == "fedcba654321"
+    assert info["chapters"]["08_review"] == {}  # no provenance table: none invented
+    assert set(info["files"]) == {"profile.yaml", "metrics/table_2_lcc.csv", "cleaned/summary.json",
+                                  "notebooks/timings.json", "figures/fig8_boxplots.png"}
+    records = record.recorded_runs(tmp_path / "recorded")
+    assert [r.name for r in records] == ["tiny"]
+    rec = records[0]
+    assert rec.table("metrics/table_2_lcc.csv")["DSC"].tolist() == ["0.70 ± 0.10"]
+    assert rec.json("cleaned/summary.json")["accepted_final"] == 8
+    assert rec.path("figures/not_recorded.png") is None
+    provenance = rec.provenance_table()
+    assert provenance.loc["08_review", "commit"] == "not recorded"
+    assert not list((tmp_path / "recorded").glob(".*tmp*")), "temporary folder left behind"
+
+
+def test_read_record_refuses_changed_or_missing_files(tmp_path):
+    run = _finished_run(tmp_path / "run")
+    out = tmp_path / "recorded" / "tiny"
+    record.record_run(run, out)
+    table = out / "metrics" / "table_2_lcc.csv"
+    table.write_text(table.read_text().replace("0.70", "0.90"))
+    with pytest.raises(CrossmodError, match=r"table_2_lcc.csv: changed since it was recorded"):
+        record.read_record(out)
+    table.unlink()
+    with pytest.raises(CrossmodError, match=r"table_2_lcc.csv: listed in record.json but missing"):
+        record.read_record(out)
+    (out / "record.json").write_text("{not json")
+    with pytest.raises(CrossmodError, match=r"record.json: not valid JSON"):
+        record.read_record(out)
+    with pytest.raises(CrossmodError, match=r"record.json: missing"):
+        record.read_record(tmp_path)
+    assert record.recorded_runs(tmp_path / "nowhere") == []
+
+
+def test_record_refuses_an_unfinished_run_and_leaves_nothing(tmp_path, capsys):
+    run = _finished_run(tmp_path / "run")
+    (run / "metrics" / "table_2_lcc.csv").unlink()
+    out = tmp_path / "recorded" / "tiny"
+    assert main(["record", "--run-dir", str(run), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("crossmod: error:") and "table_2_lcc.csv" in err and "\n" not in err
+    assert not (tmp_path / "recorded").exists()
+
+
+def test_cli_record_writes_the_folder(tmp_path, capsys):
+    run = _finished_run(tmp_path / "run")
+    out = tmp_path / "rec"
+    assert main(["record", "--run-dir", str(run), "--out", str(out)]) == 0
+    assert "recorded 5 files" in capsys.readouterr().out
+    assert record.read_record(out).info["profile"] == "tiny"
+
+
+def test_committed_records_verify():
+    # whatever is committed under recorded/ must pass its own checksums (the book reads them)
+    for rec in record.recorded_runs():
+        assert rec.info["chapters"], rec.root
+        assert rec.path("metrics/table_2_lcc.csv") is not None, rec.root
