@@ -105,7 +105,7 @@ def test_real_data_section(smoke_book):
     ("06_contour_quality", ("Fig. 9", "training slices")),
     ("07_computation_time", ("V100", "72 h")),
     ("08_review", ("review",)),
-    ("09_recorded_runs", ("Recorded runs", "crossmod record", "not by the run that built this book")),
+    ("09_recorded_runs", ("Recorded runs", "sha256", "not by the run that built this book")),
 ])
 def test_later_chapters_render_with_figures(smoke_book, chapter, needles):
     _, html, _ = smoke_book
