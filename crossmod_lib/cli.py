@@ -183,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", type=Path, required=True, help="the finished run folder")
     p.add_argument("--out", type=Path, default=None,
                    help="destination folder (default: recorded/<profile name> in the repository)")
+    p.add_argument("--note", default="",
+                   help="what the run was, in your words (shown with it in chapter 9)")
     p.set_defaults(func=cmd_record)
     return parser
 
@@ -367,7 +369,7 @@ def cmd_record(args) -> int:
             raise CrossmodError(f"{args.run_dir}: no profile.yaml (not a run folder)")
         name = (yaml.safe_load(profile_file.read_text()) or {}).get("name") or args.run_dir.name
         out = record.default_folder() / name
-    info = record.record_run(args.run_dir, out)
+    info = record.record_run(args.run_dir, out, note=args.note)
     size = sum(f["bytes"] for f in info["files"].values())
     print(f"recorded {len(info['files'])} files ({size / 1024:.0f} KiB) of {args.run_dir} -> {out}")
     return 0

@@ -32,7 +32,8 @@ FORMAT = "crossmod-record-1"
 # What a record holds, relative to the run folder. Metric tables and JSON summaries are small;
 # the figures are the ones the recorded-runs chapter shows (paper Figs 6-8 and the synthesis).
 RECORDED_GLOBS = ("profile.yaml", "metrics/*.csv", "metrics/*.json", "cleaned/summary.json",
-                  "synthetic/synthesis.json", "notebooks/timings.json")
+                  "synthetic/synthesis.json", "synthetic/cyclegan/summary.json",
+                  "notebooks/timings.json")
 RECORDED_FIGURES = ("cyclegan_examples.png", "fig6_cleaning_examples.png", "cleaning_by_position.png",
                     "fig8_boxplots.png", "fig7_contours.png", "computation_time.png")
 MAX_BYTES = 8 * 1024 * 1024  # a record is committed to git: refuse anything bigger
@@ -74,8 +75,11 @@ def notebook_provenance(ipynb: str | Path) -> dict:
     return found
 
 
-def record_run(run_dir: str | Path, out_dir: str | Path, figures=RECORDED_FIGURES) -> dict:
+def record_run(run_dir: str | Path, out_dir: str | Path, figures=RECORDED_FIGURES,
+               note: str = "") -> dict:
     """Copy a finished run's results into ``out_dir`` (replaced atomically) with ``record.json``.
+
+    ``note``: the recorder's words on what the run was (shown with it, never mixed into its files).
 
     The run must have its executed notebooks and Table II (chapter 5); a chapter whose notebook
     lacks a provenance table is recorded with an empty provenance, never a guessed one.
@@ -125,6 +129,7 @@ def record_run(run_dir: str | Path, out_dir: str | Path, figures=RECORDED_FIGURE
             "profile": profile.get("name", ""),
             "description": profile.get("description", ""),
             "run_dir": str(run_dir),
+            "note": str(note),
             "chapters": chapters,
             "recorded": {**recorded, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},
             "files": files,

@@ -59,6 +59,15 @@ for rec in records:
                      f"Recorded on {recorded.get('date', '?')} at commit {recorded.get('commit', '?')}. "
                      "Where and when each chapter of that run ran (wall seconds):"))
     display(rec.provenance_table().round({"seconds": 0}))
+    if rec.info.get("note"):
+        display(Markdown(f"*Recorder's note:* {rec.info['note']}"))
+    training = rec.json("synthetic/cyclegan/summary.json")
+    if training is not None:
+        display(Markdown(
+            f"**CycleGAN** (chapter 2): {training['iteration']:,} iterations ({training['epochs_done']} "
+            f"epochs, batch {training['batch_size']}, {training['ct_slices']:,} CT and "
+            f"{training['mr_slices']:,} MR slices of {training['size'][0]} × {training['size'][1]} "
+            f"pixels), {training['seconds_total'] / 60:.0f} min on {training['device']}."))
     contrast = rec.table("metrics/cyclegan_parotid_contrast.csv")
     if contrast is not None:
         display(Markdown("**Synthetic MR contrast** (chapter 2): parotid / rest-of-head intensity."))

@@ -93,9 +93,10 @@ def test_record_refuses_an_unfinished_run_and_leaves_nothing(tmp_path, capsys):
 def test_cli_record_writes_the_folder(tmp_path, capsys):
     run = _finished_run(tmp_path / "run")
     out = tmp_path / "rec"
-    assert main(["record", "--run-dir", str(run), "--out", str(out)]) == 0
+    assert main(["record", "--run-dir", str(run), "--out", str(out), "--note", "a test run"]) == 0
     assert "recorded 5 files" in capsys.readouterr().out
-    assert record.read_record(out).info["profile"] == "tiny"
+    info = record.read_record(out).info
+    assert info["profile"] == "tiny" and info["note"] == "a test run"
 
 
 def test_committed_records_verify():
