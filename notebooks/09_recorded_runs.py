@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -39,7 +41,7 @@ from crossmod_lib import record, runs
 
 run = runs.RunFolder.open(profile_path or profile, run_dir or None)
 records = record.recorded_runs(recorded_dir or None)
-display(Markdown(f"{len(records)} recorded run(s): " + ", ".join(f"`{r.name}`" for r in records)
+display(Markdown(f"{len(records)} recorded run(s): " + ", ".join(f"`{r.root.name}`" for r in records)
                  if records else "*No recorded run in this repository.*"))
 
 # %% tags=["hide-input"]
@@ -55,7 +57,8 @@ FIGURES = (
 
 for rec in records:
     recorded = rec.info["recorded"]
-    display(Markdown(f"## Recorded run `{rec.name}`\n\n{rec.info.get('description', '')} "
+    description = rec.info.get("description", "").strip().rstrip(".")
+    display(Markdown(f"## Recorded run `{rec.root.name}` (profile `{rec.name}`)\n\n" + (f"{description}. " if description else "") +
                      f"Recorded on {recorded.get('date', '?')} at commit {recorded.get('commit', '?')}. "
                      "Where and when each chapter of that run ran (wall seconds):"))
     display(rec.provenance_table().round({"seconds": 0}))
