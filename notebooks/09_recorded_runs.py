@@ -5,8 +5,6 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
-#       format_version: '1.3'
-#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -58,8 +56,9 @@ FIGURES = (
 for rec in records:
     recorded = rec.info["recorded"]
     description = rec.info.get("description", "").strip().rstrip(".")
-    display(Markdown(f"## Recorded run `{rec.root.name}` (profile `{rec.name}`)\n\n" + (f"{description}. " if description else "") +
-                     f"Recorded on {recorded.get('date', '?')} at commit {recorded.get('commit', '?')}. "
+    display(Markdown(f"## Recorded run `{rec.root.name}` (profile `{rec.name}`)\n\n"
+                     + (f"{description}. " if description else "")
+                     + f"Recorded on {recorded.get('date', '?')} at commit {recorded.get('commit', '?')}. "
                      "Where and when each chapter of that run ran (wall seconds):"))
     display(rec.provenance_table().round({"seconds": 0}))
     if rec.info.get("note"):
