@@ -52,7 +52,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-_ROW = re.compile(r"^\|\s*(commit|date \(UTC\)|device|profile)\s*\|\s*(.*?)\s*\|\s*$", re.M)
+_ROW = re.compile(r"^\|\s*(commit|date \(UTC\)|device|profile)\s*\|\s*(.*?)\s*\|\s*$", re.MULTILINE)
 
 
 def notebook_provenance(ipynb: str | Path) -> dict:
@@ -104,13 +104,14 @@ def record_run(run_dir: str | Path, out_dir: str | Path, figures=RECORDED_FIGURE
     if size > MAX_BYTES:
         raise CrossmodError(f"{run_dir}: the record would be {size / 2**20:.1f} MiB "
                             f"(limit {MAX_BYTES / 2**20:.0f} MiB); record fewer figures")
-    profile = {}
-    try:
-        import yaml
+    import yaml
 
+    try:
         profile = yaml.safe_load((run_dir / "profile.yaml").read_text()) or {}
-    except Exception as exc:  # a damaged profile.yaml: say which file
+    except (OSError, yaml.YAMLError) as exc:
         raise CrossmodError(f"{run_dir / 'profile.yaml'}: unreadable ({exc})") from None
+    if not isinstance(profile, dict):
+        raise CrossmodError(f"{run_dir / 'profile.yaml'}: not a profile (a mapping of settings)")
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))

@@ -44,8 +44,8 @@ display(Markdown(f"{len(records)} recorded run(s): " + ", ".join(f"`{r.root.name
 
 # %% tags=["hide-input"]
 FIGURES = (
-    ("cyclegan_examples.png", "Chapter 2: CT → synthetic MR → reconstructed CT, and MR → synthetic CT "
-                              "→ reconstructed MR, at the level of the parotids."),
+    ("cyclegan_examples.png", ("Chapter 2: CT → synthetic MR → reconstructed CT, and MR → synthetic "
+                               "CT → reconstructed MR, at the level of the parotids.")),
     ("fig6_cleaning_examples.png", "Chapter 3, Fig. 6: selected (green) and rejected (red) slices."),
     ("cleaning_by_position.png", "Chapter 3: slices kept and dropped by cranio-caudal position."),
     ("fig8_boxplots.png", "Chapter 5, Fig. 8: DSC, HD and MSD per method (both glands averaged)."),
