@@ -19,6 +19,7 @@ import os
 import re
 import struct
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
@@ -286,3 +287,28 @@ def replace_folder(new: str | Path, target: str | Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(new, target)
+
+
+@contextmanager
+def staged_folder(target: str | Path):
+    """Build a folder that replaces ``target`` only when complete.
+
+    Yields an empty sibling folder to fill; when the block ends normally it becomes ``target``
+    (:func:`replace_folder`), when it raises it is removed, so a failure leaves no half-written
+    folder behind and an existing ``target`` untouched.
+    """
+    import shutil
+    import tempfile
+
+    target = Path(target).absolute()
+    if target.exists() and not target.is_dir():
+        raise CrossmodError(f"{target}: exists and is not a folder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
+    try:
+        yield tmp
+        replace_folder(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -43,8 +43,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +53,7 @@ from scipy import ndimage
 
 from crossmod_lib import __version__
 from crossmod_lib.errors import CrossmodError
-from crossmod_lib.io import replace_folder
+from crossmod_lib.io import staged_folder
 from crossmod_lib.parallel import run_tasks
 
 PHANTOM_VERSION = "1.0"
@@ -1221,9 +1219,7 @@ def write_phantom(out_dir, *, seed: int = 2021, n_ct: int = 3, n_mr: int = 3,
     out_dir = Path(out_dir).absolute()
     if out_dir.exists() and not out_dir.is_dir():
         raise CrossmodError(f"phantom out_dir {out_dir} exists and is not a folder")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with staged_folder(out_dir) as tmp:
         ct_kw = {"ct_matrix": ct_matrix, "ct_slices": (lo, hi), "partial_rate": partial_rate,
                  "missing_rate": missing_rate}
         mr_kw = {"mr_matrix": mr_matrix, "mr_slices": mr_slices}
@@ -1247,8 +1243,4 @@ def write_phantom(out_dir, *, seed: int = 2021, n_ct: int = 3, n_mr: int = 3,
             "mr": mr_infos,
         }
         (tmp / "phantom.json").write_text(json.dumps(summary, indent=1))
-        replace_folder(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return summary

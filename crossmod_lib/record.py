@@ -17,14 +17,13 @@ import hashlib
 import json
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from .errors import CrossmodError
-from .io import replace_folder
+from .io import staged_folder
 from .runs import provenance
 
 FORMAT = "crossmod-record-1"
@@ -113,9 +112,7 @@ def record_run(run_dir: str | Path, out_dir: str | Path, figures=RECORDED_FIGURE
     if not isinstance(profile, dict):
         raise CrossmodError(f"{run_dir / 'profile.yaml'}: not a profile (a mapping of settings)")
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with staged_folder(out_dir) as tmp:
         files = {}
         for source in sources:
             relative = source.relative_to(run_dir).as_posix()
@@ -136,10 +133,6 @@ def record_run(run_dir: str | Path, out_dir: str | Path, figures=RECORDED_FIGURE
             "files": files,
         }
         (tmp / "record.json").write_text(json.dumps(info, indent=1))
-        replace_folder(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return info
 
 

@@ -89,9 +89,6 @@ Layout written by :func:`write_simulated_cohort` (MICCAI 2015 / PDDCA-like, as t
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -102,7 +99,7 @@ from scipy import ndimage, sparse
 
 from crossmod_lib import __version__
 from crossmod_lib.errors import CrossmodError
-from crossmod_lib.io import PAROTIDS, Case, replace_folder, write_image
+from crossmod_lib.io import PAROTIDS, Case, staged_folder, write_image
 from crossmod_lib.parallel import run_tasks
 from crossmod_lib.phantom import (
     MR_SUBSLICES,
@@ -752,12 +749,7 @@ def write_simulated_cohort(out_dir, dataset: str, folders, *, seed: int,
     if len(set(names)) != len(names):
         raise CrossmodError(f"{out_dir}: source patient names repeat; each needs its own folder")
     out_dir = Path(out_dir).absolute()
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CrossmodError(f"{out_dir}: exists and is not a folder")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cohort is an ordinary folder
-    try:
+    with staged_folder(out_dir) as tmp:
         tasks = [(dataset, str(f), int(seed), asdict(settings), str(tmp)) for f in folders]
         infos = run_tasks(_simulate_one, tasks, workers, progress, desc="simulate MR", unit="patient")
         summary = {
@@ -771,8 +763,4 @@ def write_simulated_cohort(out_dir, dataset: str, folders, *, seed: int,
             "patients": sorted(infos, key=lambda i: names.index(i["patient_id"])),
         }
         (tmp / "simulation.json").write_text(json.dumps(summary, indent=1))
-        replace_folder(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return summary

@@ -46,3 +46,23 @@ def test_read_case_refuses_mask_on_other_grid(tmp_path):
                    tmp_path / "structures" / "Parotid_L.nrrd")
     with pytest.raises(CrossmodError, match="Parotid_L.nrrd: mask grid differs from its image img.nrrd: size"):
         io.read_case(tmp_path)
+
+
+def test_staged_folder_replaces_only_when_complete(tmp_path):
+    from crossmod_lib.io import staged_folder
+
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError), staged_folder(target) as tmp:
+        (tmp / "half.txt").write_text("half")
+        raise RuntimeError("generation failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing half-written left
+    assert (target / "old.txt").read_text() == "old"
+    with staged_folder(target) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CrossmodError, match="file: exists and is not a folder"), \
+            staged_folder(tmp_path / "file"):
+        pass
