@@ -294,14 +294,19 @@ def prepare_case(case: Case, modality: str, settings: dict, coverage_mm: float |
             keep = np.ones(len(z), dtype=bool)
         index = np.flatnonzero(keep)
         mask = head_mask(normalised[index], settings["head_threshold"])
-        empty_head = 0
+        without_head = 0
         if modality == "CT":
-            # A CT slice without head (a volume padded beyond the scan, e.g. OpenKBP's fixed
-            # 128-slice grid) has nothing to translate: the cleaning step would only reject it.
-            has_head = mask.any(axis=(1, 2))
-            empty_head = int((~has_head).sum())
+            # A CT slice without a head has nothing to translate: the cleaning step would only
+            # reject it. Beyond the scan a volume may be padded with air (OpenKBP's fixed 128-slice
+            # grid) or hold a small island of residue (0.2-19 cm2 on OpenKBP, where such slices made
+            # most of the outline rejections), far below any head or neck in the range.
+            area_cm2 = mask.sum(axis=(1, 2)) * settings["pixel_mm"] ** 2 / 100.0
+            has_head = (area_cm2 > 0) & (area_cm2 >= settings["min_head_area_cm2"])
+            without_head = int((~has_head).sum())
             if not has_head.any():
-                raise CrossmodError("no CT slice in the cranio-caudal range contains a head outline")
+                raise CrossmodError(
+                    "no CT slice in the cranio-caudal range contains a head outline of at least "
+                    f"{settings['min_head_area_cm2']:g} cm2 (preprocessing.min_head_area_cm2)")
             index, mask = index[has_head], mask[has_head]
         y0, x0 = crop_origin(mask, settings["crop"])
     except CrossmodError as exc:
@@ -322,7 +327,7 @@ def prepare_case(case: Case, modality: str, settings: dict, coverage_mm: float |
             "source": str(case.source) if case.source else "",
             "slices_total": len(z),
             "slices_kept": len(index),
-            "slices_empty_head": empty_head,
+            "slices_without_head": without_head,
             "z_min_mm": float(z[index].min()),
             "z_max_mm": float(z[index].max()),
             "crop_row": y0,

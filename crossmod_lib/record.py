@@ -197,3 +197,18 @@ def recorded_runs(root: str | Path | None = None) -> list[Record]:
     if not root.is_dir():
         return []
     return [read_record(p) for p in sorted(root.iterdir()) if (p / "record.json").is_file()]
+
+
+def with_rejected_slices(records: list[Record]) -> list[Record]:
+    """The records whose cleaning step rejected at least one slice and that keep its Fig. 6.
+
+    The cleaning chapter shows one of these when its own run rejected nothing (the phantom's
+    simple outlines rarely make the CycleGAN fail), so a reader still sees what a rejected slice
+    looks like, labelled as recorded.
+    """
+    chosen = []
+    for rec in records:
+        summary = rec.json("cleaned/summary.json") or {}
+        if summary.get("rejected_final", 0) > 0 and rec.path("figures/fig6_cleaning_examples.png"):
+            chosen.append(rec)
+    return chosen

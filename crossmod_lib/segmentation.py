@@ -1276,6 +1276,7 @@ def _predict(model, case, settings, *, modality, device, timings, which):
         pre["cc_rule"] = "none"
     pre.setdefault("cc_rule", "none")
     pre.setdefault("cc_margin_mm", 0.0)
+    pre.setdefault("min_head_area_cm2", 0.0)  # checkpoints trained before the setting existed
     t0 = time.perf_counter()
     prepared = prepare_case(case, modality, pre)
     t1 = time.perf_counter()

@@ -239,8 +239,9 @@ display(Markdown(
     f"- **{n_ct} CT** patients gave **{len(ct_slices['image'])}** axial slices after restricting each CT "
     f"to the MR coverage ({coverage_mm:.0f} mm) around its parotids "
     f"(from {int(ct_cases['slices_total'].sum())} slices in total"
-    + (f"; {int(ct_cases['slices_empty_head'].sum())} slices in that range without any head outline, "
-       "a volume padded beyond its scan, were dropped" if ct_cases['slices_empty_head'].sum() else "")
+    + (f"; {int(ct_cases['slices_without_head'].sum())} slices in that range without a head outline of "
+       f"at least {settings['min_head_area_cm2']:g} cm², a volume padded beyond its scan, were dropped"
+       if ct_cases['slices_without_head'].sum() else "")
     + ").\n"
     f"- **{n_mr} MR** patients gave **{len(mr_slices['image'])}** slices.\n"
     f"- Slices are {settings['crop']} × {settings['crop']} pixels of {settings['pixel_mm']} mm.\n"

@@ -40,9 +40,9 @@ profile_path = ""
 # %%
 import matplotlib.pyplot as plt
 import numpy as np
-from IPython.display import Markdown, display
+from IPython.display import Image, Markdown, display
 
-from crossmod_lib import cleaning, plots, review, runs
+from crossmod_lib import cleaning, plots, record, review, runs
 from crossmod_lib.preparation import head_mask
 
 run = runs.RunFolder.open(profile_path or profile, run_dir or None)
@@ -108,6 +108,16 @@ if not examples["rejected"]:
         f"threshold {settings['outline_dice_threshold']:g}), so Fig. 6 shows selected examples only. The "
         "geometric loss trains the generator on exactly this outline, and the phantom's outlines are "
         "simple; the `openkbp` profile (real CT anatomy) is the one to run to see rejected slices.*"))
+    for rec in record.with_rejected_slices(record.recorded_runs())[:1]:
+        summary = rec.json("cleaned/summary.json")
+        made = rec.info["recorded"]
+        display(Markdown(
+            f"**Recorded, not this run:** Fig. 6 of the recorded `{rec.name}` run (chapter 9; recorded "
+            f"{made.get('date', '?')[:10]} at commit {made.get('commit', '?')}), where the same code "
+            f"rejected {summary['rejected_final']} of {summary['slices']} synthetic slices "
+            f"({summary['rejected_outline']} by the outline check, before or after registration; "
+            f"{summary['rejected_registration']} by the other registration checks)."))
+        display(Image(filename=str(rec.path("figures/fig6_cleaning_examples.png"))))
 if pairs:
     lines = max(item["caption"].count("\n") + 1 for item, _ in pairs)
     fig, axes = plt.subplots(2, len(pairs), figsize=(2.2 * len(pairs), 4.4 + 0.16 * lines), squeeze=False,

@@ -208,7 +208,7 @@ def _tiny_checkpoint(path):
     torch.manual_seed(0)
     settings = {"preprocessing": {"pixel_mm": 2.0, "crop": 32, "ct_window": [40, 350],
                                   "mr_upper_percentile": 99.0, "head_threshold": 20.0,
-                                  "cc_rule": "none", "cc_margin_mm": 0.0},
+                                  "cc_rule": "none", "cc_margin_mm": 0.0, "min_head_area_cm2": 0.0},
                 "segmentation": {"base_features": 4, "levels": 2}}
     model = seg.build_model(settings)
     return seg.save_checkpoint({"format": seg.CHECKPOINT_FORMAT, "model": model.state_dict(),

@@ -12,7 +12,7 @@ from crossmod_lib.io import Case, write_image
 SETTINGS = {
     "pixel_mm": 2.0, "crop": 48, "ct_window": {"level": 40, "width": 350},
     "mr_upper_percentile": 99.0, "head_threshold": 20, "cc_rule": "parotid_centred",
-    "cc_margin_mm": 0.0,
+    "cc_margin_mm": 0.0, "min_head_area_cm2": 0.0,
 }
 
 
@@ -172,7 +172,7 @@ def test_prepare_case_drops_ct_slices_without_head():
     case.image = padded
     prepared = prep.prepare_case(case, "CT", SETTINGS, coverage_mm=10.0)
     assert list(prepared.slice_index) == [8, 9, 10]
-    assert prepared.info["slices_empty_head"] == 2 and prepared.info["slices_kept"] == 3
+    assert prepared.info["slices_without_head"] == 2 and prepared.info["slices_kept"] == 3
     assert prepared.head_mask.any(axis=(1, 2)).all()
     array[:] = -1000.0
     empty = sitk.GetImageFromArray(array)
@@ -180,6 +180,26 @@ def test_prepare_case_drops_ct_slices_without_head():
     case.image, case.source = empty, "/data/ct_008"
     with pytest.raises(CrossmodError, match="/data/ct_008: no CT slice .* head outline"):
         prep.prepare_case(case, "CT", SETTINGS, coverage_mm=10.0)
+
+
+def test_prepare_case_drops_ct_slices_holding_only_a_small_island():
+    # beyond the scan, a slice holding only residue (a 10 x 10 mm island) is not a head: dropped like
+    # an empty one when it is below min_head_area_cm2, kept with the rule off
+    case = head_phantom("CT")
+    array = sitk.GetArrayFromImage(case.image)
+    array[11:] = -1000.0
+    array[11:, 20:30, 20:30] = 40.0
+    island = sitk.GetImageFromArray(array)
+    island.CopyInformation(case.image)
+    case.image = island
+    kept_all = prep.prepare_case(case, "CT", SETTINGS, coverage_mm=10.0)
+    assert list(kept_all.slice_index) == [8, 9, 10, 11, 12]
+    settings = {**SETTINGS, "min_head_area_cm2": 2.0}
+    prepared = prep.prepare_case(case, "CT", settings, coverage_mm=10.0)
+    assert list(prepared.slice_index) == [8, 9, 10]
+    assert prepared.info["slices_without_head"] == 2
+    # the head slices themselves are far above the limit
+    assert prepared.head_mask.sum(axis=(1, 2)).min() * 2.0 ** 2 / 100.0 > 2.0
 
 
 def test_prepare_case_names_the_case_on_error():

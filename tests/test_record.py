@@ -104,3 +104,25 @@ def test_committed_records_verify():
     for rec in record.recorded_runs():
         assert rec.info["chapters"], rec.root
         assert rec.path("metrics/table_2_lcc.csv") is not None, rec.root
+
+
+def test_with_rejected_slices_picks_records_that_show_rejections(tmp_path):
+    kept_all = _finished_run(tmp_path / "all_kept")
+    some_rejected = _finished_run(tmp_path / "some_rejected")
+    (some_rejected / "cleaned" / "summary.json").write_text(json.dumps(
+        {"slices": 10, "accepted_final": 7, "rejected_final": 3}))
+    (some_rejected / "figures" / "fig6_cleaning_examples.png").write_bytes(b"\x89PNG fig6")
+    (kept_all / "figures" / "fig6_cleaning_examples.png").write_bytes(b"\x89PNG fig6")
+    record.record_run(kept_all, tmp_path / "recorded" / "a")
+    record.record_run(some_rejected, tmp_path / "recorded" / "b")
+    chosen = record.with_rejected_slices(record.recorded_runs(tmp_path / "recorded"))
+    assert [rec.root.name for rec in chosen] == ["b"]
+    # a record that rejected slices but lacks the figure has nothing to show
+    (some_rejected / "figures" / "fig6_cleaning_examples.png").unlink()
+    record.record_run(some_rejected, tmp_path / "recorded2" / "b")
+    assert record.with_rejected_slices(record.recorded_runs(tmp_path / "recorded2")) == []
+
+
+def test_committed_records_include_rejected_examples():
+    # chapter 3 falls back on these when the demo phantom rejects nothing
+    assert record.with_rejected_slices(record.recorded_runs()), "no recorded run shows rejected slices"

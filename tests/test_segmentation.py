@@ -24,7 +24,7 @@ TINY = {"base_features": 4, "levels": 3, "batch_size": 4, "learning_rate": 1e-3,
         "max_steps_per_epoch": 2, "inference_batch": 8, "oracle_folds": 2, "few_shot_k": [1, 2],
         "few_shot_epochs": 2, "few_shot_lr": 1e-3, "cpu_threads": 1}
 PRE = {"pixel_mm": 2.0, "crop": 32, "ct_window": {"level": 40, "width": 350},
-       "mr_upper_percentile": 99.0, "head_threshold": 20, "cc_rule": "none", "cc_margin_mm": 0.0}
+       "mr_upper_percentile": 99.0, "head_threshold": 20, "cc_rule": "none", "cc_margin_mm": 0.0, "min_head_area_cm2": 0.0}
 
 
 def settings(**overrides):
