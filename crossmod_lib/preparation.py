@@ -230,7 +230,7 @@ def crop_origin(mask: np.ndarray, crop: int) -> tuple[int, int]:
     weights = mask.reshape((-1,) + mask.shape[-2:]).sum(axis=0)[rows, cols]
     cy = np.average(rows, weights=weights)
     cx = np.average(cols, weights=weights)
-    return int(round(cy - crop / 2.0)), int(round(cx - crop / 2.0))
+    return round(cy - crop / 2.0), round(cx - crop / 2.0)
 
 
 def crop_slices(volume: np.ndarray, y0: int, x0: int, crop: int, fill=0) -> np.ndarray:

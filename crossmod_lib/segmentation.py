@@ -1652,7 +1652,7 @@ def prediction_examples(run, patient: str | None = None, models=None) -> dict:
         raise CrossmodError(f"{index_path}: no MR predictions")
     if patient is None:
         common = mr[mr["common"]]
-        patient = sorted((common if len(common) else mr)["patient"])[0]
+        patient = min((common if len(common) else mr)["patient"])
     rows = mr[mr["patient"] == patient]
     if rows.empty:
         raise CrossmodError(f"{index_path}: no MR predictions for patient {patient!r}")

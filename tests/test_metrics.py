@@ -319,7 +319,7 @@ def test_compare_files_bad_files(tmp_path):
         data = full.read_bytes()
         cut = tmp_path / name
         cut.write_bytes(data[: len(data) * 2 // 3])
-        _assert_names_file(cut, lambda: M.compare_files(good, cut))
+        _assert_names_file(cut, lambda cut=cut: M.compare_files(good, cut))
 
 
 # ------------------------------------------------------------------------------------------

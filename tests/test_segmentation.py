@@ -549,7 +549,7 @@ def test_train_run_and_predict_run_write_the_prediction_index(tiny_run):
         assert row["seconds"] > 0
     assert pd.read_csv(run.root / "predictions" / "index.csv").shape == index.shape
     example = seg.prediction_examples(run)
-    assert list(example["predictions"])[0] == "cross_modality"
+    assert next(iter(example["predictions"])) == "cross_modality"
     assert example["reference"].shape == example["image"].shape
     assert (example["reference"] > 0).any()
     logs = seg.training_logs(run)
