@@ -159,6 +159,16 @@ class Record:
         path = self.path(relative)
         return json.loads(path.read_text()) if path is not None else None
 
+    def cleaning_counts(self) -> str | None:
+        """The recorded run's cleaning outcome in one sentence (chapters 3 and 9), or None."""
+        c = self.json("cleaned/summary.json")
+        if c is None:
+            return None
+        return (f"{c['accepted_final']} of {c['slices']} synthetic slices kept "
+                f"({c['accepted_final'] / max(c['slices'], 1):.0%}); {c['rejected_outline']} dropped by the "
+                f"outline check (before or after registration), {c['rejected_registration']} by the other "
+                f"registration checks, {c['manual_reject']} by hand")
+
     def provenance_table(self) -> pd.DataFrame:
         """One row per chapter: the commit, date and device it ran on (and its wall time)."""
         rows = [{"chapter": stem, "commit": c.get("commit", "not recorded"),

@@ -122,30 +122,24 @@ if pairs:
     fig.savefig(figures / "fig6_cleaning_examples.png", dpi=120, bbox_inches="tight")
     plt.show()
 if not examples["rejected"]:
+    # chapter 2's ablation table: one row per arm, the share at this threshold in its own column
     ablation_csv = run.stage("metrics") / "cyclegan_ablation.csv"
     without_geo = ""
     if ablation_csv.is_file():
-        ablation = pd.read_csv(ablation_csv, index_col=0)
-        share = [c for c in ablation.columns if c.startswith("share")]
-        if share and "without geometric loss" in ablation.index:
-            without_geo = (f" Even chapter 2's ablation without the geometric loss kept "
-                           f"{ablation.loc['without geometric loss', share[0]]:.0%} of the slices above it: on "
-                           "the phantom the CT → MR mapping is close to a change of intensity per tissue, "
-                           "which leaves the outline where it was.")
+        share = pd.read_csv(ablation_csv, index_col=0).loc["without geometric loss", f"share ≥ {threshold}"]
+        without_geo = (f" Even chapter 2's ablation without the geometric loss kept {share:.0%} of the "
+                       "slices above it: on the phantom the CT → MR mapping is close to a change of "
+                       "intensity per tissue, which leaves the outline where it was.")
     display(Markdown(
         f"*No slice was rejected in this run (lowest outline Dice {decisions['outline_dice'].min():.3f}, "
         f"threshold {settings['outline_dice_threshold']:g}), so Fig. 6 shows selected examples only."
         f"{without_geo} Real CT anatomy is where slices fail (the `openkbp` profile).*"))
     for rec in record.with_rejected_slices(record.recorded_runs())[:1]:
-        summary = rec.json("cleaned/summary.json")
         made = rec.info["recorded"]
         display(Markdown(
             f"**Recorded, not this run:** Fig. 6 of the recorded run `{rec.root.name}` (profile "
             f"`{rec.name}`, chapter 9; recorded {made.get('date', '?')[:10]} at commit "
-            f"{made.get('commit', '?')}), where this cleaning step rejected {summary['rejected_final']} of "
-            f"{summary['slices']} synthetic slices ({summary['rejected_outline']} by the outline check, "
-            f"before or after registration; {summary['rejected_registration']} by the other registration "
-            "checks)."))
+            f"{made.get('commit', '?')}): {rec.cleaning_counts()}."))
         display(Image(filename=str(rec.path("figures/fig6_cleaning_examples.png"))))
 
 # %% [markdown]

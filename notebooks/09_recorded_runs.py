@@ -74,14 +74,9 @@ for rec in records:
     if contrast is not None:
         display(Markdown("**Synthetic MR contrast** (chapter 2): parotid / rest-of-head intensity."))
         display(contrast.round(2).set_index(contrast.columns[0]))
-    cleaned = rec.json("cleaned/summary.json")
+    cleaned = rec.cleaning_counts()
     if cleaned is not None:
-        display(Markdown(
-            f"**Cleaning** (chapter 3): {cleaned['accepted_final']} of {cleaned['slices']} synthetic "
-            f"slices kept ({cleaned['accepted_final'] / max(cleaned['slices'], 1):.0%}); "
-            f"{cleaned['rejected_outline']} dropped by the outline check, "
-            f"{cleaned['rejected_registration']} by the registration checks, "
-            f"{cleaned['manual_reject']} by hand."))
+        display(Markdown(f"**Cleaning** (chapter 3): {cleaned}."))
     table = rec.table("metrics/table_2_lcc.csv")
     if table is not None:
         display(Markdown("**Table II** (chapter 5, largest 3D component per gland; mean ± SD over the "

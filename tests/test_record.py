@@ -110,13 +110,17 @@ def test_with_rejected_slices_picks_records_that_show_rejections(tmp_path):
     kept_all = _finished_run(tmp_path / "all_kept")
     some_rejected = _finished_run(tmp_path / "some_rejected")
     (some_rejected / "cleaned" / "summary.json").write_text(json.dumps(
-        {"slices": 10, "accepted_final": 7, "rejected_final": 3}))
+        {"slices": 10, "accepted_final": 7, "rejected_final": 3, "rejected_outline": 1,
+         "rejected_registration": 1, "manual_reject": 1}))
     (some_rejected / "figures" / "fig6_cleaning_examples.png").write_bytes(b"\x89PNG fig6")
     (kept_all / "figures" / "fig6_cleaning_examples.png").write_bytes(b"\x89PNG fig6")
     record.record_run(kept_all, tmp_path / "recorded" / "a")
     record.record_run(some_rejected, tmp_path / "recorded" / "b")
     chosen = record.with_rejected_slices(record.recorded_runs(tmp_path / "recorded"))
     assert [rec.root.name for rec in chosen] == ["b"]
+    assert chosen[0].cleaning_counts() == (
+        "7 of 10 synthetic slices kept (70%); 1 dropped by the outline check (before or after "
+        "registration), 1 by the other registration checks, 1 by hand")
     # a record that rejected slices but lacks the figure has nothing to show
     (some_rejected / "figures" / "fig6_cleaning_examples.png").unlink()
     record.record_run(some_rejected, tmp_path / "recorded2" / "b")
