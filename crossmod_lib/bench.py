@@ -34,6 +34,7 @@ from crossmod_lib.metrics import compare_masks
 
 __all__ = ["BENCHMARKS", "bench_cyclegan_profile", "bench_inference_profile", "bench_metrics",
            "bench_registration_profile", "format_table", "load_benchmarks", "parotid_pair",
+           "peer_images_per_s", "peer_step_script", "recorded_benchmarks",
            "result_table", "save_benchmark"]
 
 GRID_XYZ = (512, 512, 150)
@@ -160,15 +161,104 @@ def bench_registration_profile(repeats: int = 5, profile: str = "full") -> dict:
     return bench_registration(size=256, pixel_mm=1.0, n=repeats, profile=profile)
 
 
-def bench_cyclegan_profile(repeats: int = 10, profile: str = "demo") -> dict:
-    """``crossmod bench cyclegan``: training image-iterations per second at the profile's crop
-    size and widths, reference mode (fp32, batch 1, eager) vs fast mode, on this machine."""
-    from .config import load_profile
-    from .cyclegan import bench_cyclegan, settings_from_profile
+#: The two settings ``crossmod bench cyclegan`` compares with the peer: the demo's networks and
+#: crop, and the paper's (Fig. 4 widths, 256 x 256 crops, batch 1).
+CYCLEGAN_BENCH_CASES = {
+    "demo": {"size": 96, "ngf": 16, "ndf": 16, "n_blocks": 6, "batch": 4},
+    "paper": {"size": 256, "ngf": 64, "ndf": 64, "n_blocks": 9, "batch": 1},
+}
 
-    settings = load_profile(profile)
-    return bench_cyclegan(settings_from_profile(settings), size=int(settings["preprocessing"]["crop"]),
-                          iterations=repeats, warmup=3)
+
+def peer_step_script() -> Path | None:
+    """The peer's step timer (``peer_step.py`` of ``../shared/peers`` beside the repository, or
+    ``$CROSSMOD_PEERS``), or None where it is not on this machine."""
+    root = os.environ.get("CROSSMOD_PEERS")
+    candidates = [Path(root)] if root else []
+    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "peers")
+    for folder in candidates:
+        if (folder / "peer_step.py").is_file():
+            return folder / "peer_step.py"
+    return None
+
+
+def peer_images_per_s(case: dict, iterations: int, threads: int, model: str = "cycle_gan",
+                      script: Path | None = None, timeout: float = 1800) -> dict:
+    """Run the peer's own training step (``peer_step.py``: the CUT repository's CycleGAN, the
+    reference implementation) at ``case``'s settings in a subprocess; its JSON line, or
+    ``{"error": ...}`` (one line) when the peer is not here or fails."""
+    import subprocess
+    import sys
+
+    script = script or peer_step_script()
+    if script is None:
+        return {"error": "peer not found (../shared/peers/peer_step.py or $CROSSMOD_PEERS)"}
+    command = [sys.executable, str(script), "--model", model, "--size", str(case["size"]),
+               "--ngf", str(case["ngf"]), "--ndf", str(case["ndf"]), "--blocks",
+               str(case["n_blocks"]), "--batch", str(case["batch"]), "--iters", str(iterations),
+               "--warmup", "2", "--threads", str(threads)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                              check=False)
+    except subprocess.TimeoutExpired:
+        return {"error": f"peer step timed out after {timeout:.0f} s"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"peer step failed (exit {done.returncode}): {tail[:160]}"}
+    return json.loads(lines[-1])
+
+
+def bench_cyclegan_profile(repeats: int = 10, profile: str = "demo") -> dict:
+    """``crossmod bench cyclegan``: training images/s of the peer (the reference CycleGAN, timed by
+    its own ``optimize_parameters``) and of crossmod, in this one call on this machine, at the
+    demo size (96 x 96, ngf 16, 6 blocks, batch 4) and at the paper's (256 x 256, widths 64,
+    9 blocks, batch 1), each with the same thread count. crossmod runs twice per case: exact
+    (fp32, eager, the determinism tests' mode) and fast (the ``profile``'s speed options: bf16
+    autocast, channels_last, torch.compile). crossmod's step includes the geometric loss (the
+    head mask's hole fill), which the peer has not. The paper-size case takes about a quarter of
+    ``repeats``. Ratios are crossmod / peer."""
+    import torch
+
+    from .config import load_profile
+    from .cyclegan import check_settings, settings_from_profile, speed_mode, training_throughput
+
+    base = settings_from_profile(load_profile(profile))
+    threads = torch.get_num_threads()
+    result = {"name": "cyclegan", "device": f"cpu ({threads} threads)",
+              "peer": "taesungp/contrastive-unpaired-translation@b3ac297 (reference CycleGAN)"}
+    if torch.cuda.is_available():
+        result["device"] = torch.cuda.get_device_name(0)
+    for label, case in CYCLEGAN_BENCH_CASES.items():
+        iterations = max(2, int(repeats)) if label == "demo" else max(2, int(repeats) // 4)
+        warmup = 3 if label == "demo" else 2
+        s = check_settings({**base, "ngf": case["ngf"], "ndf": case["ndf"],
+                            "n_blocks": case["n_blocks"], "batch_size": case["batch"]})
+        peer = peer_images_per_s(case, iterations, threads)
+        exact = training_throughput(s, case["size"], "cpu", case["batch"], iterations=iterations,
+                                    warmup=warmup)
+        fast = training_throughput(s, case["size"], "cpu", case["batch"], bf16=s["bf16"],
+                                   channels_last=s["channels_last"], compile=s["compile"],
+                                   iterations=iterations, warmup=warmup)
+        # from the peer's seconds per iteration (4 decimals), not its rounded images/s
+        peer_rate = case["batch"] / peer["s_per_iter"] if peer.get("s_per_iter") else None
+        prefix = f"{label} ({case['size']}², ngf {case['ngf']}, {case['n_blocks']} blocks, batch {case['batch']})"
+        result[f"{prefix}: peer images/s"] = peer_rate if peer_rate else peer.get("error")
+        result[f"{prefix}: crossmod exact images/s"] = exact
+        result[f"{prefix}: crossmod fast images/s"] = fast
+        result[f"{prefix}: fast mode"] = speed_mode(s, "cpu")
+        if peer_rate:
+            result[f"{prefix}: exact / peer"] = exact / peer_rate
+            result[f"{prefix}: fast / peer"] = fast / peer_rate
+        if label == "paper":       # chapter 7's extrapolation reads these (paper-size networks)
+            from .cyclegan import training_flops_per_image
+
+            flops = training_flops_per_image(s, case["size"])["total"]
+            result.update({"size": case["size"], "ngf": case["ngf"], "n_blocks": case["n_blocks"],
+                           "reference_mode": "fp32 exact, batch 1",
+                           "reference_tflops": exact * flops / 1e12,
+                           "fast_mode": speed_mode(s, "cpu", case["batch"]),
+                           "fast_tflops": fast * flops / 1e12})
+    return result
 
 
 def bench_inference_profile(repeats: int = 3, profile: str = "demo") -> dict:
@@ -254,6 +344,15 @@ def result_table(result: dict):
         else:
             rows[str(key)] = value
     return pd.DataFrame({"value": [_format_value(v) for v in rows.values()]}, index=list(rows))
+
+
+def recorded_benchmarks(folder=None) -> dict[str, dict]:
+    """The benchmarks kept in the repository (``crossmod bench NAME --save recorded/benchmarks``:
+    ``recorded/benchmarks/metrics/bench_<name>.json``), name → record; {} when there are none."""
+    from .record import default_folder
+
+    folder = Path(folder) if folder else default_folder() / "benchmarks"
+    return load_benchmarks(folder) if folder.is_dir() else {}
 
 
 def load_benchmarks(run) -> dict[str, dict]:

@@ -76,8 +76,10 @@ print(f"profile {run.profile['name']}: ngf {settings['ngf']}, ndf {settings['ndf
 # `head_threshold`, keeps the largest component and fills holes (dark airway and cortical bone inside
 # the head). For a generated image the loss needs gradients, so `soft_head_mask` replaces the
 # threshold by a sigmoid of (intensity − `head_threshold`) / `mask_temperature` and fills the holes
-# differentiably (a pixel is head if it is bright or enclosed by bright pixels along every ray). At
-# 0.5 it reproduces the hard mask; the cleaning step (chapter 3) decides on the *same* definition, so
+# differentiably: a pixel's filled value is the height of the weakest wall between it and the image
+# border, a grayscale reconstruction (on the CPU computed at once by scikit-image's
+# `reconstruction` {cite}`vanderwalt2014`, on a GPU by iterated steps), and its gradient goes to that
+# wall's weakest pixel. At 0.5 it reproduces the hard mask; the cleaning step (chapter 3) decides on the *same* definition, so
 # the loss pushes the generator towards exactly what cleaning will check.
 
 # %% [markdown]

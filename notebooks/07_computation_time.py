@@ -49,7 +49,9 @@ pd.set_option("display.max_colwidth", None)  # the paper's figures and the bases
 run = runs.RunFolder.open(profile_path or profile, run_dir or None)
 figures = run.stage("figures")
 measured = timing.collect(run)
-recorded = bench.load_benchmarks(run)
+# Benchmarks saved in this run folder, and those kept in the repository (recorded/benchmarks);
+# a run's own take precedence.
+recorded = {**bench.recorded_benchmarks(), **bench.load_benchmarks(run)}
 print(f"profile {run.profile['name']}: {len(measured)} measured steps, "
       f"{len(recorded)} recorded benchmark(s)")
 
@@ -173,9 +175,17 @@ display(implied.style.format({"paper-scale work (TFLOP)": "{:,.1f}",
 # %% [markdown]
 # ## Recorded benchmarks
 # The benchmarks of the earlier chapters (`crossmod bench metrics|registration|cyclegan|inference`)
-# print a table; saved into a run folder (`crossmod_lib.bench.save_benchmark`, kept as
-# `metrics/bench_<name>.json` with the machine and commit that ran it) they appear here. Benchmarks
-# are run separately from the book, possibly on another machine: each table says which.
+# print a table; saved into a run folder or into the repository's `recorded/benchmarks`
+# (`crossmod bench NAME --save FOLDER`, kept as `metrics/bench_<name>.json` with the machine and
+# commit that ran it) they appear here. Benchmarks are run separately from the book, possibly on
+# another machine: each table says which.
+#
+# `crossmod bench cyclegan` times the training step of the peer — the reference CycleGAN of
+# {cite}`zhu2017`, as carried by the CUT repository {cite}`park2020`, through its own
+# `optimize_parameters()` — and crossmod's, in one call, at the demo's size and the paper's. crossmod
+# runs in two modes: *exact* (fp32, eager: what the determinism and resume tests check bit for bit)
+# and *fast* (bf16 autocast, channels_last memory layout and `torch.compile`, the profiles' setting).
+# crossmod's step does more than the peer's: it includes the geometric loss and its hole fill.
 
 # %%
 if recorded:

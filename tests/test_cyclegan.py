@@ -23,8 +23,11 @@ from crossmod_lib import cyclegan as cg
 from crossmod_lib.errors import CrossmodError
 
 REPO = Path(__file__).resolve().parents[1]
+# The exact fp32 mode (no bf16, channels_last or compile): what the determinism and resume
+# tests hold bit for bit.
 TINY = {"ngf": 4, "ndf": 4, "n_blocks": 1, "epochs_constant": 1, "epochs_decay": 1,
-        "batch_size": 2, "cpu_threads": 1, "seed": 7}
+        "batch_size": 2, "cpu_threads": 1, "seed": 7, "bf16": False, "channels_last": False,
+        "compile": False}
 
 
 @pytest.fixture(autouse=True)
@@ -153,7 +156,7 @@ def test_patchgan_gives_30x30_scores_with_a_70x70_receptive_field():
     assert net(x).shape == (1, 1, 30, 30)
     # The receptive field is the convolutions' (instance norm's statistics span the whole slice).
     for k, layer in enumerate(net.model):
-        if isinstance(layer, torch.nn.InstanceNorm2d):
+        if isinstance(layer, cg.InstanceNorm):
             net.model[k] = torch.nn.Identity()
     net(x)[0, 0, 15, 15].backward()
     rows, cols = torch.nonzero(x.grad[0, 0], as_tuple=True)
@@ -207,7 +210,28 @@ def test_compiled_fill_falls_back_to_eager(monkeypatch):
     x = torch.rand(2, 1, 24, 24) * 2 - 1
     with pytest.warns(RuntimeWarning, match="eagerly"):
         compiled = cg.head_logits(x, compiled=True)
-    assert torch.equal(compiled, cg.head_logits(x)) and cg._compiled_fill is False
+    assert cg._compiled_fill is False
+    flat = (((x + 1.0) * 127.5 - cg.DEFAULT_HEAD_THRESHOLD) / 5.0).reshape(2, 24, 24)
+    eager = cg._fill_sources_iterated((-flat).clamp_min(-cg._HEAD_CLIP))
+    assert torch.equal(compiled, flat.flatten(1).gather(1, eager.flatten(1)).view_as(compiled))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_reconstruction_fill_gives_the_iterated_escape_values(seed):
+    # Noisy heads and pure noise: the one-shot reconstruction (the CPU path) and the iterated
+    # steps (the GPU path) give every pixel the same escape value, and each source pixel holds
+    # that value (a bottleneck of the wall, or the pixel itself).
+    g = torch.Generator().manual_seed(seed)
+    images, _ = cg._synthetic_heads(3, 40, seed=seed)
+    noise = torch.randn(images.shape, generator=g) * (5.0 if seed % 2 else 60.0)
+    logits = ((images.float() + noise) - 20.0) / 5.0
+    outside = (-logits).clamp_min(-cg._HEAD_CLIP)
+    iterated = cg._fill_sources_iterated(outside)
+    reconstructed = cg._fill_sources_reconstruction(outside)
+    value = lambda sources: outside.flatten(1).gather(1, sources.flatten(1))  # noqa: E731
+    assert torch.equal(value(iterated), value(reconstructed))
+    own = reconstructed.flatten(1) == torch.arange(40 * 40)
+    assert own.float().mean() > 0.5 and (~own).any()            # some pixels are enclosed
 
 
 def test_soft_mask_matches_the_prepared_head_mask(prepared):
@@ -483,6 +507,40 @@ def test_bench_reports_both_modes():
     assert result["speedup"] == pytest.approx(
         result["fast_images_per_s"] / result["reference_images_per_s"])
     assert result["peak_bf16_tflops"] is None                 # CPU: no tensor-core peak
+
+
+def test_fast_cpu_mode_is_reproducible_and_close_to_exact(tiny_data, tmp_path):
+    # The fast mode (bf16 autocast where the CPU has it, channels_last) trains the same seed to
+    # the same weights twice, and its losses follow the exact fp32 run's.
+    ct, mr = tiny_data
+    fast = {**TINY, "bf16": True, "channels_last": True, "max_iterations_per_epoch": 3}
+    a = cg.train(ct, mr, tmp_path / "a", fast, 20.0, progress=False)
+    b = cg.train(ct, mr, tmp_path / "b", fast, 20.0, progress=False)
+    exact = cg.train(ct, mr, tmp_path / "e", {**fast, "bf16": False, "channels_last": False},
+                     20.0, progress=False)
+    assert a["weights_digest"] == b["weights_digest"]
+    assert a["speed_mode"].startswith("bf16" if cg.cpu_has_native_bf16() else "channels_last")
+    assert exact["speed_mode"] == "fp32 exact"
+    losses = [np.genfromtxt(tmp_path / run / "losses.csv", delimiter=",", names=True)["G_total"]
+              for run in ("a", "e")]
+    assert np.allclose(losses[0], losses[1], rtol=0.05)
+
+
+def test_instance_norm_is_the_reference_in_fp32_and_close_in_bf16():
+    x = torch.randn(3, 5, 12, 12) * 4 + 2
+    reference = torch.nn.InstanceNorm2d(5)(x)
+    norm = cg.InstanceNorm(5)
+    assert torch.equal(norm(x), reference)
+    low = norm(x.to(torch.bfloat16))
+    assert low.dtype == torch.bfloat16
+    assert torch.allclose(low.float(), reference, atol=0.05)
+    assert list(norm.state_dict()) == []
+
+
+def test_speed_mode_names_the_options():
+    s = cg.check_settings({**TINY, "bf16": False, "channels_last": True, "compile": True})
+    assert cg.speed_mode(s, "cpu", 4) == "channels_last + compile, batch 4"
+    assert cg.speed_mode({**s, "channels_last": False, "compile": False}, "cpu") == "fp32 exact"
 
 
 def test_import_needs_only_torch_and_numpy():
