@@ -28,3 +28,17 @@ def test_peer_step_runs_at_our_settings():
     assert "error" not in result, result
     assert result["model"] == "cycle_gan" and result["size"] == 32 and result["batch"] == 1
     assert result["images_per_s"] > 0
+
+
+def test_recorded_benchmarks_load_with_provenance():
+    records = bench.recorded_benchmarks()
+    for name, record in records.items():
+        assert record["name"] == name and record["provenance"]["commit"]
+    if "cyclegan" in records:
+        result = records["cyclegan"]["result"]
+        ratios = [v for k, v in result.items() if k.endswith("fast / peer")]
+        assert len(ratios) == 2 and all(isinstance(v, float) for v in ratios)
+
+
+def test_recorded_benchmarks_of_a_missing_folder_are_none(tmp_path):
+    assert bench.recorded_benchmarks(tmp_path / "nothing") == {}
