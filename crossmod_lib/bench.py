@@ -220,7 +220,8 @@ def bench_cyclegan_profile(repeats: int = 10, profile: str = "demo") -> dict:
     import torch
 
     from .config import load_profile
-    from .cyclegan import check_settings, settings_from_profile, speed_mode, training_throughput
+    from .cyclegan import (check_settings, settings_from_profile, speed_mode,
+                           training_flops_per_image, training_throughput)
 
     base = settings_from_profile(load_profile(profile))
     threads = torch.get_num_threads()
@@ -250,8 +251,6 @@ def bench_cyclegan_profile(repeats: int = 10, profile: str = "demo") -> dict:
             result[f"{prefix}: exact / peer"] = exact / peer_rate
             result[f"{prefix}: fast / peer"] = fast / peer_rate
         if label == "paper":       # chapter 7's extrapolation reads these (paper-size networks)
-            from .cyclegan import training_flops_per_image
-
             flops = training_flops_per_image(s, case["size"])["total"]
             result.update({"size": case["size"], "ngf": case["ngf"], "n_blocks": case["n_blocks"],
                            "reference_mode": "fp32 exact, batch 1",

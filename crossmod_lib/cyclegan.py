@@ -62,6 +62,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import functools
 import hashlib
 import json
 import math
@@ -555,6 +556,7 @@ def _fill_sources_reconstruction(outside: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(sources)
 
 
+@functools.cache
 def _reconstruction_available() -> bool:
     try:
         import scipy.ndimage  # noqa: F401
@@ -776,7 +778,8 @@ class CycleGAN:
     ``channels_last`` and ``compile`` (the generator pair and the discriminators) are speed
     options on any device (all off: exact fp32);
     ``compile_fill`` compiles the head mask's hole fill (default: on a GPU; on the CPU it is one
-    scikit-image reconstruction, see :func:`_fill_sources`); ``distributed`` wraps the generator pair and the discriminator pair in
+    scikit-image reconstruction, see :func:`_fill_sources`); ``distributed`` wraps the generator
+    pair and the discriminator pair in
     DistributedDataParallel (process group set up). ``draw_generator`` supplies the pools'
     random numbers.
     """
@@ -787,8 +790,7 @@ class CycleGAN:
         s = self.settings = check_settings(settings)
         self.head_threshold = float(head_threshold)
         self.device = torch.device(device)
-        # bf16 on a CPU without native bf16 would be emulated, slower than fp32: fp32 there.
-        self.bf16 = bool(bf16) and (self.device.type != "cpu" or cpu_has_native_bf16())
+        self.bf16 = _uses_bf16(bf16, self.device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.draw_generator = draw_generator
         # On the CPU the hole fill is one scikit-image reconstruction, faster than compiled steps.
@@ -1511,6 +1513,7 @@ def _synthetic_heads(n: int, size: int, seed: int) -> tuple[torch.Tensor, torch.
     return images, masks
 
 
+@functools.cache
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX): elsewhere bf16 autocast is
     emulated and slower than fp32, so :class:`CycleGAN` keeps fp32 there."""
@@ -1520,12 +1523,18 @@ def cpu_has_native_bf16() -> bool:
     return any(check() for check in checks if check is not None)
 
 
+def _uses_bf16(requested: bool, device: torch.device) -> bool:
+    """bf16 autocast as requested, except on a CPU without native bf16 (emulated there, slower
+    than fp32): the one rule :class:`CycleGAN` and :func:`speed_mode` share."""
+    return bool(requested) and (device.type != "cpu" or cpu_has_native_bf16())
+
+
 def speed_mode(settings: dict, device, batch_size: int | None = None) -> str:
     """The speed options a run with ``settings`` uses on ``device``, in words (for logs and
     benchmarks), e.g. ``"bf16 + channels_last + compile, batch 4"``; ``"fp32 exact"`` when off."""
     device = torch.device(device)
     parts = [name for name, on in (
-        ("bf16", settings["bf16"] and (device.type != "cpu" or cpu_has_native_bf16())),
+        ("bf16", _uses_bf16(settings["bf16"], device)),
         ("channels_last", settings["channels_last"]), ("compile", settings["compile"])) if on]
     if device.type == "cuda":
         parts.append("compiled fill")
