@@ -11,6 +11,7 @@
     crossmod models --profile NAME [--json]                       networks: parameters, FLOPs/slice
     crossmod predict --model M --input X --output OUT [--rtstruct]  contour MR with a trained U-Net
     crossmod bench NAME                                           run a benchmark
+    crossmod study convergence --profile NAME --out DIR            CycleGAN budget x seed study
 
 Errors a user can fix are printed as one line (``crossmod: error: ...``) with exit status 2.
 """
@@ -174,6 +175,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also keep the result, with this machine's provenance, in "
                         "RUN_DIR/metrics/bench_NAME.json (chapter 7 shows it)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("study", help="run a study beside the book (recorded, never part of CI)",
+                       description="convergence: the pipeline from the prepared slices for every "
+                                   "seed and CycleGAN budget of the profile's convergence block; "
+                                   "tables in OUT/metrics/ (resumable: finished points are kept).")
+    p.add_argument("name", choices=["convergence"])
+    _add_profile(p)
+    p.add_argument("--out", type=Path, required=True, help="study folder (created; resumed if it exists)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="override convergence.seeds (default: the profile's)")
+    p.add_argument("--budgets", type=int, nargs="+", default=None,
+                   help="override convergence.budgets, in CycleGAN iterations")
+    p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("record", help="keep a finished run's results, with provenance, for the book",
                        description="Copy a finished run's metric tables, summaries, timings, profile "
@@ -354,6 +368,23 @@ def cmd_bench(args) -> int:
     if args.save is not None:
         path = bench.save_benchmark(result, args.save, options)
         print(f"saved to {path}")
+    return 0
+
+
+def cmd_study(args) -> int:
+    from . import convergence
+    from .config import load_profile
+
+    profile = load_profile(args.profile)
+    block = profile.setdefault("convergence", {})
+    if args.seeds:
+        block["seeds"] = list(args.seeds)
+    if args.budgets:
+        block["budgets"] = list(args.budgets)
+    convergence.study_settings(profile)  # a bad block stops before any work
+    tables = convergence.run_study(profile, args.out, log=print)
+    summary = convergence.summary_table(tables["points"])
+    print(summary.round(3).to_string(index=False) if not summary.empty else "no points finished")
     return 0
 
 

@@ -68,6 +68,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -82,7 +83,7 @@ from .slices import read_slices, write_slices
 
 __all__ = [
     "DEFAULT_SETTINGS", "LOSS_TERMS", "CycleGAN", "Discriminator", "Generator", "ImagePool",
-    "ablation_settings", "architecture_table", "bench_cyclegan", "check_settings",
+    "ablation_settings", "architecture_table", "bench_cyclegan", "branch", "check_settings",
     "count_parameters", "cpu_has_native_bf16", "speed_mode", "training_throughput", "example_grid", "flops_per_slice", "geometric_loss", "head_logits",
     "init_weights", "load_checkpoint", "load_generators", "lr_factor", "lsgan_loss", "main",
     "settings_from_profile", "soft_head_mask", "synthesise", "train", "training_flops_per_image",
@@ -1374,6 +1375,62 @@ def _train(ct, mr, out_dir, s, resume, progress, max_iterations, device, world, 
 
 # ----------------------------------------------------------------------------------------------
 # Synthesis
+
+
+def branch(source_dir, out_dir, settings: dict, head_threshold: float) -> dict:
+    """Start a run of another length from a shorter run's checkpoint, as if trained from scratch.
+
+    A run's first epochs depend on its length only through the learning rate; while both
+    schedules are still constant (:func:`lr_factor`), a run of ``epochs_constant`` =
+    ``epochs_decay`` = k and a longer one of the same seed share their first k epochs bit for bit.
+    The convergence study (:mod:`crossmod_lib.convergence`) trains one *trunk* at a constant rate
+    and branches every budget off it where its decay begins, so each budget costs only its decay.
+
+    ``source_dir``'s checkpoint must stand at an epoch boundary, every setting of
+    :data:`_TRAINING_KEYS` but the two epoch counts must equal ``settings``, and the learning-rate
+    factor of every epoch done must be the same under both schedules; otherwise a one-line
+    :class:`~crossmod_lib.errors.CrossmodError`. Writes ``out_dir/checkpoint.pt`` (the settings and
+    the optimisers' rate set to the new schedule) and the losses so far; then
+    ``train(..., resume=True)`` with ``settings`` carries on. Returns the new checkpoint's state.
+    """
+    s = check_settings({**settings, "head_threshold": float(head_threshold)})
+    source = Path(source_dir) / CHECKPOINT_NAME
+    checkpoint = load_checkpoint(source)
+    old = checkpoint["settings"]
+    for key in _TRAINING_KEYS:
+        if key not in ("epochs_constant", "epochs_decay") and old.get(key) != s[key]:
+            raise CrossmodError(f"{source}: setting 'cyclegan.{key}' is {old.get(key)!r} there, "
+                                f"{s[key]!r} in the branch; a branch changes only the epochs")
+    if checkpoint["world_size"] != 1:
+        raise CrossmodError(f"{source}: a run of {checkpoint['world_size']} processes cannot be branched")
+    state = dict(checkpoint["state"])
+    if state["iteration_in_epoch"] != 0:
+        raise CrossmodError(f"{source}: stopped inside epoch {state['epoch'] + 1}; branch at an "
+                            "epoch boundary (max_iterations a multiple of the epoch's iterations)")
+    done = int(state["epoch"])
+    c, d = s["epochs_constant"], s["epochs_decay"]
+    if done > c + d:
+        raise CrossmodError(f"{source}: {done} epochs done, more than the branch's {c + d}")
+    for epoch in range(done):
+        if lr_factor(epoch, old["epochs_constant"], old["epochs_decay"]) != lr_factor(epoch, c, d):
+            raise CrossmodError(f"{source}: epoch {epoch + 1} ran at another learning rate than "
+                                f"a run of {c} + {d} epochs would; branch before the decay")
+    lr = s["lr"] * lr_factor(done, c, d)
+    for opt, sched in (("opt_g", "sched_g"), ("opt_d", "sched_d")):
+        for group in checkpoint[opt]["param_groups"]:
+            group["lr"] = lr
+        checkpoint[sched]["_last_lr"] = [lr] * len(checkpoint[sched].get("_last_lr", [lr]))
+    checkpoint["settings"] = {**old, "epochs_constant": c, "epochs_decay": d}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    losses = Path(source_dir) / LOSSES_NAME
+    if losses.is_file():
+        tmp = out_dir / f".{LOSSES_NAME}.tmp"
+        shutil.copyfile(losses, tmp)
+        os.replace(tmp, out_dir / LOSSES_NAME)
+    (out_dir / SUMMARY_NAME).unlink(missing_ok=True)
+    _atomic_save(checkpoint, out_dir / CHECKPOINT_NAME)
+    return state
 
 
 def _generators_from(data: dict, checkpoint, settings: dict | None, device):

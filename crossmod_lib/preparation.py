@@ -369,6 +369,24 @@ def load_slices(path: str | Path) -> dict[str, np.ndarray]:
     return read_slices(path, "prepared slices", ("image", "labels", "patient"))
 
 
+def prepare_run(run, cohorts: dict | None = None, progress: bool = False) -> dict:
+    """Stage 1 of a run folder: both cohorts prepared into ``<run>/prepared/``.
+
+    The MR cohort first: the CT's cranio-caudal range is cut to the MR's median coverage (read
+    from the MR headers, :func:`mr_coverage_mm`). ``cohorts``: the run's
+    :func:`cohort_sources`, if already opened. Returns ``coverage_mm`` and the per-case tables
+    ``MR`` and ``CT`` (as :func:`prepare_cohort`).
+    """
+    cohorts = cohorts or cohort_sources(run, progress=progress)
+    settings = run.profile["preprocessing"]
+    prepared_dir = run.stage("prepared")
+    coverage_mm = mr_coverage_mm(cohorts["MR"])
+    mr_cases = prepare_cohort(cohorts["MR"], "MR", settings, prepared_dir, progress=progress)
+    ct_cases = prepare_cohort(cohorts["CT"], "CT", settings, prepared_dir, coverage_mm=coverage_mm,
+                              progress=progress)
+    return {"coverage_mm": coverage_mm, "MR": mr_cases, "CT": ct_cases}
+
+
 def parotid_level_slices(slices: dict[str, np.ndarray], count: int = 6) -> list[int]:
     """Indices of example slices: per patient (in order), the slice with the most parotid label."""
     area = (slices["labels"] > 0).reshape(len(slices["labels"]), -1).sum(axis=1)

@@ -153,6 +153,7 @@ DEFAULTS: dict = {
     "few_shot_lr": 5.0e-5,
     "dr_bands": [8, 70, 125, 200],
     "dr_monotone_prob": 0.5,
+    "seed": None,
 }
 
 _NORMS = ("batch", "instance", "none")
@@ -219,10 +220,24 @@ def _check_config(cfg: dict) -> None:
     need(len(bands) >= 1 and bands == sorted(bands) and all(0 < b < 255 for b in bands),
          "dr_bands must be increasing intensities in (0, 255)")
     need(0 <= cfg["dr_monotone_prob"] <= 1, "dr_monotone_prob must be in [0, 1]")
+    need(cfg["seed"] is None or (isinstance(cfg["seed"], int) and not isinstance(cfg["seed"], bool)),
+         f"seed must be null (the profile's seed) or an integer, got {cfg['seed']!r}")
     need(isinstance(cfg["cpu_threads"], int) and cfg["cpu_threads"] >= 0,
          "cpu_threads must be an integer >= 0 (0: torch's default)")
     need(cfg["device"] in ("auto", "cpu", "cuda") or str(cfg["device"]).startswith("cuda:"),
          "device must be auto, cpu or cuda[:N]")
+
+
+def training_seed(settings) -> int:
+    """The U-Net's seed (splits, initialisation, batch order): ``segmentation.seed``, or the
+    profile's top-level ``seed`` when that is null (the convergence study varies the first only,
+    so the data, e.g. a simulated MR cohort keyed on the profile's seed, stays the same)."""
+    if not isinstance(settings, dict):
+        return 0
+    own = segmentation_config(settings)["seed"]
+    if own is not None:
+        return int(own)
+    return int(settings["seed"]) if settings.get("seed") is not None else 0
 
 
 def resolve_device(device=None) -> torch.device:
@@ -848,7 +863,7 @@ def train_unet(data, out_dir: str | Path, settings=None, *, seed: int | None = N
     arrays, source = _as_arrays(data)
     cfg = segmentation_config(settings)
     if seed is None:
-        seed = int(settings.get("seed", 0)) if isinstance(settings, dict) else 0
+        seed = training_seed(settings)
     lr0 = float(learning_rate if learning_rate is not None else cfg["learning_rate"])
     max_epochs = int(epochs if epochs is not None else cfg["epochs"])
     out_dir = Path(out_dir)
@@ -1100,7 +1115,7 @@ def train_model(kind: str, data, out_dir: str | Path, settings: dict, init=None,
     if kind not in KINDS:
         raise CrossmodError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     cfg = segmentation_config(settings)
-    seed = int(settings.get("seed", 0)) if isinstance(settings, dict) else 0
+    seed = training_seed(settings)
     out_dir = Path(out_dir)
     name = name or {"mr_oracle": f"mr_oracle_fold{fold}", "few_shot": f"few_shot_k{k}"}.get(kind, kind)
     meta = {"kind": kind, "name": name, "profile": settings.get("name") if isinstance(settings, dict) else None}
@@ -1510,7 +1525,7 @@ PREDICTION_COLUMNS = ("model", "title", "patient", "modality", "labels", "labels
                       "seconds", "predict_seconds", "device", "common")
 
 
-def predict_run(run, *, progress: bool = False, device=None) -> pd.DataFrame:
+def predict_run(run, *, progress: bool = False, device=None, models=None) -> pd.DataFrame:
     """Contour every test patient of every trained model of a run; the stage ``predictions/``.
 
     For each model of :func:`model_recipes` (its ``model/<name>/best.pt`` and ``summary.json``
@@ -1518,7 +1533,8 @@ def predict_run(run, *, progress: bool = False, device=None) -> pd.DataFrame:
     test cohort), each read from the run's raw cohort, preprocessed as its training data,
     predicted and written on the native grid, raw and with the largest-component
     post-processing: ``predictions/<method>/<patient>_labels.nii.gz`` and ``..._labels_lcc.nii.gz``
-    (0 background, 1 Parotid_L, 2 Parotid_R). The manual contours of the same patients go to
+    (0 background, 1 Parotid_L, 2 Parotid_R). ``models``: only these model names (e.g. the
+    convergence study's ``cross_modality``, ``domain_random``, ``ct_only``). The manual contours of the same patients go to
     ``predictions/reference/<modality>/<patient>_labels.nii.gz``, on the same grid. The oracle's
     folds are one method, ``mr_oracle`` (each patient predicted by the fold that did not see it).
 
@@ -1537,6 +1553,11 @@ def predict_run(run, *, progress: bool = False, device=None) -> pd.DataFrame:
 
     profile = run.profile
     recipes = model_recipes(profile)
+    if models is not None:
+        unknown = sorted(set(models) - {r["name"] for r in recipes})
+        if unknown:
+            raise CrossmodError(f"predict_run: no model recipe named {', '.join(unknown)}")
+        recipes = [r for r in recipes if r["name"] in set(models)]
     missing = [r["name"] for r in recipes if not (run.root / "model" / r["name"] / "best.pt").is_file()]
     if missing:
         raise CrossmodError(f"{run.root / 'model'}: no trained model for {', '.join(missing)}; "

@@ -136,10 +136,8 @@ print(f"pixel {settings['pixel_mm']} mm, crop {settings['crop']} px, "
       f"CT window L{settings['ct_window']['level']}/W{settings['ct_window']['width']}, "
       f"range rule {settings['cc_rule']}")
 prepared_dir = run.stage("prepared")
-coverage_mm = preparation.mr_coverage_mm(cohorts["MR"])  # from the MR headers only
-mr_cases = preparation.prepare_cohort(cohorts["MR"], "MR", settings, prepared_dir, progress=False)
-ct_cases = preparation.prepare_cohort(cohorts["CT"], "CT", settings, prepared_dir,
-                                      coverage_mm=coverage_mm, progress=False)
+prepared = preparation.prepare_run(run, cohorts)  # MR first: its coverage cuts the CT's range
+coverage_mm, mr_cases, ct_cases = prepared["coverage_mm"], prepared["MR"], prepared["CT"]
 print(f"MR coverage (median over the MR cohort): {coverage_mm:.0f} mm")
 display(pd.concat([mr_cases, ct_cases])[
     ["patient", "modality", "slices_total", "slices_kept", "z_min_mm", "z_max_mm", "crop_row", "crop_col"]

@@ -403,6 +403,39 @@ def test_resume_after_the_process_is_killed_is_bit_identical(tiny_data, tmp_path
                          checkpoint_parameters(tmp_path / "whole" / "checkpoint.pt"))
 
 
+def test_branch_of_a_constant_rate_trunk_equals_a_run_of_that_length(tiny_data, tmp_path):
+    # the convergence study's saving: budgets of k + k epochs branch off one constant-rate trunk
+    ct, mr = tiny_data
+    trunk = {**TINY, "epochs_constant": 3, "epochs_decay": 0}
+    budget = {**TINY, "epochs_constant": 2, "epochs_decay": 2}
+    cg.train(ct, mr, tmp_path / "trunk", trunk, 20.0, progress=False, max_iterations=12)
+    cg.branch(tmp_path / "trunk", tmp_path / "branch", budget, 20.0)
+    branched = cg.train(ct, mr, tmp_path / "branch", budget, 20.0, progress=False, resume=True)
+    whole = cg.train(ct, mr, tmp_path / "whole", budget, 20.0, progress=False)
+    assert branched["completed"] and branched["iterations_this_call"] == 12
+    assert branched["weights_digest"] == whole["weights_digest"]
+    lrs = [line.split(",")[-2] for line in (tmp_path / "branch" / "losses.csv").read_text().splitlines()]
+    assert lrs == [line.split(",")[-2] for line in (tmp_path / "whole" / "losses.csv").read_text().splitlines()]
+    # the trunk carries on after the branch as if never stopped (its last epoch at rate 1 too)
+    cg.train(ct, mr, tmp_path / "trunk", trunk, 20.0, progress=False, resume=True)
+    cg.branch(tmp_path / "trunk", tmp_path / "long", {**TINY, "epochs_constant": 3,
+                                                      "epochs_decay": 3}, 20.0)
+
+
+def test_branch_refuses_what_a_fresh_run_would_not_have_done(tiny_data, tmp_path):
+    ct, mr = tiny_data
+    cg.train(ct, mr, tmp_path / "run", TINY, 20.0, progress=False)       # 1 + 1: decayed
+    with pytest.raises(CrossmodError, match="learning rate"):
+        cg.branch(tmp_path / "run", tmp_path / "b", {**TINY, "epochs_constant": 3}, 20.0)
+    with pytest.raises(CrossmodError, match="cyclegan.ngf"):
+        cg.branch(tmp_path / "run", tmp_path / "b", {**TINY, "ngf": 8, "epochs_decay": 3}, 20.0)
+    cg.train(ct, mr, tmp_path / "mid", {**TINY, "epochs_constant": 2}, 20.0, progress=False,
+             max_iterations=3)
+    with pytest.raises(CrossmodError, match="epoch boundary"):
+        cg.branch(tmp_path / "mid", tmp_path / "c", {**TINY, "epochs_constant": 2}, 20.0)
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
 def test_resume_refuses_other_settings(tiny_data, tmp_path):
     ct, mr = tiny_data
     cg.train(ct, mr, tmp_path, TINY, 20.0, progress=False, max_iterations=2)

@@ -1,0 +1,458 @@
+"""The convergence study (beyond the paper): how the method's result depends on the CycleGAN budget.
+
+The paper trained its CycleGAN for 72 h on a V100; this project trains it on two CPU cores. The
+study asks how far that is from enough: for each of several seeds and CycleGAN budgets (number
+of training iterations), it runs the pipeline from the prepared slices on (CycleGAN → synthetic
+MR → cleaning → U-Nets → predictions → metrics) and records
+
+- the cross-modality U-Net's DSC on the real MR per parotid (mean and SD over patients), beside
+  the baselines that do not depend on the CycleGAN (CT only, naive, domain randomisation), trained
+  once per seed;
+- the quality of the synthetic MR itself (:func:`synthesis_quality`): the parotid/head contrast of
+  chapter 2, the head-outline Dice of chapter 3, a histogram distance and a kernel inception
+  distance (KID) on slice texture features between synthetic and real MR.
+
+**Budgets share a trunk.** A budget of B iterations is k + k epochs of ``iterations_per_epoch``
+(constant learning rate, then linear decay, as every profile trains). Its first k epochs are
+those of any longer run of the same seed, so one *trunk* is trained at a constant rate and every
+budget is branched off it where its decay starts (:func:`crossmod_lib.cyclegan.branch`): the
+budgets 430, 860, 2,150 and 4,300 cost 6,020 iterations instead of 7,740, and each is bit for bit
+the run a profile of that budget would train (tested).
+
+Layout of a study folder (``crossmod study convergence --profile openkbp --out DIR``)::
+
+    DIR/base/                     raw/ and prepared/ (stage 1, shared by every point)
+    DIR/seed<S>/trunk/            the constant-rate CycleGAN of seed S
+    DIR/seed<S>/budget<B>/        a run folder: synthetic/, cleaned/, model/, predictions/, metrics/
+    DIR/metrics/convergence.csv   one row per seed, budget, model and parotid
+    DIR/metrics/convergence_quality.csv   one row per seed and budget (synthetic-MR quality)
+    DIR/metrics/convergence_runs.json     provenance of each point (commit, date, device, seconds)
+    DIR/profile.yaml              the profile the study ran
+
+A finished point is not run again (delete its folder to redo it); ``crossmod record`` keeps the
+tables with their provenance for the book.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import CrossmodError
+
+QUALITY_COLUMNS = ("seed", "budget", "parotid_ratio", "real_parotid_ratio", "outline_dice_median",
+                   "outline_dice_share", "histogram_w1", "kid", "kid_sd", "real_kid")
+POINT_COLUMNS = ("seed", "budget", "model", "title", "structure", "dsc_mean", "dsc_sd", "n", "note")
+SIDES = {"Parotid_R": "right", "Parotid_L": "left"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings
+
+
+def study_settings(profile: dict) -> dict:
+    """The profile's ``convergence`` block, checked: budgets (iterations, increasing, each a
+    multiple of 2 × ``iterations_per_epoch``), seeds (integers), models (U-Net recipe names)."""
+    block = profile.get("convergence")
+    if not isinstance(block, dict):
+        raise CrossmodError("convergence: the profile has no convergence block (see full.yaml)")
+    ipe, budgets, seeds, models = (block.get(k) for k in ("iterations_per_epoch", "budgets",
+                                                           "seeds", "models"))
+    if not isinstance(ipe, int) or isinstance(ipe, bool) or ipe < 1:
+        raise CrossmodError(f"convergence.iterations_per_epoch must be a positive integer, got {ipe!r}")
+    if (not isinstance(budgets, list) or not budgets
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in budgets)):
+        raise CrossmodError(f"convergence.budgets must be a list of positive integers, got {budgets!r}")
+    if budgets != sorted(set(budgets)):
+        raise CrossmodError(f"convergence.budgets must increase, got {budgets}")
+    odd = [b for b in budgets if b % (2 * ipe)]
+    if odd:
+        raise CrossmodError(f"convergence.budgets {odd}: each must be a multiple of 2 x "
+                            f"iterations_per_epoch ({2 * ipe}): k constant + k decaying epochs")
+    if (not isinstance(seeds, list) or not seeds
+            or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+        raise CrossmodError(f"convergence.seeds must be a list of integers, got {seeds!r}")
+    if not isinstance(models, list) or "cross_modality" not in models:
+        raise CrossmodError(f"convergence.models must be a list of U-Net recipes including "
+                            f"cross_modality, got {models!r}")
+    return {"iterations_per_epoch": ipe, "budgets": list(budgets), "seeds": list(seeds),
+            "models": list(models)}
+
+
+def point_profile(profile: dict, seed: int, budget: int, iterations_per_epoch: int) -> dict:
+    """The profile of one study point: the CycleGAN trains ``budget`` iterations (k + k epochs)
+    and both networks take ``seed``; the profile's own seed (which keys the data, e.g. the
+    simulated MR) is left as it is."""
+    k = budget // (2 * iterations_per_epoch)
+    point = copy.deepcopy(profile)
+    point["name"] = f"{profile['name']}-seed{seed}-budget{budget}"
+    point["cyclegan"].update({"epochs_constant": k, "epochs_decay": k, "seed": int(seed),
+                              "max_iterations_per_epoch": iterations_per_epoch})
+    point["segmentation"]["seed"] = int(seed)
+    return point
+
+
+# ----------------------------------------------------------------------------------------------
+# Quality of the synthetic MR
+
+
+def texture_features(images: np.ndarray, head_masks: np.ndarray) -> np.ndarray:
+    """Per-slice features [N, 36] for a distribution distance between MR-like image sets.
+
+    No pretrained network is available offline (KID usually takes Inception features), so the
+    features are hand-chosen to see what distinguishes an under-trained generator's output from
+    real MR: the in-head intensity histogram (16 bins over 0-255), the histogram of the
+    gradient magnitude (16 bins, 0-128 per pixel), and four texture energies inside the head,
+    each the mean absolute response of a small filter relative to the mean intensity: the 2 × 2
+    checkerboard (the transposed convolutions' artefact), the 3 × 3 Laplacian (speckle), and the
+    horizontal and vertical first differences.
+    """
+    images = np.asarray(images, dtype=np.float32)
+    masks = np.asarray(head_masks, dtype=bool)
+    if images.shape != masks.shape or images.ndim != 3:
+        raise CrossmodError(f"texture features: images {images.shape} and head masks "
+                            f"{masks.shape} must both be [N, H, W]")
+    features = np.zeros((len(images), 36), dtype=np.float64)
+    bins = np.linspace(0, 255, 17)
+    grad_bins = np.linspace(0, 128, 17)
+    for i, (image, mask) in enumerate(zip(images, masks)):
+        inner = mask[1:-1, 1:-1]
+        if inner.sum() < 16:
+            continue
+        features[i, :16] = np.histogram(image[mask], bins=bins)[0] / mask.sum()
+        gy, gx = np.gradient(image)
+        magnitude = np.hypot(gx, gy)[mask]
+        features[i, 16:32] = np.histogram(np.clip(magnitude, 0, 128), bins=grad_bins)[0] / mask.sum()
+        scale = max(float(image[mask].mean()), 1.0)
+        checker = np.abs(image[:-1, :-1] - image[1:, :-1] - image[:-1, 1:] + image[1:, 1:])
+        laplace = np.abs(4 * image[1:-1, 1:-1] - image[:-2, 1:-1] - image[2:, 1:-1]
+                         - image[1:-1, :-2] - image[1:-1, 2:])
+        features[i, 32] = checker[mask[:-1, :-1]].mean() / scale
+        features[i, 33] = laplace[inner].mean() / scale
+        features[i, 34] = np.abs(np.diff(image, axis=1))[mask[:, :-1]].mean() / scale
+        features[i, 35] = np.abs(np.diff(image, axis=0))[mask[:-1, :]].mean() / scale
+    return features
+
+
+def kernel_inception_distance(a: np.ndarray, b: np.ndarray, subsets: int = 50,
+                              subset_size: int = 100, seed: int = 0) -> tuple[float, float]:
+    """KID (Bińkowski et al. 2018): the unbiased squared MMD between two feature sets under the
+    cubic polynomial kernel k(x, y) = (x·y / d + 1)³, averaged over random subsets; returns
+    (mean, SD over subsets). Zero in expectation for samples of one distribution.
+
+    Written here (a few lines of numpy) rather than taken from torchmetrics / torch-fidelity,
+    whose KID is tied to their Inception feature extractor and its downloaded weights.
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise CrossmodError(f"KID: feature sets {a.shape} and {b.shape} must be [N, d] alike")
+    m = min(subset_size, len(a), len(b))
+    if m < 2:
+        raise CrossmodError("KID: need at least 2 samples in each set")
+    d = a.shape[1]
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(subsets):
+        x = a[rng.choice(len(a), m, replace=False)]
+        y = b[rng.choice(len(b), m, replace=False)]
+        kxx = (x @ x.T / d + 1) ** 3
+        kyy = (y @ y.T / d + 1) ** 3
+        kxy = (x @ y.T / d + 1) ** 3
+        off = m * (m - 1)
+        values.append((kxx.sum() - np.trace(kxx)) / off + (kyy.sum() - np.trace(kyy)) / off
+                      - 2 * kxy.mean())
+    return float(np.mean(values)), float(np.std(values))
+
+
+def _standardised(*sets: np.ndarray, reference: np.ndarray) -> list[np.ndarray]:
+    # every feature on one scale, so no feature dominates the kernel by its units; the scale of
+    # both sets pooled (a feature nearly constant in real MR would otherwise blow up)
+    mean, sd = reference.mean(axis=0), reference.std(axis=0)
+    sd[sd < 1e-9] = 1.0
+    return [(s - mean) / sd for s in sets]
+
+
+def synthesis_quality(synthetic_npz, ct_npz, mr_npz, head_threshold: float,
+                      outline_threshold: float = 0.8, seed: int = 0) -> dict:
+    """How MR-like a CycleGAN's synthetic MR is, without a segmentation network.
+
+    ``parotid_ratio`` / ``real_parotid_ratio``: mean intensity in the parotids over the rest of
+    the head (:func:`crossmod_lib.cyclegan.parotid_contrast`); ``outline_dice_median`` and
+    ``outline_dice_share`` (≥ ``outline_threshold``): the head outline against the CT's
+    (:func:`crossmod_lib.cleaning.outline_dice`); ``histogram_w1``: the 1-Wasserstein distance
+    between the in-head intensities (0-255) of synthetic and real MR; ``kid`` ± ``kid_sd``:
+    :func:`kernel_inception_distance` on :func:`texture_features` (standardised over both sets), and
+    ``real_kid``: the same between two halves of the real MR patients (the floor of the measure).
+    """
+    from scipy.stats import wasserstein_distance
+
+    from .cleaning import outline_dice
+    from .cyclegan import parotid_contrast
+    from .slices import read_slices
+
+    synthetic = read_slices(synthetic_npz, "synthetic MR slices", ("image", "labels", "head_mask"))
+    ct = read_slices(ct_npz, "prepared CT slices", ("image", "head_mask"))
+    mr = read_slices(mr_npz, "prepared MR slices", ("image", "head_mask", "patient"))
+    contrast = {row["images"]: row["parotid / rest of head"]
+                for row in parotid_contrast(synthetic_npz, mr_npz)}
+    dice = outline_dice(synthetic["image"], ct["head_mask"], head_threshold)
+    rng = np.random.default_rng(seed)
+    syn_mask = ct["head_mask"].astype(bool)  # the synthetic MR stands on its CT's head
+    mr_mask = mr["head_mask"].astype(bool)
+    syn_pixels = synthetic["image"][syn_mask]
+    mr_pixels = mr["image"][mr_mask]
+    syn_pixels = rng.choice(syn_pixels, min(len(syn_pixels), 200_000), replace=False)
+    mr_pixels = rng.choice(mr_pixels, min(len(mr_pixels), 200_000), replace=False)
+    w1 = wasserstein_distance(syn_pixels.astype(np.float64), mr_pixels.astype(np.float64))
+    syn_features = texture_features(synthetic["image"], syn_mask)
+    mr_features = texture_features(mr["image"], mr_mask)
+    patients = np.unique(mr["patient"])
+    half = np.isin(mr["patient"], patients[::2])
+    syn_z, mr_z = _standardised(syn_features, mr_features,
+                                reference=np.vstack([syn_features, mr_features]))
+    kid, kid_sd = kernel_inception_distance(syn_z, mr_z, seed=seed)
+    real_kid, _ = kernel_inception_distance(mr_z[half], mr_z[~half], seed=seed)
+    return {"parotid_ratio": contrast["synthetic MR (CT labels)"],
+            "real_parotid_ratio": contrast["real MR (MR labels)"],
+            "outline_dice_median": float(np.median(dice)),
+            "outline_dice_share": float(np.mean(dice >= outline_threshold)),
+            "histogram_w1": float(w1), "kid": kid, "kid_sd": kid_sd, "real_kid": real_kid}
+
+
+# ----------------------------------------------------------------------------------------------
+# Running the study
+
+
+def _link(target: Path, link: Path) -> None:
+    if link.is_symlink() or link.exists():
+        if link.resolve() != target.resolve():
+            raise CrossmodError(f"{link}: exists and is not the study's shared {target.name}/")
+        return
+    link.symlink_to(target.resolve(), target_is_directory=True)
+
+
+def _provenance() -> dict:
+    from .runs import git_commit
+    from .timing import device_info
+
+    return {"commit": git_commit(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "device": device_info()}
+
+
+def _atomic_csv(frame: pd.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    frame.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def dsc_by_model(metrics: pd.DataFrame, models, postprocess: str = "lcc") -> list[dict]:
+    """Mean and SD over patients of the DSC per model and parotid, from ``metrics/segmentation.csv``."""
+    rows = []
+    chosen = metrics[metrics["postprocess"] == postprocess]
+    for model in models:
+        for structure in SIDES:
+            values = chosen[(chosen["model"] == model) & (chosen["structure"] == structure)]["dsc"]
+            if values.empty:
+                continue
+            title = chosen[chosen["model"] == model]["title"].iloc[0]
+            rows.append({"model": model, "title": title, "structure": structure,
+                         "dsc_mean": float(values.mean()), "dsc_sd": float(values.std(ddof=1)),
+                         "n": int(len(values)), "note": ""})
+    return rows
+
+
+def run_point(point, trunk_dir: Path, baseline_from: Path | None, models, log=print) -> dict:
+    """One study point (a :class:`~crossmod_lib.runs.RunFolder` with ``raw`` and ``prepared``
+    linked): CycleGAN branched off the trunk and finished, synthesis, cleaning, the U-Nets
+    (``models``; those not depending on the CycleGAN copied from ``baseline_from``, the seed's
+    first point, when given), predictions and metrics. Returns seconds per stage."""
+    from . import cleaning, cyclegan, evaluation, segmentation
+
+    seconds = {}
+    settings = cyclegan.settings_from_profile(point.profile)
+    head_threshold = point.profile["preprocessing"]["head_threshold"]
+    prepared = point.require("prepared", "ct_slices.npz", "mr_slices.npz")
+    folder = point.stage("synthetic") / "cyclegan"
+    t0 = time.perf_counter()
+    if not (folder / cyclegan.SUMMARY_NAME).is_file():
+        cyclegan.branch(trunk_dir, folder, settings, head_threshold)
+    summary = cyclegan.train(prepared / "ct_slices.npz", prepared / "mr_slices.npz", folder, settings,
+                             head_threshold, resume=True, progress=False)
+    seconds["cyclegan_decay"] = time.perf_counter() - t0
+    seconds["cyclegan_total"] = summary["seconds_total"]
+    t0 = time.perf_counter()
+    cyclegan.synthesise(folder / cyclegan.CHECKPOINT_NAME, prepared / "ct_slices.npz",
+                        point.root / "synthetic" / "synthetic_mr.npz", settings)
+    seconds["synthesis"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    decisions = cleaning.clean_run(point, progress=False)
+    seconds["cleaning"] = time.perf_counter() - t0
+    kept = int(decisions["accepted_final"].astype(bool).sum())
+    if kept == 0:
+        # Nothing to train the cross-modality U-Net on: the method yields no contour at this
+        # budget, i.e. DSC 0 on every patient. Recorded as such, with the reason.
+        models = [m for m in models if m != "cross_modality"]
+    if baseline_from is not None:
+        for name in models:
+            source = baseline_from / "model" / name
+            recipe_data = next(r["data"] for r in segmentation.model_recipes(point.profile)
+                               if r["name"] == name)
+            depends = name == "cross_modality" or (recipe_data or "").startswith(("synthetic", "cleaned"))
+            if not depends and source.is_dir() and not (point.root / "model" / name).exists():
+                shutil.copytree(source, point.root / "model" / name)
+    t0 = time.perf_counter()
+    kinds = {r["kind"] for r in segmentation.model_recipes(point.profile) if r["name"] in models}
+    segmentation.train_run(point, kinds=sorted(kinds), progress=False)
+    seconds["segmentation"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    segmentation.predict_run(point, models=models)
+    metrics = evaluation.evaluate_predictions(point)
+    seconds["predict_evaluate"] = time.perf_counter() - t0
+    dsc = dsc_by_model(metrics, models)
+    if kept == 0:
+        mr_patients = metrics[metrics["modality"] == "MR"]["patient"].nunique()
+        dsc = [{"model": "cross_modality", "title": "Cross-modality (synthetic MR, CT labels)",
+                "structure": structure, "dsc_mean": 0.0, "dsc_sd": 0.0, "n": int(mr_patients),
+                "note": "no synthetic slice passed cleaning: no network, no contour"}
+               for structure in SIDES] + dsc
+    log(f"  {point.root.name}: {kept} slices kept; " + ", ".join(
+        f"{r['model']} {SIDES[r['structure']][0].upper()} {r['dsc_mean']:.2f}" for r in dsc))
+    return {"seconds": seconds, "cyclegan_iterations": summary["iteration"],
+            "speed_mode": summary["speed_mode"], "kept_slices": kept,
+            "slices": int(len(decisions)), "dsc": dsc}
+
+
+def run_study(profile: dict, study_dir, log=print, progress: bool = False) -> dict[str, pd.DataFrame]:
+    """Run (or carry on) the convergence study of ``profile`` in ``study_dir``; see the module.
+
+    Points are visited seed by seed, budgets in increasing order, the trunk trained up to each
+    budget's branching epoch in turn. After every point the tables under ``metrics/`` are
+    rewritten (atomically), so an interrupted study keeps what it finished. Returns the tables
+    ``points`` and ``quality``.
+    """
+    from . import cyclegan, preparation
+    from .config import save_profile
+    from .runs import RunFolder
+
+    study = study_settings(profile)
+    study_dir = Path(study_dir).absolute()
+    study_dir.mkdir(parents=True, exist_ok=True)
+    save_profile(profile, study_dir / "profile.yaml")
+    metrics_dir = study_dir / "metrics"
+    runs_path = metrics_dir / "convergence_runs.json"
+    runs_info = json.loads(runs_path.read_text()) if runs_path.is_file() else {"points": {}}
+    runs_info["study"] = study
+
+    base = RunFolder.open(profile, study_dir / "base")
+    if not (base.root / "prepared" / "ct_slices.npz").is_file():
+        log("preparing the cohorts (stage 1) ...")
+        t0 = time.perf_counter()
+        preparation.prepare_run(base, progress=progress)
+        runs_info["preparation"] = {**_provenance(), "seconds": time.perf_counter() - t0}
+    prepared = base.root / "prepared"
+    head_threshold = profile["preprocessing"]["head_threshold"]
+    outline_threshold = profile["cleaning"]["outline_dice_threshold"]
+    ipe = study["iterations_per_epoch"]
+    from .slices import read_slices
+
+    n_ct = len(read_slices(prepared / "ct_slices.npz", "prepared CT slices", ("image",))["image"])
+    batch = cyclegan.settings_from_profile(profile)["batch_size"]
+    if ipe > -(-n_ct // batch):
+        raise CrossmodError(f"convergence.iterations_per_epoch {ipe}: more than an epoch of the "
+                            f"{n_ct} prepared CT slices holds at batch {batch} "
+                            f"({-(-n_ct // batch)} iterations); budgets would not be exact")
+
+    def tables():
+        point_rows, quality_rows = [], []
+        for key, info in sorted(runs_info["points"].items()):
+            point_rows += [{"seed": info["seed"], "budget": info["budget"], **row} for row in info["dsc"]]
+            quality_rows.append({"seed": info["seed"], "budget": info["budget"], **info["quality"]})
+        points = pd.DataFrame(point_rows, columns=list(POINT_COLUMNS))
+        quality = pd.DataFrame(quality_rows, columns=list(QUALITY_COLUMNS))
+        return points, quality
+
+    for seed in study["seeds"]:
+        trunk_dir = study_dir / f"seed{seed}" / "trunk"
+        k_max = study["budgets"][-1] // (2 * ipe)
+        trunk_settings = cyclegan.settings_from_profile(
+            point_profile(profile, seed, study["budgets"][-1], ipe))
+        trunk_settings.update({"epochs_constant": k_max, "epochs_decay": 0})
+        first_point = None
+        for budget in study["budgets"]:
+            key = f"seed{seed}/budget{budget:05d}"
+            point_dir = study_dir / key
+            if key in runs_info["points"]:
+                first_point = first_point or point_dir
+                continue
+            k = budget // (2 * ipe)
+            log(f"seed {seed}, budget {budget} iterations: trunk to {k * ipe} ...")
+            t0 = time.perf_counter()
+            cyclegan.train(prepared / "ct_slices.npz", prepared / "mr_slices.npz", trunk_dir,
+                           trunk_settings, head_threshold, resume=True, progress=progress,
+                           max_iterations=k * ipe)
+            trunk_seconds = time.perf_counter() - t0
+            point = RunFolder.open(point_profile(profile, seed, budget, ipe), point_dir)
+            _link(base.root / "raw", point.root / "raw")
+            _link(prepared, point.root / "prepared")
+            started = _provenance()
+            outcome = run_point(point, trunk_dir, first_point, study["models"], log=log)
+            outcome["seconds"]["trunk_this_point"] = trunk_seconds
+            quality = synthesis_quality(point.root / "synthetic" / "synthetic_mr.npz",
+                                        prepared / "ct_slices.npz", prepared / "mr_slices.npz",
+                                        head_threshold, outline_threshold, seed=seed)
+            runs_info["points"][key] = {
+                "seed": seed, "budget": budget, **started,
+                "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                **outcome, "quality": quality,
+            }
+            points, quality_table = tables()
+            _atomic_csv(points, metrics_dir / "convergence.csv")
+            _atomic_csv(quality_table, metrics_dir / "convergence_quality.csv")
+            tmp = runs_path.with_name(f".{runs_path.name}.tmp")
+            tmp.write_text(json.dumps(runs_info, indent=1))
+            os.replace(tmp, runs_path)
+            first_point = first_point or point_dir
+    points, quality_table = tables()
+    return {"points": points, "quality": quality_table}
+
+
+def summary_table(points: pd.DataFrame) -> pd.DataFrame:
+    """Per budget, model and parotid: the mean over seeds of the patient-mean DSC, the SD over
+    seeds, the worst seed, and the mean patient SD."""
+    grouped = points.groupby(["budget", "model", "title", "structure"], sort=True)
+    out = grouped.agg(seeds=("seed", "nunique"), dsc=("dsc_mean", "mean"),
+                      seed_sd=("dsc_mean", "std"), worst_seed=("dsc_mean", "min"),
+                      patient_sd=("dsc_sd", "mean")).reset_index()
+    return out
+
+
+def overtakes(points: pd.DataFrame, model: str = "cross_modality",
+              baseline: str = "domain_random") -> dict:
+    """At which budget the cross-modality DSC reaches the baseline's: per parotid, the smallest
+    budget where the seed mean is at least the baseline's seed mean (None: at no budget
+    studied), and whether every seed does (``all_seeds``)."""
+    answer = {}
+    for structure in SIDES:
+        side = points[points["structure"] == structure]
+        found, all_seeds = None, None
+        for budget, group in side.groupby("budget", sort=True):
+            ours = group[group["model"] == model].set_index("seed")["dsc_mean"]
+            theirs = group[group["model"] == baseline].set_index("seed")["dsc_mean"]
+            common = ours.index.intersection(theirs.index)
+            if common.empty:
+                continue
+            if found is None and ours[common].mean() >= theirs[common].mean():
+                found = int(budget)
+            if all_seeds is None and bool((ours[common] >= theirs[common]).all()):
+                all_seeds = int(budget)
+        answer[structure] = {"mean": found, "all_seeds": all_seeds}
+    return answer
