@@ -456,3 +456,33 @@ def overtakes(points: pd.DataFrame, model: str = "cross_modality",
                 all_seeds = int(budget)
         answer[structure] = {"mean": found, "all_seeds": all_seeds}
     return answer
+
+
+def verdict(points: pd.DataFrame, model: str = "cross_modality", baseline: str = "domain_random",
+            baseline_title: str = "domain randomisation") -> str:
+    """One paragraph for the book: per parotid, from which budget the seed-mean cross-modality
+    DSC reaches the baseline's (and from which every seed does), or that it does not within the
+    budgets studied, with the largest budget's numbers."""
+    if points.empty:
+        return "No study point has finished yet."
+    found = overtakes(points, model, baseline)
+    top = points[points["budget"] == points["budget"].max()]
+    sentences = []
+    for structure, side in SIDES.items():
+        ours = top[(top["model"] == model) & (top["structure"] == structure)]["dsc_mean"]
+        theirs = top[(top["model"] == baseline) & (top["structure"] == structure)]["dsc_mean"]
+        numbers = (f"at {int(top['budget'].iloc[0]):,} iterations {ours.mean():.2f} ± {ours.std(ddof=1):.2f} "
+                   f"against {theirs.mean():.2f} ± {theirs.std(ddof=1):.2f} (mean ± SD over "
+                   f"{ours.size} seeds)") if len(ours) > 1 and len(theirs) > 1 else \
+            f"at {int(top['budget'].iloc[0]):,} iterations {ours.mean():.2f} against {theirs.mean():.2f}"
+        when = found[structure]
+        if when["mean"] is None:
+            sentences.append(f"{side.capitalize()} parotid: the cross-modality network does **not** reach "
+                             f"{baseline_title} at any budget studied ({numbers}).")
+        else:
+            every = (f"every seed from {when['all_seeds']:,}" if when["all_seeds"] is not None
+                     else "but not for every seed at any budget")
+            sentences.append(f"{side.capitalize()} parotid: the cross-modality network reaches "
+                             f"{baseline_title} from {when['mean']:,} CycleGAN iterations on the seed "
+                             f"mean, {every} ({numbers}).")
+    return " ".join(sentences)

@@ -1133,6 +1133,39 @@ def write_rtstruct(masks: Mapping[str, sitk.Image], image: sitk.Image, path, *,
 # Synthetic series for tests and demos
 
 
+def write_case_dicom(case, folder, *, series_description: str = "T2w (simulated)") -> Path:
+    """Write an MR case (image + structure masks) as a DICOM MR series and an RTSTRUCT.
+
+    ``folder`` receives ``MR_<k>.dcm`` (one per slice, unsigned 16-bit, the case's geometry and its
+    EchoTime / RepetitionTime / MagneticFieldStrength metadata where present) and ``RS.dcm`` with
+    one ROI per mask of ``case.structures``, written from the series as read back (so its
+    references are the files'). The folder is built aside and renamed into place when complete.
+    Used to run the simulated MR cohort through the same DICOM reader as a user's MR.
+    """
+    from .io import staged_folder
+
+    image = case.image
+    array = sitk.GetArrayFromImage(image)
+    if array.ndim != 3:
+        raise CrossmodError(f"{folder}: {case.patient_id}: the MR must be a 3D volume")
+    tags = {"SeriesDescription": series_description,
+            "Manufacturer": _image_meta(image, "Manufacturer", "crossmod")}
+    for key in ("EchoTime", "RepetitionTime", "MagneticFieldStrength", "FlipAngle"):
+        if _image_meta(image, key):
+            tags[key] = _image_meta(image, key)
+    with staged_folder(folder) as tmp:
+        write_test_series(tmp, np.clip(np.rint(array), 0, 65535), image.GetSpacing(), image.GetOrigin(),
+                          modality="MR", patient_id=case.patient_id, direction=image.GetDirection(),
+                          file_prefix="MR", **tags)
+        series = read_dicom_series(tmp)
+        masks = {}
+        for name, mask in case.structures.items():
+            masks[name] = sitk.Resample(sitk.Cast(mask > 0, sitk.sitkUInt8), series,
+                                        sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+        write_rtstruct(masks, series, tmp / "RS.dcm")
+    return Path(folder)
+
+
 def write_test_series(folder, array: np.ndarray, spacing: Sequence[float], origin: Sequence[float],
                       modality: str = "CT", patient_id: str = "CROSSMOD_TEST",
                       series_uid: str | None = None, *, direction: Sequence[float] | None = None,

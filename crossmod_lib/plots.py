@@ -393,3 +393,52 @@ def area_profiles(profiles, glands, ncols: int = 3, panel=(3.2, 2.2)):
         ax.tick_params(labelsize=7)
     axes.ravel()[0].legend(fontsize=7, frameon=False)
     return fig
+
+
+def convergence_curves(points, quality, models=("cross_modality", "domain_random", "ct_only", "naive")):
+    """The convergence study (crossmod_lib.convergence): DSC per parotid against the CycleGAN
+    budget (each seed a thin line, the seed mean a thick one, the mean patient SD a band), and the
+    synthetic MR's quality measures against the budget (parotid/head ratio with the real MR's as a
+    dashed line, outline Dice, histogram distance, KID with the real-MR floor)."""
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7), constrained_layout=True)
+    colours = method_colours(models)
+    for ax, structure, side in ((axes[0, 0], "Parotid_R", "right"), (axes[0, 1], "Parotid_L", "left")):
+        chosen = points[points["structure"] == structure]
+        for model in models:
+            rows = chosen[chosen["model"] == model]
+            if rows.empty:
+                continue
+            colour = colours[model]
+            for _, seed_rows in rows.groupby("seed"):
+                seed_rows = seed_rows.sort_values("budget")
+                ax.plot(seed_rows["budget"], seed_rows["dsc_mean"], color=colour, alpha=0.35, lw=0.8)
+            mean = rows.groupby("budget").agg(dsc=("dsc_mean", "mean"), sd=("dsc_sd", "mean"))
+            ax.plot(mean.index, mean["dsc"], color=colour, lw=2.2, marker="o", ms=4,
+                    label=rows["title"].iloc[0])
+            if model == "cross_modality":
+                ax.fill_between(mean.index, mean["dsc"] - mean["sd"], mean["dsc"] + mean["sd"],
+                                color=colour, alpha=0.12, lw=0)
+        ax.set_xscale("log")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{side} parotid: DSC on real MR", fontsize=10)
+        ax.set_xlabel("CycleGAN iterations")
+        ax.set_ylabel("DSC (patient mean)")
+    axes[0, 0].legend(fontsize=7, loc="lower right")
+    measures = (("parotid_ratio", "parotid / head intensity", "real_parotid_ratio"),
+                ("outline_dice_median", "outline Dice (median)", None),
+                ("histogram_w1", "intensity histogram W1 (0-255)", None),
+                ("kid", "KID on texture features", "real_kid"))
+    for ax, (key, title, reference) in zip((axes[0, 2], axes[1, 0], axes[1, 1], axes[1, 2]), measures):
+        for _, rows in quality.groupby("seed"):
+            rows = rows.sort_values("budget")
+            ax.plot(rows["budget"], rows[key], color="#d62728", alpha=0.35, lw=0.8)
+        mean = quality.groupby("budget")[key].mean()
+        ax.plot(mean.index, mean.values, color="#d62728", lw=2.2, marker="o", ms=4, label="synthetic MR")
+        if reference is not None:
+            ax.axhline(quality[reference].mean(), color="k", ls="--", lw=1,
+                       label="real MR" if key == "parotid_ratio" else "real MR vs real MR")
+            ax.legend(fontsize=7)
+        ax.set_xscale("log")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("CycleGAN iterations")
+    return fig

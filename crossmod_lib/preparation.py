@@ -529,13 +529,15 @@ def _simulated_mr_folder(run, spec: dict, ct: CohortSource,
 
     data = run.profile["data"]
     source = spec.get("source")
+    if spec.get("format", "nrrd") not in ("nrrd", "dicom"):
+        raise CrossmodError(f"data.mr.format: {spec['format']!r} must be nrrd or dicom")
     if not source:
         raise CrossmodError("data.mr: dataset simulated_mr needs source: the CT dataset to "
                             "simulate the MR from (e.g. openkbp)")
     if source not in datasets.COHORT_LAYOUTS:
         raise CrossmodError(f"data.mr.source: {source!r} is not a CT dataset with a reader "
                             f"(known: {', '.join(datasets.COHORT_LAYOUTS)})")
-    source_spec = {k: v for k, v in spec.items() if k not in ("dataset", "source")}
+    source_spec = {k: v for k, v in spec.items() if k not in ("dataset", "source", "format")}
     source_spec["dataset"] = source
     folders = datasets.cohort_cases(source_spec, root=data.get("root"))
     _check_disjoint({"CT": ct, "MR": CohortSource("MR", SIMULATED_MR, [], origins=folders)})
@@ -556,7 +558,35 @@ def _simulated_mr_folder(run, spec: dict, ct: CohortSource,
         simulation.write_simulated_cohort(folder, source, folders, seed=run.profile["seed"],
                                           settings=settings, workers=int(workers),
                                           progress=progress, record=record)
+    if spec.get("format", "nrrd") == "dicom":
+        folder = _simulated_dicom_folder(run, folder, wanted, progress)
     return folder, [Path(f) for f in folders]
+
+
+def _simulated_dicom_folder(run, nrrd_folder: Path, arguments: dict, progress: bool) -> Path:
+    """The simulated MR cohort written as DICOM (``raw/simulated_mr_dicom/<patient>/``: an MR
+    series and an RTSTRUCT), so the run reads it through the dicom reader as a user's MR would be;
+    rewritten when the simulation changes (its arguments are kept in ``export.json``)."""
+    import json
+
+    from tqdm.auto import tqdm
+
+    from .dicom import write_case_dicom
+    from .io import staged_folder
+
+    folder = run.root / "raw" / f"{SIMULATED_MR}_dicom"
+    stamp = folder / "export.json"
+    try:
+        current = json.loads(stamp.read_text()).get("arguments") if stamp.is_file() else None
+    except (OSError, ValueError):
+        current = None
+    if current != arguments:
+        cases = list_cases(nrrd_folder)
+        with staged_folder(folder) as tmp:
+            for item in tqdm(cases, desc="MR as DICOM", unit="patient", disable=not progress):
+                write_case_dicom(read_case(item), tmp / Path(item).name)
+            (tmp / "export.json").write_text(json.dumps({"arguments": arguments}, indent=1))
+    return folder
 
 
 def _check_disjoint(sources: dict[str, CohortSource]) -> None:
@@ -585,6 +615,9 @@ def cohort_sources(run, progress: bool = True) -> dict[str, CohortSource]:
     for side, modality in (("ct", "CT"), ("mr", "MR")):
         spec = {k: v for k, v in data[side].items() if v is not None}
         dataset = spec.get("dataset")
+        if dataset != SIMULATED_MR and spec.get("format"):
+            raise CrossmodError(f"data.{side}.format is only read with dataset {SIMULATED_MR} "
+                                f"(dataset here: {dataset!r}); set it to null")
         if dataset != SIMULATED_MR and spec.get("source"):
             raise CrossmodError(f"data.{side}.source is only read with dataset {SIMULATED_MR} "
                                 f"(dataset here: {dataset!r}); set it to null")
@@ -596,8 +629,13 @@ def cohort_sources(run, progress: bool = True) -> dict[str, CohortSource]:
                 raise CrossmodError(f"data.{side}: dataset {SIMULATED_MR} makes MR; it can only "
                                     "be the MR cohort (data.mr)")
             folder, origins = _simulated_mr_folder(run, spec, sources["CT"], progress)
-            sources[modality] = CohortSource(modality, dataset, list_cases(folder), folder,
-                                             origins=origins, simulated_from=spec["source"])
+            if spec.get("format") == "dicom":  # read back as DICOM patients (the user's path)
+                items = sorted(p for p in folder.iterdir() if p.is_dir())
+                sources[modality] = CohortSource(modality, "dicom", items, folder, origins=origins,
+                                                 simulated_from=spec["source"])
+            else:
+                sources[modality] = CohortSource(modality, dataset, list_cases(folder), folder,
+                                                 origins=origins, simulated_from=spec["source"])
         elif dataset in ("dicom", "nnunet"):
             if not spec.get("root"):
                 raise CrossmodError(f"data.{side}: dataset {dataset!r} needs root: the folder to read")

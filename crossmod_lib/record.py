@@ -38,6 +38,29 @@ RECORDED_FIGURES = ("cyclegan_examples.png", "fig6_cleaning_examples.png", "clea
 MAX_BYTES = 8 * 1024 * 1024  # a record is committed to git: refuse anything bigger
 
 
+STUDY_RUNS = "metrics/convergence_runs.json"  # crossmod_lib.convergence: one entry per study point
+
+
+def study_provenance(path: Path) -> dict:
+    """Per study point (``seed<S>/budget<B>``): the commit, date and device it ran on and its wall
+    seconds, from a study's runs JSON; the "chapters" of a study's record."""
+    try:
+        points = json.loads(Path(path).read_text()).get("points", {})
+    except (OSError, ValueError) as exc:
+        raise CrossmodError(f"{path}: unreadable study record ({exc})") from None
+    out = {}
+    for key, point in sorted(points.items()):
+        device = point.get("device", {})
+        if isinstance(device, dict):
+            device = f"{device.get('cpu', '?')}, {device.get('cpu_cores_usable', '?')} CPU cores" + (
+                f", {device['gpu']}" if device.get("gpu") else "")
+        seconds = point.get("seconds", {})
+        out[key] = {"commit": point.get("commit", "not recorded"), "date": point.get("date", ""),
+                    "device": device,
+                    "seconds": sum(v for k, v in seconds.items() if k != "cyclegan_total")}
+    return out
+
+
 def default_folder() -> Path:
     """``recorded/`` at the top of the repository."""
     return Path(__file__).resolve().parents[1] / "recorded"
@@ -84,19 +107,31 @@ def record_run(run_dir: str | Path, out_dir: str | Path, figures=RECORDED_FIGURE
     lacks a provenance table is recorded with an empty provenance, never a guessed one.
     """
     run_dir, out_dir = Path(run_dir).absolute(), Path(out_dir).absolute()
-    for needed in ("profile.yaml", "metrics/table_2_lcc.csv"):
-        if not (run_dir / needed).is_file():
-            raise CrossmodError(f"{run_dir}: no {needed}; record a run that finished chapter 5")
-    notebooks_dir = run_dir / "notebooks"
-    chapters = {p.stem: notebook_provenance(p) for p in sorted(notebooks_dir.glob("[0-9][0-9]_*.ipynb"))}
-    if not chapters:
-        raise CrossmodError(f"{notebooks_dir}: no executed notebooks")
-    timings = {}
-    if (notebooks_dir / "timings.json").is_file():
-        timings = json.loads((notebooks_dir / "timings.json").read_text()).get("notebooks", {})
-    for stem, info in chapters.items():
-        if stem in timings:
-            info["seconds"] = timings[stem].get("seconds")
+    study = run_dir / STUDY_RUNS
+    kind = "study" if study.is_file() else "run"
+    if kind == "study":
+        # A study folder (crossmod study ...): no notebooks; each point's provenance is in the
+        # study's own JSON, written by the library as the point finished.
+        if not (run_dir / "profile.yaml").is_file():
+            raise CrossmodError(f"{run_dir}: no profile.yaml; not a study folder")
+        chapters = study_provenance(study)
+        if not chapters:
+            raise CrossmodError(f"{study}: no finished study point to record")
+    else:
+        for needed in ("profile.yaml", "metrics/table_2_lcc.csv"):
+            if not (run_dir / needed).is_file():
+                raise CrossmodError(f"{run_dir}: no {needed}; record a run that finished chapter 5")
+        notebooks_dir = run_dir / "notebooks"
+        chapters = {p.stem: notebook_provenance(p)
+                    for p in sorted(notebooks_dir.glob("[0-9][0-9]_*.ipynb"))}
+        if not chapters:
+            raise CrossmodError(f"{notebooks_dir}: no executed notebooks")
+        timings = {}
+        if (notebooks_dir / "timings.json").is_file():
+            timings = json.loads((notebooks_dir / "timings.json").read_text()).get("notebooks", {})
+        for stem, info in chapters.items():
+            if stem in timings:
+                info["seconds"] = timings[stem].get("seconds")
     sources = sorted({p for pattern in RECORDED_GLOBS for p in run_dir.glob(pattern) if p.is_file()})
     sources += [run_dir / "figures" / name for name in figures if (run_dir / "figures" / name).is_file()]
     size = sum(p.stat().st_size for p in sources)
@@ -124,6 +159,7 @@ def record_run(run_dir: str | Path, out_dir: str | Path, figures=RECORDED_FIGURE
         recorded.pop("versions", None)
         info = {
             "format": FORMAT,
+            "kind": kind,
             "profile": profile.get("name", ""),
             "description": profile.get("description", ""),
             "run_dir": str(run_dir),

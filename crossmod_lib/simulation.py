@@ -161,6 +161,9 @@ class SimulationSettings:
     psf_mm: float = 1.0            # in-plane point-spread function, FWHM
     snr: tuple = (20.0, 30.0)      # range of the fat signal-to-noise ratio per patient
     bias: tuple = (0.2, 0.3)       # range of the bias-field amplitude per patient
+    te_ms: tuple = MR_TE_RANGE     # range of the echo time per patient (paper Table I)
+    tr_ms: tuple = MR_TR_RANGE     # range of the repetition time per patient
+    contrast: dict = field(default_factory=dict)  # tissue name -> signal factor (e.g. another coil / sequence)
 
     @classmethod
     def from_dict(cls, values: dict | None, where: str = "simulation settings") -> SimulationSettings:
@@ -171,7 +174,7 @@ class SimulationSettings:
         if unknown:
             raise CrossmodError(f"{where}: unknown setting(s) {', '.join(unknown)} "
                                 f"(known: {', '.join(sorted(known))})")
-        for key in ("snr", "bias"):
+        for key in ("snr", "bias", "te_ms", "tr_ms"):
             if isinstance(values.get(key), list):
                 values[key] = tuple(values[key])
         settings = cls(**{k: v for k, v in values.items() if v is not None})
@@ -201,6 +204,20 @@ class SimulationSettings:
                     and low <= value[0] <= value[1]):
                 problems.append(f"{key}={list(value) if isinstance(value, tuple) else value!r} "
                                 f"must be [min, max] with {low:g} <= min <= max")
+        for key in ("te_ms", "tr_ms"):
+            value = getattr(self, key)
+            if not (isinstance(value, tuple) and len(value) == 2 and all(number(v) for v in value)
+                    and 0 < value[0] <= value[1]):
+                problems.append(f"{key}={list(value) if isinstance(value, tuple) else value!r} "
+                                "must be [min, max] with 0 < min <= max")
+        if not isinstance(self.contrast, dict):
+            problems.append(f"contrast={self.contrast!r} must map tissue names to factors")
+        else:
+            for name, factor in self.contrast.items():
+                if name not in TISSUES:
+                    problems.append(f"contrast: unknown tissue {name!r} (one of {', '.join(TISSUES)})")
+                elif not (number(factor) and factor > 0):
+                    problems.append(f"contrast.{name}={factor!r} must be > 0")
         if not problems and self.bias[1] >= 0.5:
             problems.append(f"bias={list(self.bias)}: amplitudes must stay below 0.5")
         if problems:
@@ -569,8 +586,8 @@ def simulate_mr(case: Case, seed: int, settings: SimulationSettings | None = Non
                             "the MR slab")
 
     rng = _patient_rng(seed, pid)
-    te = float(rng.uniform(*MR_TE_RANGE))
-    tr = float(rng.uniform(*MR_TR_RANGE))
+    te = float(rng.uniform(*settings.te_ms))
+    tr = float(rng.uniform(*settings.tr_ms))
     gain = float(np.exp(rng.uniform(np.log(300.0), np.log(3000.0))))
     bias_amp = float(rng.uniform(*settings.bias))
     snr = float(rng.uniform(*settings.snr))
@@ -581,6 +598,8 @@ def simulate_mr(case: Case, seed: int, settings: SimulationSettings | None = Non
              for t, (pd, t1, t2) in RELAXATION_3T.items()}
     bias = bias_field(rng, bias_amp)
     signal = tissue_signals(te, tr, table)
+    for name, factor in settings.contrast.items():
+        signal[TISSUES.index(name)] *= np.float32(factor)
 
     # --- where the slab goes: centred on the parotids, inside the CT's full cross-sections
     slab = _place_slab(hu, z_ct, np.logical_or.reduce(glands), image.GetSpacing()[2], settings,

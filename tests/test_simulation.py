@@ -282,7 +282,7 @@ def test_openkbp_profile_uses_a_disjoint_simulated_mr():
     assert ct["dataset"] == "openkbp" and mr["dataset"] == "simulated_mr"
     assert mr["source"] == "openkbp" and len(mr["patients"]) == 12
     ct_ids = {f.name for f in datasets.cohort_cases(ct, root=root)}
-    source_spec = {k: v for k, v in mr.items() if k != "source"} | {"dataset": "openkbp"}
+    source_spec = {k: v for k, v in mr.items() if k not in ("source", "format")} | {"dataset": "openkbp"}
     mr_ids = {f.name for f in datasets.cohort_cases(source_spec, root=root)}
     assert len(ct_ids) == 40 and not ct_ids & mr_ids
 
@@ -298,3 +298,71 @@ def test_a_profile_extending_openkbp_can_read_real_mr(tmp_path):
     mr = preparation.cohort_sources(run, progress=False)["MR"]
     assert mr.dataset == "pddca" and mr.patient_ids() == ["mr_a", "mr_b"]
     assert not (run.root / "raw" / "simulated_mr").exists()
+
+
+def test_a_second_appearance_changes_contrast_and_is_checked():
+    other = simulation.SimulationSettings(pixel_mm=1.0, matrix=112, slices=20, min_slices=8,
+                                          te_ms=(60.0, 70.0), tr_ms=(2000.0, 2500.0),
+                                          psf_mm=2.0, contrast={"parotid": 0.7})
+    base = simulation.simulate_mr(_synthetic_ct(), seed=3, settings=SMALL)
+    changed = simulation.simulate_mr(_synthetic_ct(), seed=3, settings=other)
+    assert 60.0 <= changed.info["acquisition"]["EchoTime"] <= 70.0
+
+    def ratio(mr):
+        return _by_tissue(mr, simulation.PAROTID).mean() / _by_tissue(mr, simulation.MUSCLE).mean()
+
+    assert ratio(changed) < ratio(base) - 0.2       # the parotid far less bright against muscle
+    # the defaults are the paper's sequence: the same draws as before these settings existed
+    assert SMALL.te_ms == MR_TE_RANGE and SMALL.tr_ms == MR_TR_RANGE and SMALL.contrast == {}
+    for values, message in (({"contrast": {"gland": 2.0}}, "unknown tissue"),
+                            ({"contrast": {"fat": 0}}, "contrast.fat=0"),
+                            ({"te_ms": [70, 60]}, "te_ms")):
+        with pytest.raises(CrossmodError, match=message):
+            simulation.SimulationSettings.from_dict(values, "data.mr_simulation")
+
+
+def test_openkbp_mr2_profile_differs_only_in_the_acquisition():
+    base, other = load_profile("openkbp"), load_profile("openkbp-mr2")
+    assert other["data"]["mr"] == base["data"]["mr"] and other["data"]["ct"] == base["data"]["ct"]
+    assert other["cyclegan"] == base["cyclegan"] and other["segmentation"] == base["segmentation"]
+    settings = simulation.SimulationSettings.from_dict(other["data"]["mr_simulation"])
+    assert settings.contrast == {"parotid": 0.85} and settings.psf_mm == 2.0
+
+
+def test_simulated_mr_cohort_read_back_as_dicom_gives_the_same_case(tmp_path):
+    source = _pddca_source(tmp_path / "ctdata", ["case_a", "case_b", "case_c"])
+    data = {"ct": {"dataset": "pddca", "root": str(source), "patients": ["case_a"]},
+            "mr": {"dataset": "simulated_mr", "source": "pddca", "root": str(source),
+                   "patients": {"range": [1, 3]}}}
+    nrrd = preparation.cohort_sources(RunFolder.open(_profile(tmp_path, data), tmp_path / "a"),
+                                      progress=False)["MR"]
+    data["mr"]["format"] = "dicom"
+    run = RunFolder.open(_profile(tmp_path, data), tmp_path / "b")
+    mr = preparation.cohort_sources(run, progress=False)["MR"]
+    assert mr.dataset == "dicom" and mr.patient_ids() == ["case_b", "case_c"]
+    assert mr.root == run.root / "raw" / "simulated_mr_dicom"
+    assert mr.title == "MR (simulated from pddca CT)"
+    patient = mr.root / "case_b"
+    assert (patient / "RS.dcm").is_file() and len(list(patient.glob("MR_*.dcm"))) == 16
+    from_dicom, original = mr.read(mr.items[0]), nrrd.read(nrrd.items[0])
+    assert from_dicom.image.GetSize() == original.image.GetSize()
+    assert np.allclose(from_dicom.image.GetOrigin(), original.image.GetOrigin(), atol=1e-3)
+    assert np.array_equal(sitk.GetArrayFromImage(from_dicom.image),
+                          sitk.GetArrayFromImage(original.image))
+    for name in ("Parotid_L", "Parotid_R"):       # contours -> RTSTRUCT -> masks: the same voxels
+        a = sitk.GetArrayFromImage(from_dicom.structures[name]) > 0
+        b = sitk.GetArrayFromImage(original.structures[name]) > 0
+        assert (a & b).sum() * 2 / (a.sum() + b.sum()) > 0.97
+    stamp = (mr.root / "export.json").stat().st_mtime_ns      # reused while nothing changes
+    preparation.cohort_sources(run, progress=False)
+    assert (mr.root / "export.json").stat().st_mtime_ns == stamp
+
+
+def test_an_unknown_simulated_mr_format_is_one_line(tmp_path):
+    source = _pddca_source(tmp_path / "ctdata", ["case_a", "case_b"])
+    profile = _profile(tmp_path, {
+        "ct": {"dataset": "pddca", "root": str(source), "patients": ["case_a"]},
+        "mr": {"dataset": "simulated_mr", "source": "pddca", "root": str(source),
+               "patients": ["case_b"], "format": "nifti"}})
+    with pytest.raises(CrossmodError, match="data.mr.format: 'nifti' must be nrrd or dicom"):
+        preparation.cohort_sources(RunFolder.open(profile, tmp_path / "run"), progress=False)

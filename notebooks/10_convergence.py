@@ -1,0 +1,128 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 10. How much CycleGAN is enough? A convergence study
+#
+# ## Overview
+# The paper trained its CycleGAN for 72 h on a V100 at 256 × 256 pixels ({cite}`kieselmann2021`);
+# this book's runs train it for minutes on two CPU cores. Whether the method works then depends on
+# whether the synthetic MR is good enough yet, so this chapter measures it: on the real-anatomy
+# tier (`openkbp`: real OpenKBP CT {cite}`babier2021`, T2-weighted MR simulated from 12 other
+# OpenKBP patients), for **three seeds** and **four CycleGAN budgets spanning an order of
+# magnitude**, the whole pipeline from the prepared slices on (CycleGAN, synthesis, cleaning,
+# U-Nets, predictions, metrics) is run and recorded. Beside the cross-modality DSC it records the
+# baselines that do not need the CycleGAN (CT only, naive, domain randomisation; trained once per
+# seed) and measures of the synthetic MR itself.
+#
+# | Prerequisite | Importance |
+# |---|---|
+# | Chapters 2–5 (the pipeline) | necessary |
+# | Chapter 9 (recorded runs) | helpful |
+#
+# The study is far longer than a book build (about 40 min per seed on two idle cores), so it is a
+# **recorded run**: `crossmod study convergence --profile openkbp --out DIR` runs it (finished
+# points are kept, an interrupted study carries on), `crossmod record --run-dir DIR` keeps its
+# tables with the commit, date and device of every point. Everything below was computed by that
+# recorded study, **not by the run that built this book**. The code is `crossmod_lib.convergence`.
+#
+# **Budgets.** A budget of B iterations trains k epochs at the constant learning rate and k with
+# the linear decay (k = B / (2 × 215); the study's epoch is 215 iterations of batch 4, a random
+# half of the 1,720 CT slices). The first k epochs of a budget are those of every longer budget of
+# the same seed, so one constant-rate *trunk* is trained per seed and every budget branches off it
+# where its decay starts (`cyclegan.branch`; a test checks the branch is bit-identical to a run of
+# that budget from scratch).
+#
+# **Measures of the synthetic MR** (no segmentation involved): the parotid-to-head intensity ratio
+# of chapter 2 (real MR: the dashed line); the median head-outline Dice against the CT (chapter 3);
+# the 1-Wasserstein distance between the in-head intensity histograms of synthetic and real MR; and
+# the kernel inception distance (KID, {cite}`binkowski2018`), the unbiased squared maximum mean
+# discrepancy under a cubic polynomial kernel, here on hand-chosen slice features (intensity and
+# gradient histograms, checkerboard and speckle energies) since no pretrained Inception network is
+# available offline; its floor is the KID between two halves of the real MR patients.
+
+# %% tags=["parameters", "remove-cell"]
+# Defaults; papermill injects the run's values in the cell below (crossmod run / crossmod book).
+profile = "smoke"
+run_dir = ""
+profile_path = ""
+recorded_dir = ""  # default: recorded/ at the top of the repository
+study_name = "openkbp-convergence"
+
+# %%
+import matplotlib.pyplot as plt
+from IPython.display import Markdown, display
+
+from crossmod_lib import convergence, plots, record, runs
+
+run = runs.RunFolder.open(profile_path or profile, run_dir or None)
+studies = [r for r in record.recorded_runs(recorded_dir or None)
+           if r.info.get("kind") == "study" and r.root.name == study_name]
+study = studies[0] if studies else None
+if study is None:
+    display(Markdown(f"*No recorded study `{study_name}` in this repository: run "
+                     "`crossmod study convergence --profile openkbp --out DIR`, then "
+                     f"`crossmod record --run-dir DIR --out recorded/{study_name}`.*"))
+else:
+    points = study.table("metrics/convergence.csv")
+    quality = study.table("metrics/convergence_quality.csv")
+    settings = study.json("metrics/convergence_runs.json")["study"]
+    display(Markdown(
+        f"Recorded study `{study.root.name}` (profile `{study.name}`), recorded on "
+        f"{study.info['recorded'].get('date', '?')} at commit {study.info['recorded'].get('commit', '?')}: "
+        f"{quality.shape[0]} of {len(settings['seeds']) * len(settings['budgets'])} points "
+        f"(seeds {', '.join(map(str, settings['seeds']))}; budgets "
+        f"{', '.join(f'{b:,}' for b in settings['budgets'])} CycleGAN iterations)."
+        + (f"\n\n*Recorder's note:* {study.info['note']}" if study.info.get("note") else "")))
+
+# %% [markdown]
+# ## The curve
+# Thin lines: one seed each; thick: the mean over seeds; the band: the cross-modality network's
+# mean patient SD (the spread over the 12 MR patients of one run).
+
+# %%
+if study is not None and not points.empty:
+    fig = plots.convergence_curves(points, quality)
+    fig.savefig(run.stage("figures") / "convergence.png", dpi=120, bbox_inches="tight")
+    plt.show()
+    display(Markdown("**When does the method overtake domain randomisation?** " + convergence.verdict(points)))
+
+# %% [markdown]
+# ## The numbers
+# Per budget, model and parotid: the mean over seeds of the patient-mean DSC (LCC post-processing,
+# as Table II), the SD over seeds, the worst seed, and the mean patient SD.
+
+# %%
+if study is not None and not points.empty:
+    summary = convergence.summary_table(points)
+    display(summary.drop(columns=["model"]).set_index(["budget", "title", "structure"]).round(3))
+    display(Markdown("Quality of the synthetic MR, per seed and budget:"))
+    display(quality.set_index(["seed", "budget"]).round(3))
+
+# %% [markdown]
+# ## Provenance of every point
+# Commit, date and device of each point, with its wall seconds (the trunk's share, the decay, the
+# synthesis, cleaning, U-Nets, predictions and metrics).
+
+# %%
+if study is not None:
+    display(study.provenance_table().round({"seconds": 0}))
+
+# %% [markdown]
+# ## Resources and references
+# The sources cited in this chapter are listed on the [references](../references.md) page.
+#
+# ## Provenance of this chapter
+
+# %%
+display(Markdown(runs.provenance_markdown(run)))

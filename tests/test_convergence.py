@@ -1,0 +1,199 @@
+"""The convergence study: its settings, its quality measures and its summaries (crossmod_lib.convergence)."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from crossmod_lib import convergence
+from crossmod_lib.config import load_profile
+from crossmod_lib.errors import CrossmodError
+from crossmod_lib.slices import write_slices
+
+
+def heads(n, size=48, seed=0, checker=0.0, brightness=120.0, parotid_gain=1.6):
+    """Elliptic heads with two bright 'parotids', optional 2 x 2 checkerboard artefact."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    images, masks, labels = [], [], []
+    for _ in range(n):
+        ry, rx = rng.uniform(0.3, 0.42, 2) * size
+        head = ((yy - size / 2) / ry) ** 2 + ((xx - size / 2) / rx) ** 2 <= 1
+        label = np.zeros((size, size), np.uint8)
+        for value, cx in ((1, size / 2 + rx * 0.6), (2, size / 2 - rx * 0.6)):
+            label[((yy - size / 2) ** 2 + (xx - cx) ** 2 <= (size / 12) ** 2) & head] = value
+        image = np.where(head, brightness + rng.normal(0, 10, (size, size)), 2.0)
+        image = np.where(label > 0, image * parotid_gain, image)
+        image = image + checker * ((yy + xx) % 2 * 2 - 1) * head
+        images.append(np.clip(image, 0, 255).astype(np.uint8))
+        masks.append(head)
+        labels.append(label)
+    return {"image": np.stack(images), "head_mask": np.stack(masks), "labels": np.stack(labels),
+            "patient": np.array([f"p{i % 4}" for i in range(n)])}
+
+
+def test_kid_is_near_zero_for_one_distribution_and_grows_with_a_shift():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(300, 8)), rng.normal(size=(300, 8))
+    same, _ = convergence.kernel_inception_distance(a, b, subsets=20)
+    shifted, _ = convergence.kernel_inception_distance(a, b + 1.0, subsets=20)
+    assert abs(same) < 0.05 and shifted > 10 * abs(same) and shifted > 0.5
+
+
+def test_kid_refuses_mismatched_features():
+    with pytest.raises(CrossmodError, match="feature sets"):
+        convergence.kernel_inception_distance(np.zeros((5, 3)), np.zeros((5, 4)))
+
+
+def test_texture_features_see_the_checkerboard():
+    clean = heads(4, seed=2)
+    checkered = heads(4, seed=2, checker=25.0)
+    f_clean = convergence.texture_features(clean["image"], clean["head_mask"])
+    f_checker = convergence.texture_features(checkered["image"], checkered["head_mask"])
+    assert f_clean.shape == (4, 36)
+    assert np.allclose(f_clean[:, :16].sum(axis=1), 1.0, atol=0.02)   # a histogram per slice
+    assert (f_checker[:, 32] > 2 * f_clean[:, 32]).all()              # 2 x 2 checkerboard energy
+
+
+def test_synthesis_quality_ranks_an_artefact_free_synthesis_first(tmp_path):
+    real = heads(40, seed=3)
+    ct = heads(40, seed=4, brightness=90.0, parotid_gain=0.9)
+    good = heads(40, seed=4)                       # the CT's heads with MR-like intensities
+    bad = heads(40, seed=4, checker=40.0, parotid_gain=1.0)
+    write_slices(real, tmp_path / "mr.npz")
+    write_slices(ct, tmp_path / "ct.npz")
+    write_slices(good, tmp_path / "good.npz")
+    write_slices(bad, tmp_path / "bad.npz")
+    q_good = convergence.synthesis_quality(tmp_path / "good.npz", tmp_path / "ct.npz",
+                                           tmp_path / "mr.npz", 20.0)
+    q_bad = convergence.synthesis_quality(tmp_path / "bad.npz", tmp_path / "ct.npz",
+                                          tmp_path / "mr.npz", 20.0)
+    assert set(q_good) == set(convergence.QUALITY_COLUMNS) - {"seed", "budget"}
+    assert q_good["outline_dice_median"] > 0.95 and q_good["outline_dice_share"] == 1.0
+    assert q_good["parotid_ratio"] == pytest.approx(q_good["real_parotid_ratio"], rel=0.1)
+    assert q_bad["parotid_ratio"] < q_good["parotid_ratio"] - 0.2
+    assert q_bad["kid"] > q_good["kid"] and q_bad["histogram_w1"] > q_good["histogram_w1"]
+
+
+def test_study_settings_of_the_profiles_and_bad_blocks():
+    study = convergence.study_settings(load_profile("openkbp"))
+    assert study["budgets"][-1] >= 10 * study["budgets"][0]     # one order of magnitude
+    assert len(study["seeds"]) >= 3
+    base = load_profile("openkbp")
+    for change, message in (({"budgets": [430, 431]}, "multiple of 2"),
+                            ({"budgets": [860, 430]}, "must increase"),
+                            ({"iterations_per_epoch": 0}, "positive integer"),
+                            ({"seeds": ["a"]}, "list of integers"),
+                            ({"models": ["ct_only"]}, "cross_modality")):
+        profile = {**base, "convergence": {**base["convergence"], **change}}
+        with pytest.raises(CrossmodError, match=message):
+            convergence.study_settings(profile)
+
+
+def test_point_profile_changes_only_the_budget_and_the_training_seeds():
+    base = load_profile("openkbp")
+    point = convergence.point_profile(base, 7, 2150, 215)
+    assert point["cyclegan"]["epochs_constant"] == point["cyclegan"]["epochs_decay"] == 5
+    assert point["cyclegan"]["max_iterations_per_epoch"] == 215
+    assert point["cyclegan"]["seed"] == 7 and point["segmentation"]["seed"] == 7
+    assert point["seed"] == base["seed"]          # the data (simulated MR) stays the same
+    assert base["cyclegan"]["epochs_constant"] != 5 or base["cyclegan"]["seed"] is None
+
+
+def points_table():
+    rows = []
+    for seed, shift in ((1, 0.0), (2, 0.05), (3, -0.05)):
+        for budget, ours in ((430, 0.2), (860, 0.5), (2150, 0.62), (4300, 0.7)):
+            for structure in convergence.SIDES:
+                rows.append({"seed": seed, "budget": budget, "model": "cross_modality", "title": "X",
+                             "structure": structure, "dsc_mean": ours + shift, "dsc_sd": 0.1, "n": 12})
+                rows.append({"seed": seed, "budget": budget, "model": "domain_random", "title": "DR",
+                             "structure": structure, "dsc_mean": 0.6, "dsc_sd": 0.2, "n": 12})
+    return pd.DataFrame(rows)
+
+
+def test_summary_and_overtaking_budget():
+    points = points_table()
+    summary = convergence.summary_table(points)
+    row = summary[(summary["budget"] == 2150) & (summary["model"] == "cross_modality")
+                  & (summary["structure"] == "Parotid_L")].iloc[0]
+    assert row["seeds"] == 3 and row["dsc"] == pytest.approx(0.62)
+    assert row["seed_sd"] == pytest.approx(0.05) and row["worst_seed"] == pytest.approx(0.57)
+    found = convergence.overtakes(points)
+    assert found["Parotid_L"] == {"mean": 2150, "all_seeds": 4300}
+    never = convergence.overtakes(points[points["budget"] < 2150])
+    assert never["Parotid_R"] == {"mean": None, "all_seeds": None}
+
+
+def test_convergence_figure_draws_every_panel():
+    from crossmod_lib import plots
+
+    points = points_table()
+    quality = pd.DataFrame([{"seed": s, "budget": b, "parotid_ratio": 1.0 + b / 1e4,
+                             "real_parotid_ratio": 1.5, "outline_dice_median": 0.9,
+                             "outline_dice_share": 0.95, "histogram_w1": 20 - b / 1e3, "kid": 3.0,
+                             "kid_sd": 0.1, "real_kid": 0.5}
+                            for s in (1, 2, 3) for b in (430, 860, 2150, 4300)])
+    fig = plots.convergence_curves(points, quality)
+    axes = fig.get_axes()
+    assert len(axes) == 6
+    assert len(axes[0].get_lines()) == 2 * (3 + 1)       # two models, 3 seeds + the mean each
+    assert axes[0].get_xscale() == "log"
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def test_verdict_names_the_budget_or_says_it_is_not_reached():
+    points = points_table()
+    text = convergence.verdict(points)
+    assert "from 2,150 CycleGAN iterations" in text and "every seed from 4,300" in text
+    low = convergence.verdict(points[points["budget"] < 2150])
+    assert low.count("does **not** reach") == 2 and "at 860 iterations 0.50" in low
+    assert convergence.verdict(points.iloc[0:0]) == "No study point has finished yet."
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    """One seed, two budgets of the smoke profile's networks (about a minute on 2 cores)."""
+    profile = load_profile("smoke")
+    profile["name"] = "smoke-study"
+    profile["convergence"] = {**profile["convergence"], "iterations_per_epoch": 30,
+                              "budgets": [60, 120], "seeds": [5]}
+    out = tmp_path_factory.mktemp("study") / "study"
+    logged = []
+    tables = convergence.run_study(profile, out, log=logged.append)
+    return profile, out, tables, logged
+
+
+def test_study_runs_every_point_and_keeps_its_tables(tiny_study):
+    profile, out, tables, logged = tiny_study
+    points, quality = tables["points"], tables["quality"]
+    assert sorted(quality["budget"]) == [60, 120] and set(quality["seed"]) == {5}
+    assert set(points["model"]) == {"cross_modality", "ct_only", "naive", "domain_random"}
+    assert len(points) == 2 * 4 * 2                        # budgets x models x parotids
+    assert (out / "metrics" / "convergence.csv").is_file()
+    runs_info = __import__("json").loads((out / "metrics" / "convergence_runs.json").read_text())
+    point = runs_info["points"]["seed5/budget00120"]
+    assert point["cyclegan_iterations"] == 120 and point["commit"] and point["device"]
+    # the baselines were trained once per seed and copied, the budget's own network trained
+    first = (out / "seed5" / "budget00060" / "model" / "domain_random" / "best.pt").read_bytes()
+    assert (out / "seed5" / "budget00120" / "model" / "domain_random" / "best.pt").read_bytes() == first
+    assert point["seconds"]["segmentation"] < runs_info["points"]["seed5/budget00060"]["seconds"]["segmentation"]
+    # the 120-iteration point is exactly the run a 60 + 60 profile would train
+    summary = __import__("json").loads(
+        (out / "seed5" / "budget00120" / "synthetic" / "cyclegan" / "summary.json").read_text())
+    assert summary["epochs_total"] == 4 and summary["completed"]
+
+
+def test_a_finished_study_is_not_run_again_and_records_with_provenance(tiny_study, tmp_path):
+    from crossmod_lib import record
+
+    profile, out, _, _ = tiny_study
+    logged = []
+    again = convergence.run_study(profile, out, log=logged.append)
+    assert logged == [] and len(again["quality"]) == 2
+    info = record.record_run(out, tmp_path / "rec", note="tiny")
+    assert info["kind"] == "study" and set(info["chapters"]) == {"seed5/budget00060", "seed5/budget00120"}
+    rec = record.read_record(tmp_path / "rec")
+    assert rec.table("metrics/convergence.csv").shape[0] == 16
+    assert list(rec.provenance_table().index) == ["seed5/budget00060", "seed5/budget00120"]
