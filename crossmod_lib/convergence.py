@@ -486,3 +486,30 @@ def verdict(points: pd.DataFrame, model: str = "cross_modality", baseline: str =
                              f"{baseline_title} from {when['mean']:,} CycleGAN iterations on the seed "
                              f"mean, {every} ({numbers}).")
     return " ".join(sentences)
+
+
+def translator_table(studies: dict[str, pd.DataFrame], baseline: str = "domain_random") -> pd.DataFrame:
+    """The translators side by side (issue: CUT / FastCUT beside the CycleGAN): for each study
+    (label -> its points) the cross-modality DSC per budget and parotid over the seeds it ran,
+    beside the baselines of the same seeds (taken from whichever study trained them: they do not
+    depend on the translator). Columns: translator, budget, structure, seeds, dsc, seed_sd,
+    worst_seed, and ``<baseline>`` / ``ct_only`` seed means."""
+    baselines = pd.concat([p[p["model"] != "cross_modality"] for p in studies.values()])
+    baselines = baselines.drop_duplicates(["seed", "budget", "model", "structure"])
+    rows = []
+    for label, points in studies.items():
+        ours = points[points["model"] == "cross_modality"]
+        for (budget, structure), group in ours.groupby(["budget", "structure"], sort=True):
+            seeds = sorted(group["seed"])
+            row = {"translator": label, "budget": int(budget), "structure": structure,
+                   "seeds": len(seeds), "dsc": group["dsc_mean"].mean(),
+                   "seed_sd": group["dsc_mean"].std(ddof=1) if len(seeds) > 1 else float("nan"),
+                   "worst_seed": group["dsc_mean"].min()}
+            for model in (baseline, "ct_only"):
+                same = baselines[(baselines["model"] == model) & (baselines["structure"] == structure)
+                                 & baselines["seed"].isin(seeds)]
+                # a baseline is the same network at every budget of a seed: any budget will do
+                same = same.drop_duplicates("seed")
+                row[model] = same["dsc_mean"].mean() if len(same) == len(seeds) else float("nan")
+            rows.append(row)
+    return pd.DataFrame(rows)

@@ -117,7 +117,13 @@ DEFAULT_SETTINGS: dict = {
     "cpu_threads": 0,
     "seed": None,
     "ablation_iterations_per_epoch": None,
+    "translator": "cyclegan",
+    "lambda_nce": None,
+    "nce_patches": 256,
+    "nce_temperature": 0.07,
+    "nce_features": 256,
 }
+TRANSLATORS = ("cyclegan", "cut", "fastcut")
 DEFAULT_SEED = 2021
 DEFAULT_HEAD_THRESHOLD = 20.0
 
@@ -126,7 +132,7 @@ _TRAINING_KEYS = (
     "ngf", "ndf", "n_blocks", "epochs_constant", "epochs_decay", "max_iterations_per_epoch",
     "batch_size", "lr", "beta1", "beta2", "lambda_adv", "lambda_cycle", "lambda_identity",
     "lambda_geo", "geometric_loss", "mask_temperature", "pool_size", "init_gain", "seed",
-    "head_threshold",
+    "head_threshold", "translator", "lambda_nce", "nce_patches", "nce_temperature", "nce_features",
 )
 
 # Columns of losses.csv besides epoch, iteration, lr and seconds. Unweighted values except
@@ -215,6 +221,14 @@ def check_settings(settings: dict, source: str = "cyclegan settings") -> dict:
     for key in ("geometric_loss", "bf16", "channels_last", "compile", "deterministic"):
         if not isinstance(s[key], bool):
             raise _setting_error(source, key, f"must be true or false, got {s[key]!r}")
+    if s["translator"] not in TRANSLATORS:
+        raise _setting_error(source, "translator", f"must be one of {', '.join(TRANSLATORS)}, "
+                                                   f"got {s['translator']!r}")
+    if s["lambda_nce"] is not None:
+        number("lambda_nce", 0.0)
+    integer("nce_patches", 1)
+    integer("nce_features", 1)
+    number("nce_temperature", 0.0, low_open=True)
     return s
 
 
@@ -1063,14 +1077,13 @@ def _epoch_order(generator: torch.Generator, n: int, world: int, rank: int) -> t
 class _LossLog:
     """Buffers per-iteration losses on the device, writes them to ``losses.csv`` in chunks."""
 
-    def __init__(self, path: Path | None, world: int):
-        self.path, self.world = path, world
+    def __init__(self, path: Path | None, world: int, terms=LOSS_TERMS):
+        self.path, self.world, self.terms = path, world, tuple(terms)
         self.pending: list[tuple] = []
         self.last: dict | None = None
 
-    @staticmethod
-    def header() -> list[str]:
-        return ["epoch", "iteration", *LOSS_TERMS, "lr", "seconds"]
+    def header(self) -> list[str]:
+        return ["epoch", "iteration", *self.terms, "lr", "seconds"]
 
     def start(self, keep_until: int | None) -> None:
         """Fresh file with a header, or (resume) keep the rows up to iteration ``keep_until``."""
@@ -1109,7 +1122,7 @@ class _LossLog:
         rows = [[e, i, *(f"{v:.6g}" for v in vals), f"{lr:.6g}", f"{sec:.3f}"]
                 for (e, i, _, lr, sec), vals in zip(self.pending, values)]
         self.pending = []
-        self.last = dict(zip(LOSS_TERMS, values[-1]))
+        self.last = dict(zip(self.terms, values[-1]))
         if self.path is not None:
             with open(self.path, "a", newline="") as handle:
                 csv.writer(handle).writerows(rows)
@@ -1189,9 +1202,13 @@ def _train(ct, mr, out_dir, s, resume, progress, max_iterations, device, world, 
     random.seed(s["seed"])
     order_gen = torch.Generator().manual_seed(s["seed"])
     draw_gen = torch.Generator().manual_seed(s["seed"] * 1000 + 7919 * (rank + 1))
-    model = CycleGAN(s, s["head_threshold"], device, bf16=s["bf16"],
-                     channels_last=s["channels_last"], compile=s["compile"],
-                     distributed=world > 1, draw_generator=draw_gen)
+    if s["translator"] == "cyclegan":
+        model_class = CycleGAN
+    else:
+        from .cut import CUT as model_class
+    model = model_class(s, s["head_threshold"], device, bf16=s["bf16"],
+                        channels_last=s["channels_last"], compile=s["compile"],
+                        distributed=world > 1, draw_generator=draw_gen)
 
     state = {"epoch": 0, "iteration_in_epoch": 0, "iteration": 0, "elapsed": 0.0}
     order = None
@@ -1237,7 +1254,8 @@ def _train(ct, mr, out_dir, s, resume, progress, max_iterations, device, world, 
         settings_tmp = out_dir / f".{SETTINGS_NAME}.tmp"
         settings_tmp.write_text(json.dumps(s, indent=2))
         os.replace(settings_tmp, out_dir / SETTINGS_NAME)
-    log = _LossLog(out_dir / LOSSES_NAME if rank == 0 else None, world)
+    log = _LossLog(out_dir / LOSSES_NAME if rank == 0 else None, world,
+                   getattr(model, "loss_terms", LOSS_TERMS))
     log.start(state["iteration"] if found else None)
 
     ct_images = torch.from_numpy(ct["image"])
@@ -1290,9 +1308,10 @@ def _train(ct, mr, out_dir, s, resume, progress, max_iterations, device, world, 
     def flush():
         log.flush()
         if bar is not None and log.last is not None:
-            bar.set_postfix(G=f"{log.last['G_total']:.3f}", D_MR=f"{log.last['D_MR']:.3f}",
-                            D_CT=f"{log.last['D_CT']:.3f}",
-                            geo=f"{log.last['geo_CT'] + log.last['geo_MR']:.3f}", refresh=False)
+            last = log.last
+            bar.set_postfix(G=f"{last['G_total']:.3f}", D_MR=f"{last['D_MR']:.3f}",
+                            D_CT=f"{last.get('D_CT', 0.0):.3f}",
+                            geo=f"{last['geo_CT'] + last.get('geo_MR', 0.0):.3f}", refresh=False)
 
     base_elapsed = float(state["elapsed"])
     started = time.perf_counter()
@@ -1437,7 +1456,8 @@ def _generators_from(data: dict, checkpoint, settings: dict | None, device):
     s = check_settings(dict(settings) if settings is not None else dict(data["settings"]))
     device = _pick_device(device)
     nets = []
-    for name in ("g_mr", "g_ct"):
+    names = ("g_mr", "g_ct") if s["translator"] == "cyclegan" else ("g_mr",)
+    for name in names:
         net = Generator(1, 1, s["ngf"], s["n_blocks"])
         try:
             net.load_state_dict(data["networks"][name])
@@ -1446,7 +1466,8 @@ def _generators_from(data: dict, checkpoint, settings: dict | None, device):
             raise CrossmodError(f"{checkpoint}: generator {name} does not match cyclegan.ngf="
                                 f"{s['ngf']}, n_blocks={s['n_blocks']} ({reason})") from None
         nets.append(net.to(device).eval())
-    return nets[0], nets[1], s
+    # CUT / FastCUT are one-sided: no MR -> CT generator (None)
+    return nets[0], (nets[1] if len(nets) > 1 else None), s
 
 
 def load_generators(checkpoint, settings: dict | None = None,
@@ -1463,15 +1484,17 @@ def load_generators(checkpoint, settings: dict | None = None,
 @torch.no_grad()
 def _translate_chain(first: Generator, second: Generator, images: np.ndarray,
                      batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 slices through ``first`` and then ``second``: (first(x), second(first(x))) as uint8."""
+    """uint8 slices through ``first`` and then ``second``: (first(x), second(first(x))) as uint8
+    (``second`` None: (first(x), None), a one-sided translator)."""
     device = next(first.parameters()).device
     outputs, returns = [], []
     for start in range(0, len(images), batch_size):
         x = _to_unit(torch.from_numpy(images[start:start + batch_size]).to(device)).unsqueeze(1)
         y = first(x)
         outputs.append(_to_uint8(y[:, 0]).cpu())
-        returns.append(_to_uint8(second(y)[:, 0]).cpu())
-    return torch.cat(outputs).numpy(), torch.cat(returns).numpy()
+        if second is not None:
+            returns.append(_to_uint8(second(y)[:, 0]).cpu())
+    return torch.cat(outputs).numpy(), (torch.cat(returns).numpy() if returns else None)
 
 
 def synthesise(checkpoint, ct_npz, out_npz, settings: dict | None = None, batch_size: int = 16,
@@ -1491,7 +1514,9 @@ def synthesise(checkpoint, ct_npz, out_npz, settings: dict | None = None, batch_
     g_mr, g_ct, s = _generators_from(load_checkpoint(checkpoint), checkpoint, settings, device)
     with _cpu_threads(s["cpu_threads"]):
         synthetic, reconstructed = _translate_chain(g_mr, g_ct, ct["image"], batch_size)
-    arrays = {"image": synthetic, "reconstructed_ct": reconstructed}
+    arrays = {"image": synthetic}
+    if reconstructed is not None:   # the CycleGAN's G_CT(G_MR(CT)); CUT has no way back
+        arrays["reconstructed_ct"] = reconstructed
     for key in ("labels", "head_mask", "patient", "slice_index", "z_mm"):
         arrays[key] = ct[key]
     out_npz = write_slices(arrays, out_npz)
@@ -1527,7 +1552,8 @@ def example_grid(checkpoint, ct_npz, mr_npz, ct_indices, mr_indices=None,
     """Arrays for an example figure: CT -> synthetic MR -> reconstructed CT for the CT slices
     ``ct_indices`` and MR -> synthetic CT -> reconstructed MR for ``mr_indices`` (default: as many
     MR slices, evenly spaced). Keys ``ct``, ``synthetic_mr``, ``reconstructed_ct``, ``mr``,
-    ``synthetic_ct``, ``reconstructed_mr`` (uint8 [k, H, W]), ``ct_indices``, ``mr_indices``."""
+    ``synthetic_ct``, ``reconstructed_mr`` (uint8 [k, H, W]), ``ct_indices``, ``mr_indices``; a
+    one-sided translator (CUT) has no ``reconstructed_ct``, ``synthetic_ct``, ``reconstructed_mr``."""
     ct = _load_slices(ct_npz, "CT")
     mr = _load_slices(mr_npz, "MR")
     ct_indices = np.asarray(ct_indices, dtype=np.int64).reshape(-1)
@@ -1542,10 +1568,14 @@ def example_grid(checkpoint, ct_npz, mr_npz, ct_indices, mr_indices=None,
     ct_images, mr_images = ct["image"][ct_indices], mr["image"][mr_indices]
     with _cpu_threads(s["cpu_threads"]):
         synthetic_mr, reconstructed_ct = _translate_chain(g_mr, g_ct, ct_images, 16)
-        synthetic_ct, reconstructed_mr = _translate_chain(g_ct, g_mr, mr_images, 16)
-    return {"ct": ct_images, "synthetic_mr": synthetic_mr, "reconstructed_ct": reconstructed_ct,
+        if g_ct is not None:
+            synthetic_ct, reconstructed_mr = _translate_chain(g_ct, g_mr, mr_images, 16)
+        else:  # one-sided (CUT / FastCUT): no MR -> CT direction to show
+            synthetic_ct = reconstructed_mr = None
+    grid = {"ct": ct_images, "synthetic_mr": synthetic_mr, "reconstructed_ct": reconstructed_ct,
             "mr": mr_images, "synthetic_ct": synthetic_ct, "reconstructed_mr": reconstructed_mr,
             "ct_indices": ct_indices, "mr_indices": mr_indices}
+    return {k: v for k, v in grid.items() if v is not None}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1592,7 +1622,9 @@ def speed_mode(settings: dict, device, batch_size: int | None = None) -> str:
     device = torch.device(device)
     parts = [name for name, on in (
         ("bf16", _uses_bf16(settings["bf16"], device)),
-        ("channels_last", settings["channels_last"]), ("compile", settings["compile"])) if on]
+        ("channels_last", settings["channels_last"]),
+        # CUT / FastCUT train eagerly (crossmod_lib.cut): compile applies to the CycleGAN only
+        ("compile", settings["compile"] and settings.get("translator", "cyclegan") == "cyclegan")) if on]
     if device.type == "cuda":
         parts.append("compiled fill")
     mode = " + ".join(parts) if parts else "fp32 exact"

@@ -441,4 +441,8 @@ def convergence_curves(points, quality, models=("cross_modality", "domain_random
         ax.set_xscale("log")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("CycleGAN iterations")
+    budgets = sorted(set(points["budget"]) | set(quality["budget"]))
+    for ax in axes.ravel():  # the budgets themselves as ticks, not powers of ten
+        ax.set_xticks(budgets, [f"{b:,}" for b in budgets])
+        ax.xaxis.set_minor_locator(plt.NullLocator())
     return fig

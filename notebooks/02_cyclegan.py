@@ -146,9 +146,12 @@ mr_examples = preparation.parotid_level_slices(preparation.load_slices(prepared 
                                                count=len(examples))
 grid = cyclegan.example_grid(checkpoint, prepared / "ct_slices.npz", prepared / "mr_slices.npz",
                              examples, mr_examples, settings=settings)
-columns = [("ct", "CT"), ("synthetic_mr", "synthetic MR"), ("reconstructed_ct", "reconstructed CT"),
-           ("mr", "MR"), ("synthetic_ct", "synthetic CT"), ("reconstructed_mr", "reconstructed MR")]
-fig, axes = plt.subplots(len(examples), 6, figsize=(12, 2.1 * len(examples)), squeeze=False,
+columns = [(key, title) for key, title in (
+    ("ct", "CT"), ("synthetic_mr", "synthetic MR"), ("reconstructed_ct", "reconstructed CT"),
+    ("mr", "MR"), ("synthetic_ct", "synthetic CT"), ("reconstructed_mr", "reconstructed MR"))
+    if key in grid]  # a one-sided translator (cyclegan.translator: cut) has no way back
+fig, axes = plt.subplots(len(examples), len(columns), figsize=(2 * len(columns), 2.1 * len(examples)),
+                         squeeze=False,
                          constrained_layout=True)
 for r in range(len(examples)):
     for c, (key, title) in enumerate(columns):

@@ -110,6 +110,28 @@ if study is not None and not points.empty:
     display(quality.set_index(["seed", "budget"]).round(3))
 
 # %% [markdown]
+# ## Another translator: CUT (beyond the paper)
+# CUT {cite}`park2020`, the peer repository's successor to the CycleGAN, translates CT → MR with one
+# generator, kept on its input's anatomy by a patch-wise contrastive loss instead of a second
+# generator and the cycle (`cyclegan.translator: cut`, `crossmod_lib.cut`; the geometric loss as
+# for the CycleGAN). Where a recorded study of the `openkbp-cut` profile exists, its
+# cross-modality DSC is set beside the CycleGAN's at the same budgets and seeds, with the
+# baselines of those seeds (they do not depend on the translator).
+
+# %%
+if study is not None:
+    others = {r.name: r for r in record.recorded_runs(recorded_dir or None)
+              if r.info.get("kind") == "study" and r.root.name != study_name
+              and r.table("metrics/convergence.csv") is not None}
+    if others:
+        compared = convergence.translator_table(
+            {"CycleGAN": points, **{name: r.table("metrics/convergence.csv") for name, r in others.items()}})
+        display(compared.set_index(["translator", "budget", "structure"]).round(3))
+    else:
+        display(Markdown("*No recorded study of another translator yet* (`crossmod study convergence "
+                         "--profile openkbp-cut --out DIR`, then `crossmod record`)."))
+
+# %% [markdown]
 # ## Provenance of every point
 # Commit, date and device of each point, with its wall seconds (the trunk's share, the decay, the
 # synthesis, cleaning, U-Nets, predictions and metrics).

@@ -197,3 +197,15 @@ def test_a_finished_study_is_not_run_again_and_records_with_provenance(tiny_stud
     rec = record.read_record(tmp_path / "rec")
     assert rec.table("metrics/convergence.csv").shape[0] == 16
     assert list(rec.provenance_table().index) == ["seed5/budget00060", "seed5/budget00120"]
+
+
+def test_translator_table_sets_each_translator_beside_the_same_seeds_baselines():
+    main = points_table()
+    cut_rows = main[(main["model"] == "cross_modality") & (main["budget"] == 2150)
+                    & (main["seed"] < 3)].copy()
+    cut_rows["dsc_mean"] += 0.1
+    table = convergence.translator_table({"CycleGAN": main, "CUT": cut_rows})
+    row = table[(table["translator"] == "CUT") & (table["structure"] == "Parotid_R")].iloc[0]
+    assert row["seeds"] == 2 and row["dsc"] == pytest.approx(0.745)
+    assert row["domain_random"] == pytest.approx(0.6)
+    assert len(table[table["translator"] == "CycleGAN"]) == 4 * 2

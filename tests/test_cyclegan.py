@@ -605,3 +605,63 @@ def test_parotid_contrast_measures_the_inversion(tmp_path):
     write_slices({"image": bright, "labels": np.zeros_like(labels), "head_mask": head}, tmp_path / "none.npz")
     with pytest.raises(CrossmodError, match="no parotid"):
         cg.parotid_contrast(tmp_path / "none.npz", tmp_path / "mr.npz")
+
+
+# ----------------------------------------------------------------------------------------------
+# CUT / FastCUT (crossmod_lib.cut), trained by the same loop
+
+
+def test_patch_nce_prefers_the_same_location():
+    from crossmod_lib import cut
+
+    torch.manual_seed(0)
+    keys = torch.nn.functional.normalize(torch.randn(2, 32, 16), dim=-1)
+    aligned = cut.patch_nce_loss(keys.clone(), keys)
+    shuffled = cut.patch_nce_loss(keys[:, torch.randperm(32)], keys)
+    assert aligned < 0.5 < shuffled                     # log(32) = 3.5 for chance
+    query = keys.clone().requires_grad_(True)
+    cut.patch_nce_loss(query, keys.requires_grad_(True)).backward()
+    assert query.grad is not None and keys.grad is None  # no gradient through the keys
+
+
+def test_nce_layers_exist_in_the_generator():
+    from crossmod_lib import cut
+
+    for n_blocks in (0, 1, 6, 9):
+        layers = cut.nce_layers(n_blocks)
+        generator = cg.Generator(1, 1, 4, n_blocks)
+        features = cut.encode(generator, torch.zeros(1, 1, 16, 16), layers)
+        assert len(features) == len(layers) == len(set(layers))
+        assert features[0].shape[1] == 1                # pixel patches of the padded input
+
+
+@pytest.mark.parametrize("translator", ["cut", "fastcut"])
+def test_cut_trains_resumes_and_synthesises_through_the_same_loop(tiny_data, tmp_path, translator):
+    ct, mr = tiny_data
+    settings = {**TINY, "translator": translator, "nce_patches": 16, "nce_features": 8}
+    whole = cg.train(ct, mr, tmp_path / "whole", settings, 20.0, progress=False)
+    cg.train(ct, mr, tmp_path / "split", settings, 20.0, progress=False, max_iterations=8)
+    rest = cg.train(ct, mr, tmp_path / "split", settings, 20.0, progress=False, resume=True)
+    assert rest["weights_digest"] == whole["weights_digest"]      # exact resume, as the CycleGAN
+    header = (tmp_path / "whole" / "losses.csv").read_text().splitlines()[0].split(",")
+    assert header[2:-2] == list(__import__("crossmod_lib.cut", fromlist=["x"]).LOSS_TERMS)
+    state = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
+    assert set(state["networks"]) == {"g_mr", "d_mr", "f_mr"}     # one generator, no G_CT / D_CT
+    out = cg.synthesise(tmp_path / "whole" / "checkpoint.pt", ct, tmp_path / "syn.npz", settings)
+    synthetic = np.load(tmp_path / "syn.npz")
+    assert out["slices"] == len(np.load(ct)["image"]) and "reconstructed_ct" not in synthetic.files
+    grid = cg.example_grid(tmp_path / "whole" / "checkpoint.pt", ct, mr, [0, 1], settings=settings)
+    assert set(grid) == {"ct", "synthetic_mr", "mr", "ct_indices", "mr_indices"}
+    idt = __import__("pandas").read_csv(tmp_path / "whole" / "losses.csv")["nce_idt_MR"]
+    assert (idt > 0).all() if translator == "cut" else (idt == 0).all()
+
+
+def test_translator_settings_are_checked(tiny_data, tmp_path):
+    with pytest.raises(CrossmodError, match="translator"):
+        cg.check_settings({**TINY, "translator": "unit"})
+    with pytest.raises(CrossmodError, match="nce_temperature"):
+        cg.check_settings({**TINY, "translator": "cut", "nce_temperature": 0})
+    ct, mr = tiny_data
+    cg.train(ct, mr, tmp_path, TINY, 20.0, progress=False, max_iterations=2)
+    with pytest.raises(CrossmodError, match="cyclegan.translator"):
+        cg.train(ct, mr, tmp_path, {**TINY, "translator": "cut"}, 20.0, progress=False, resume=True)
