@@ -251,7 +251,7 @@ def _parse_labels(text: str | None) -> dict[int, str] | None:
 
 
 def cmd_metrics(args) -> int:
-    from .metrics import compare_files
+    from .metrics import METRIC_CONVENTIONS, compare_files
 
     table = compare_files(args.reference, args.prediction, _parse_labels(args.labels))
     if args.json:
@@ -266,12 +266,15 @@ def cmd_metrics(args) -> int:
                     clean[key] = value.item() if hasattr(value, "item") else value
             records.append(clean)
         print(json.dumps({"reference": str(args.reference), "prediction": str(args.prediction),
-                          "units": {"hd": "mm", "hd95": "mm", "msd": "mm"},
+                          "units": dict.fromkeys(("hd", "hd95", "msd", "hd95_max", "assd"), "mm"),
+                          "conventions": METRIC_CONVENTIONS,
                           "structures": records}, indent=2))
     else:
         shown = table[["structure", "label", "dsc", "hd", "hd95", "msd"]].rename(
             columns={"dsc": "DSC", "hd": "HD [mm]", "hd95": "HD95 [mm]", "msd": "MSD [mm]"})
         print(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        print(f"HD95: {METRIC_CONVENTIONS['hd95']}; MSD: {METRIC_CONVENTIONS['msd']} "
+              "(--json adds hd95_max and assd, the other conventions)")
     return 0
 
 

@@ -513,3 +513,71 @@ def translator_table(studies: dict[str, pd.DataFrame], baseline: str = "domain_r
                 row[model] = same["dsc_mean"].mean() if len(same) == len(seeds) else float("nan")
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+#: The tier's acceptance criteria (issue 14): per seed and parotid, the cross-modality DSC at least
+#: CT-only's minus this margin and at least domain randomisation's; the naive network at most
+#: NAIVE_CEILING (it must keep failing: the MR really is a different modality).
+CT_ONLY_MARGIN = 0.05
+NAIVE_CEILING = 0.5
+
+
+def tier_criteria(points: pd.DataFrame, budget: int, margin: float = CT_ONLY_MARGIN,
+                  naive_ceiling: float = NAIVE_CEILING) -> pd.DataFrame:
+    """The tier's criteria at one budget, per seed and parotid: the patient-mean DSC of the
+    cross-modality, CT-only, domain-randomisation and naive networks, and whether
+    cross-modality ≥ CT-only − ``margin`` (``vs_ct_only``), cross-modality ≥ domain
+    randomisation (``vs_domain_random``) and naive ≤ ``naive_ceiling`` (``naive_fails``) hold;
+    ``holds`` is all three. A model missing at that seed gives NaN and the criterion False."""
+    at = points[points["budget"] == budget]
+    if at.empty:
+        raise CrossmodError(f"convergence: no study point at budget {budget:,} "
+                            f"(budgets: {', '.join(f'{b:,}' for b in sorted(set(points['budget'])))})")
+    wide = at.pivot_table(index=["seed", "structure"], columns="model", values="dsc_mean",
+                          aggfunc="first")
+    for model in ("cross_modality", "ct_only", "domain_random", "naive"):
+        if model not in wide:
+            wide[model] = np.nan
+    out = wide[["cross_modality", "ct_only", "domain_random", "naive"]].reset_index()
+    out.columns.name = None
+    # comparisons with NaN are False: a missing network never passes a criterion
+    out["vs_ct_only"] = out["cross_modality"] >= out["ct_only"] - margin
+    out["vs_domain_random"] = out["cross_modality"] >= out["domain_random"]
+    out["naive_fails"] = out["naive"] <= naive_ceiling
+    out["holds"] = out["vs_ct_only"] & out["vs_domain_random"] & out["naive_fails"]
+    return out
+
+
+def tier_verdict(criteria: pd.DataFrame, budget: int) -> str:
+    """One sentence on :func:`tier_criteria`: whether every seed and parotid meets the criteria
+    at ``budget``, and which fail otherwise (seed, side, criterion)."""
+    n = len(criteria)
+    if criteria["holds"].all():
+        return (f"At {budget:,} CycleGAN iterations the tier holds for all {n} seed × parotid "
+                f"pairs: cross-modality ≥ CT-only − {CT_ONLY_MARGIN:g}, ≥ domain randomisation, "
+                f"naive ≤ {NAIVE_CEILING:g}.")
+    names = {"vs_ct_only": f"below CT-only − {CT_ONLY_MARGIN:g}",
+             "vs_domain_random": "below domain randomisation",
+             "naive_fails": f"naive above {NAIVE_CEILING:g}"}
+    failures = []
+    for _, row in criteria[~criteria["holds"]].iterrows():
+        why = ", ".join(text for column, text in names.items() if not row[column])
+        failures.append(f"seed {row['seed']} {SIDES.get(row['structure'], row['structure'])} ({why})")
+    return (f"At {budget:,} CycleGAN iterations the tier holds for {int(criteria['holds'].sum())} "
+            f"of {n} seed × parotid pairs; it fails for " + "; ".join(failures) + ".")
+
+
+def profile_budget(profile: dict, iterations_per_epoch: int | None = None) -> int | None:
+    """The CycleGAN budget a profile trains, in the study's terms: (epochs_constant +
+    epochs_decay) × its cap ``max_iterations_per_epoch``, when that cap is the study's
+    ``iterations_per_epoch`` (default: the profile's own convergence block) and the two epoch
+    counts are equal, i.e. when a run of the profile is the study point of that budget (for the
+    seed it takes). None otherwise: the profile's run is no point of the study."""
+    cyclegan = profile.get("cyclegan", {})
+    if iterations_per_epoch is None:
+        iterations_per_epoch = (profile.get("convergence") or {}).get("iterations_per_epoch")
+    constant, decay = cyclegan.get("epochs_constant"), cyclegan.get("epochs_decay")
+    if (cyclegan.get("max_iterations_per_epoch") != iterations_per_epoch or constant != decay
+            or not isinstance(constant, int) or constant < 1):
+        return None
+    return 2 * constant * iterations_per_epoch

@@ -103,8 +103,11 @@ plt.show()
 # (from `crossmod_lib.metrics`): the surface of a mask is the mask minus its erosion by the
 # 6-connected cross; directed distances are Euclidean distances (in mm, with the voxel spacing) from
 # one surface's voxels to the nearest voxel of the other surface; HD is the larger of the two
-# directed maxima, HD95 the larger of the two directed 95th percentiles, and MSD the mean of the two
-# directed mean distances (MedPy's `assd` {cite}`medpy`). Both masks empty gives DSC 1 and
+# directed maxima, HD95 the 95th percentile of both directions' distances pooled (MedPy's `hd95`
+# {cite}`medpy`), and MSD the mean of the two directed mean distances, each direction weighing
+# the same (MedPy 0.4's `assd`; MedPy 0.5 pools the distances instead, reported as `assd`
+# by `crossmod metrics --json`, as is `hd95_max`, the larger directed 95th percentile). These
+# conventions are tested against MedPy itself on real DeepMind pairs. Both masks empty gives DSC 1 and
 # distances 0; exactly one empty gives DSC 0 and infinite distances (left out of means and counted).
 #
 # The paper's interobserver row comes from three observers on its real MR

@@ -32,8 +32,9 @@
 # | Wilcoxon signed-rank and Mann-Whitney U tests | helpful |
 #
 # Everything is computed by `crossmod_lib.evaluation` (metrics: `crossmod_lib.metrics`, the
-# conventions of which are in its documentation: 3D DSC, surface distances in mm, HD95 the larger
-# of the two directed 95th percentiles, an empty contour gives undefined distances).
+# conventions of which are in its documentation and listed below: 3D DSC, surface distances in
+# mm, HD95 the 95th percentile of both directions' distances pooled as MedPy's `hd95`, MSD the
+# mean of the two directed means; an empty contour gives undefined distances).
 
 # %% tags=["parameters", "remove-cell"]
 # Defaults; papermill injects the run's values in the cell below (crossmod run / crossmod book).
@@ -47,6 +48,7 @@ import numpy as np
 from IPython.display import Markdown, display
 
 from crossmod_lib import evaluation, paper, plots, runs
+from crossmod_lib.metrics import METRIC_CONVENTIONS as metrics_conventions
 
 run = runs.RunFolder.open(profile_path or profile, run_dir or None)
 figures = run.stage("figures")
@@ -86,6 +88,9 @@ ours = evaluation.table_ii(metrics, interobserver, postprocess=main, interobserv
 ours.to_csv(run.stage("metrics") / f"table_2_{main}.csv")
 display(Markdown(f"**This run ({run.profile['name']} profile, {variant[main]})**"))
 display(ours)
+display(Markdown("What each metric computes (`crossmod_lib.metrics.METRIC_CONVENTIONS`): "
+                 + "; ".join(f"**{evaluation.METRIC_TITLES[m]}**: {metrics_conventions[m]}"
+                             for m in evaluation.METRIC_TITLES) + "."))
 display(Markdown("**The paper's Table II** (Kieselmann et al. 2021, real patients; not computed here)"))
 display(paper.TABLE_II)
 

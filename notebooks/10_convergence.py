@@ -63,7 +63,7 @@ study_name = "openkbp-convergence"
 import matplotlib.pyplot as plt
 from IPython.display import Markdown, display
 
-from crossmod_lib import convergence, plots, record, runs
+from crossmod_lib import config, convergence, plots, record, runs
 
 run = runs.RunFolder.open(profile_path or profile, run_dir or None)
 studies = [r for r in record.recorded_runs(recorded_dir or None)
@@ -108,6 +108,31 @@ if study is not None and not points.empty:
     display(summary.drop(columns=["model"]).set_index(["budget", "title", "structure"]).round(3))
     display(Markdown("Quality of the synthetic MR, per seed and budget:"))
     display(quality.set_index(["seed", "budget"]).round(3))
+
+# %% [markdown]
+# ## The tier over seeds: Table II of `openkbp`
+# The `openkbp` profile trains its CycleGAN for k + k epochs of the study's 215 iterations, so a
+# run of it *is* the study point of that budget for the seed it takes: the study's three seeds at
+# that budget are three runs of the tier as it stands. Below, Table II of the tier as the mean over
+# those seeds of each run's patient-mean DSC, the seed-to-seed SD beside the mean patient SD, and
+# the tier's criteria per seed and parotid: cross-modality ≥ CT only − 0.05 and ≥ domain
+# randomisation, naive ≤ 0.5 (`convergence.tier_criteria`).
+
+# %%
+if study is not None and not points.empty:
+    tier_profile = config.load_profile("openkbp")
+    tier_budget = convergence.profile_budget(tier_profile, settings["iterations_per_epoch"])
+    if tier_budget is None or tier_budget not in set(points["budget"]):
+        display(Markdown(f"*The `openkbp` profile's CycleGAN budget is not a point of this study "
+                         f"(budgets {', '.join(f'{b:,}' for b in sorted(set(points['budget'])))}).*"))
+    else:
+        at_budget = convergence.summary_table(points[points["budget"] == tier_budget])
+        display(Markdown(f"**Table II, `openkbp` at {tier_budget:,} CycleGAN iterations**, "
+                         f"mean over {int(at_budget['seeds'].max())} seeds:"))
+        display(at_budget.drop(columns=["budget", "model"]).set_index(["title", "structure"]).round(3))
+        criteria = convergence.tier_criteria(points, tier_budget)
+        display(criteria.set_index(["seed", "structure"]).round(3))
+        display(Markdown(convergence.tier_verdict(criteria, tier_budget)))
 
 # %% [markdown]
 # ## Another translator: CUT (beyond the paper)

@@ -73,6 +73,9 @@ def test_metrics_json(label_pair, capsys):
     assert set(rows) == {"label_1", "label_2"}
     assert rows["label_1"]["hd"] == pytest.approx(1.96)
     assert 0 < rows["label_1"]["dsc"] < 1
+    # every metric says what it computes: HD95 pooled as MedPy's, the directed maximum beside it
+    assert "MedPy hd95" in result["conventions"]["hd95"] and "hd95_max" in result["conventions"]
+    assert rows["label_1"]["hd95_max"] >= rows["label_1"]["hd95"] and "assd" in rows["label_1"]
 
 
 def test_metrics_empty_prediction_json_has_no_infinity(tmp_path, capsys):

@@ -209,3 +209,39 @@ def test_translator_table_sets_each_translator_beside_the_same_seeds_baselines()
     assert row["seeds"] == 2 and row["dsc"] == pytest.approx(0.745)
     assert row["domain_random"] == pytest.approx(0.6)
     assert len(table[table["translator"] == "CycleGAN"]) == 4 * 2
+
+
+def test_tier_criteria_name_every_failing_seed_and_side():
+    points = points_table()
+    extra = []
+    for seed in (1, 2, 3):
+        for structure in convergence.SIDES:
+            extra.append({"seed": seed, "budget": 4300, "model": "ct_only", "title": "CT",
+                          "structure": structure, "dsc_mean": 0.69, "dsc_sd": 0.1, "n": 12})
+            extra.append({"seed": seed, "budget": 4300, "model": "naive", "title": "N",
+                          "structure": structure, "dsc_mean": 0.1 if seed != 2 else 0.55,
+                          "dsc_sd": 0.1, "n": 12})
+    points = pd.concat([points, pd.DataFrame(extra)], ignore_index=True)
+    table = convergence.tier_criteria(points, 4300)
+    assert len(table) == 6
+    # seed 3: 0.65 >= 0.69 - 0.05 and >= 0.6; seed 2: naive 0.55 fails; seed 1: 0.70 passes
+    holds = table.set_index(["seed", "structure"])["holds"]
+    assert holds[(1, "Parotid_L")] and holds[(3, "Parotid_R")] and not holds[(2, "Parotid_L")]
+    text = convergence.tier_verdict(table, 4300)
+    assert "4 of 6" in text and "seed 2 left (naive above 0.5)" in text
+    # at 860 there is no CT-only network: nothing passes the CT-only criterion
+    low = convergence.tier_criteria(points, 860)
+    assert not low["vs_ct_only"].any() and not low["holds"].any()
+    with pytest.raises(CrossmodError, match="no study point at budget 999"):
+        convergence.tier_criteria(points, 999)
+
+
+def test_profile_budget_is_a_study_point_only_when_the_epochs_match():
+    profile = {"cyclegan": {"epochs_constant": 5, "epochs_decay": 5, "max_iterations_per_epoch": 215},
+               "convergence": {"iterations_per_epoch": 215}}
+    assert convergence.profile_budget(profile) == 2150
+    profile["cyclegan"]["epochs_decay"] = 4            # not k + k: no point of the study
+    assert convergence.profile_budget(profile) is None
+    profile["cyclegan"].update(epochs_decay=5, max_iterations_per_epoch=600)
+    assert convergence.profile_budget(profile) is None
+    assert convergence.profile_budget(profile, iterations_per_epoch=600) == 6000

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -47,8 +48,10 @@ def oracle(ref: np.ndarray, pred: np.ndarray, spacing) -> dict:
     return {
         "dsc": 2 * np.count_nonzero(ref & pred) / (ref.sum() + pred.sum()),
         "hd": max(d_rp.max(), d_pr.max()),
-        "hd95": max(np.percentile(d_rp, 95), np.percentile(d_pr, 95)),
+        "hd95": np.percentile(np.concatenate([d_rp, d_pr]), 95),
         "msd": (d_rp.mean() + d_pr.mean()) / 2,
+        "hd95_max": max(np.percentile(d_rp, 95), np.percentile(d_pr, 95)),
+        "assd": np.concatenate([d_rp, d_pr]).mean(),
         "d_rp": d_rp,
         "d_pr": d_pr,
     }
@@ -93,7 +96,7 @@ def test_compare_masks_matches_brute_force(index):
     ref, pred = random_pairs()[index]
     expected = oracle(ref, pred, SPACING)
     got = M.compare_masks(ref.astype(np.uint8), pred, SPACING)
-    for key in M.METRICS:
+    for key in (*M.METRICS, *M.EXTRA_METRICS):
         assert got[key] == pytest.approx(expected[key], abs=1e-9, rel=0), key
         assert isinstance(got[key], float)
     assert got["reference_voxels"] == ref.sum() and got["prediction_voxels"] == pred.sum()
@@ -172,7 +175,8 @@ def test_identical_masks():
 def test_both_empty():
     empty = np.zeros(SHAPE, np.uint8)
     got = M.compare_masks(empty, empty, SPACING)
-    assert got == {"dsc": 1.0, "hd": 0.0, "hd95": 0.0, "msd": 0.0, "reference_voxels": 0, "prediction_voxels": 0}
+    assert got == {"dsc": 1.0, "hd": 0.0, "hd95": 0.0, "msd": 0.0, "hd95_max": 0.0, "assd": 0.0,
+                   "reference_voxels": 0, "prediction_voxels": 0}
     assert M.empty_case(got) == "both"
     assert M.dice(empty, empty) == 1.0
     assert not M.surface(empty).any()
@@ -360,3 +364,43 @@ def test_bench_metrics_runs():
     assert 0.7 < result["dsc"] < 1.0 and 20 < result["reference_cc"] < 30
     table = format_table(result)
     assert "median_ms" in table and len({len(line) for line in table.splitlines()}) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Against MedPy itself, on real interobserver pairs (DeepMind TCIA: oncologist vs radiographer)
+
+DEEPMIND_PAIRS = (("0522c0017", "Parotid-Lt"), ("0522c0161", "Parotid-Rt"))
+
+
+def _deepmind_pair(scan: str, organ: str):
+    from crossmod_lib.datasets import data_root
+
+    try:
+        root = data_root() / "deepmind-tcia-hn" / "nrrds"
+    except CrossmodError as exc:
+        pytest.skip(f"no data root: {exc}")
+    found = sorted(root.glob(f"*/oncologist/{scan}/segmentations/{organ}.nrrd"))
+    if not found:
+        pytest.skip(f"DeepMind pair {scan} {organ} not under {root}")
+    return found[0], Path(str(found[0]).replace("oncologist", "radiographer"))
+
+
+@pytest.mark.parametrize("scan, organ", DEEPMIND_PAIRS)
+def test_metrics_agree_with_medpy_on_real_pairs(scan, organ):
+    medpy = pytest.importorskip("medpy.metric.binary", reason="medpy is not installed (pip install medpy)")
+    oncologist, radiographer = _deepmind_pair(scan, organ)
+    a = sitk.GetArrayFromImage(sitk.ReadImage(str(oncologist))) > 0
+    b = sitk.GetArrayFromImage(sitk.ReadImage(str(radiographer))) > 0
+    spacing = sitk.ReadImage(str(oncologist)).GetSpacing()[::-1]
+    ours = M.compare_masks(a, b, spacing)
+    # MedPy on the union's box padded by one empty voxel: the same surfaces and distances as on
+    # the full 512 x 512 grid (border voxels count as surface in both), in a second instead of a minute
+    box = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in ndimage.find_objects((a | b).astype(np.uint8))[0])
+    a, b = np.pad(a[box], 1), np.pad(b[box], 1)
+    assert ours["dsc"] == pytest.approx(medpy.dc(b, a), abs=1e-12)
+    assert ours["hd"] == pytest.approx(medpy.hd(b, a, spacing), abs=1e-9)
+    assert ours["hd95"] == pytest.approx(medpy.hd95(b, a, spacing), abs=1e-9)
+    assert ours["assd"] == pytest.approx(medpy.assd(b, a, spacing), abs=1e-9)
+    # MSD weighs the two directions equally: the mean of MedPy's two directed asd
+    assert ours["msd"] == pytest.approx((medpy.asd(a, b, spacing) + medpy.asd(b, a, spacing)) / 2, abs=1e-9)
+    assert ours["hd95_max"] > ours["hd95"] and ours["msd"] != pytest.approx(ours["assd"], abs=1e-3)
