@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "OpenKBP, PDDCA, DeepMind or nnU-Net folder and print size, "
                                         "spacing and parotid volumes; bad input is a one-line error.")
     q.add_argument("path", type=Path, help="file or folder")
-    q.add_argument("--layout", choices=["image", "dicom", "openkbp", "pddca", "nnunet", "deepmind"],
+    q.add_argument("--layout", choices=["image", "dicom", "openkbp", "pddca", "nnunet", "deepmind", "cohort"],
                    default=None, help="layout (default: detected)")
     q.set_defaults(func=cmd_data_inspect)
 
@@ -291,6 +291,17 @@ def cmd_data_inspect(args) -> int:
     from .datasets import describe_case, detect_layout, read_any
 
     layout = args.layout or detect_layout(args.path)
+    if layout == "cohort":
+        from .datasets import inspect_cohort
+
+        table = inspect_cohort(args.path)
+        problems = int((table["problem"] != "").sum())
+        print(f"{args.path}: a folder of {len(table)} patient folders"
+              + (f", {problems} could not be read" if problems else ""))
+        if not problems:
+            table = table.drop(columns="problem")
+        print(table.to_string(index=False))
+        return 0
     cases = read_any(args.path, layout)
     print(f"{args.path}: {layout}, {len(cases)} case(s)")
     print(pd.DataFrame([describe_case(c) for c in cases]).to_string(index=False))

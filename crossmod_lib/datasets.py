@@ -1305,7 +1305,8 @@ def load_cohort(spec: Mapping, root: str | os.PathLike | None = None, allow_empt
 
 
 def detect_layout(path: str | os.PathLike) -> str:
-    """The layout of a file or folder: image, dicom, openkbp, pddca, nnunet or deepmind."""
+    """The layout of a file or folder: image, dicom, openkbp, pddca, nnunet, deepmind, or
+    cohort (a folder of patient folders, :func:`is_cohort_folder`)."""
     path = Path(path)
     if not path.exists():
         raise CrossmodError(f"{path}: no such file or folder")
@@ -1321,7 +1322,93 @@ def detect_layout(path: str | os.PathLike) -> str:
         return "pddca"
     if (path / "segmentations").is_dir():
         return "deepmind"
+    if is_cohort_folder(path):
+        return "cohort"
     return "dicom"
+
+
+#: Files that may sit beside the patient folders of a cohort folder without being image data.
+_COHORT_SIDE_FILES = (".csv", ".txt", ".md", ".json", ".yaml", ".yml", ".pdf", ".xlsx")
+
+
+def _first_patient_id(folder: Path) -> str | None:
+    """PatientID of the first DICOM file below ``folder`` (None: no readable DICOM file)."""
+    import pydicom
+
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(n for n in names if not n.startswith(".")):
+            try:
+                ds = pydicom.dcmread(Path(root) / name, stop_before_pixels=True,
+                                     specific_tags=["PatientID"])
+            except Exception:  # noqa: BLE001 (not DICOM, or broken: the patient's own read says)
+                continue
+            return str(ds.get("PatientID", "") or "")
+    return None
+
+
+def is_cohort_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder of patient folders: no image files of its own, at least two
+    sub-folders, and either some of them in a per-patient layout other than DICOM (OpenKBP,
+    PDDCA, ...) or DICOM sub-folders of more than one PatientID (sub-folders of one PatientID are
+    one patient's series, read as one DICOM case)."""
+    path = Path(path)
+    if not path.is_dir() or (path / "dataset.json").is_file():
+        return False
+    entries = [p for p in path.iterdir() if not p.name.startswith(".")]
+    if any(p.is_file() and not p.name.lower().endswith(_COHORT_SIDE_FILES) for p in entries):
+        return False
+    folders = sorted(p for p in entries if p.is_dir())
+    if len(folders) < 2:
+        return False
+    layouts = [detect_layout(p) for p in folders]
+    if any(layout not in ("dicom", "cohort") for layout in layouts):
+        return True
+    return len({_first_patient_id(p) for p in folders} - {None}) > 1
+
+
+def _matched_name(mask: sitk.Image, canonical: str) -> str:
+    from .dicom import ROI_NAME_KEY
+
+    return mask.GetMetaData(ROI_NAME_KEY) if mask.HasMetaDataKey(ROI_NAME_KEY) else canonical
+
+
+def inspect_cohort(path: str | os.PathLike, structures=("Parotid_L", "Parotid_R"),
+                   progress: bool = False) -> pd.DataFrame:
+    """One row per patient folder of a cohort folder: patient, layout, modality, size,
+    spacing_mm, for each of ``structures`` the name it was found under (the RTSTRUCT's ROI name
+    that matched, with its volume) or "no contours" / "missing", and ``problem``: the one-line
+    reason a patient could not be read (the others are read regardless)."""
+    path = Path(path)
+    folders = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if progress:
+        from tqdm.auto import tqdm
+
+        folders = tqdm(folders, desc="patients", unit="patient")
+    rows = []
+    for folder in folders:
+        row = {"patient": folder.name, "layout": "", "modality": "", "size": "", "spacing_mm": "",
+               **dict.fromkeys(structures, ""), "problem": ""}
+        try:
+            row["layout"] = detect_layout(folder)
+            cases = read_any(folder, row["layout"])
+            if len(cases) != 1:
+                raise CrossmodError(f"{folder}: {len(cases)} cases in one patient folder")
+            case = cases[0]
+            info = describe_case(case)
+            row.update({k: info[k] for k in ("modality", "size", "spacing_mm")})
+            voxel_cc = float(np.prod(case.image.GetSpacing())) / 1000.0
+            for name in structures:
+                mask = case.structures.get(name)
+                if mask is None:
+                    row[name] = "no contours" if not case.structures else "missing"
+                    continue
+                cc = np.count_nonzero(sitk.GetArrayViewFromImage(mask)) * voxel_cc
+                row[name] = f"{_matched_name(mask, name)} ({cc:.1f} cc)"
+        except CrossmodError as exc:
+            row["problem"] = " ".join(str(exc).split())[:300]
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def read_any(path: str | os.PathLike, layout: str | None = None) -> list[Case]:
@@ -1339,6 +1426,9 @@ def read_any(path: str | os.PathLike, layout: str | None = None) -> list[Case]:
         return [read_pddca_case(path, allow_empty=True)]
     if layout == "deepmind":
         return [read_deepmind_scan(path, allow_empty=True)]
+    if layout == "cohort":
+        raise CrossmodError(f"{path}: a folder of patient folders; read each patient's folder "
+                            "(crossmod data inspect lists them)")
     if layout == "dicom":
         from .dicom import read_dicom_case, read_dicom_series
 

@@ -146,6 +146,9 @@ def _side_aliases(organ: str, side: str) -> tuple[str, ...]:
     return tuple(names)
 
 
+#: Metadata key of a mask read from an RTSTRUCT: the ROI name that matched its canonical name.
+ROI_NAME_KEY = "crossmod_roi_name"
+
 #: TG-263 name -> accepted aliases (compared after :func:`normalise_name`).
 DEFAULT_ALIASES: dict[str, tuple[str, ...]] = {
     "Parotid_L": _side_aliases("Parotid", "L"),
@@ -354,7 +357,7 @@ def _choose_series(scan: _Scan, series_uid=None, modality=None) -> _Series:
     folder = scan.folder
     if not scan.series:
         raise CrossmodError(f"{folder}: no DICOM image files found")
-    listing = "; ".join(s.describe() for s in scan.series.values())
+    listing = _series_summary(scan.series.values())
     candidates = list(scan.series.values())
     if series_uid is not None:
         candidates = [s for s in candidates if s.uid == str(series_uid)]
@@ -366,10 +369,28 @@ def _choose_series(scan: _Scan, series_uid=None, modality=None) -> _Series:
         if not candidates:
             raise CrossmodError(f"{folder}: no {str(modality).upper()} series; series found: {listing}")
     if len(candidates) > 1:
-        raise CrossmodError(f"{folder}: {len(candidates)} image series found, choose one with "
-                            f"series_uid= or modality=: "
-                            + "; ".join(s.describe() for s in candidates))
+        raise CrossmodError(f"{folder}: {_series_summary(candidates)}: choose one with series_uid= "
+                            "or modality=, or, for a folder of patient folders, read each patient's "
+                            "folder (crossmod data inspect FOLDER lists them)")
     return candidates[0]
+
+
+def _series_summary(series, listed: int = 3) -> str:
+    """'N image series found (…)': each described when there are at most ``listed``, otherwise
+    counted per modality and patient, so an error line stays short however many series a
+    folder holds (the UIDs of a whole cohort would run to thousands of characters)."""
+    series = list(series)
+    head = f"{len(series)} image series found"
+    if len(series) <= listed:
+        return f"{head}: " + "; ".join(s.describe() for s in series)
+    modalities: dict[str, int] = {}
+    patients = set()
+    for one in series:
+        key = "/".join(one.modalities) or "?"
+        modalities[key] = modalities.get(key, 0) + 1
+        patients.add(str(one.slices[0].ds.get("PatientID", "") or "?"))
+    counts = ", ".join(f"{n} {m}" for m, n in sorted(modalities.items()))
+    return f"{head} ({counts}; {len(patients)} PatientID{'s' if len(patients) != 1 else ''})"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -909,6 +930,7 @@ def _rtstruct_masks(ds: Dataset, path: Path, image: sitk.Image, structures, alia
             raise CrossmodError(f"{path}: {label}: its contours enclose no voxel centre of the image")
         mask = sitk.GetImageFromArray(array)
         mask.CopyInformation(image)
+        mask.SetMetaData(ROI_NAME_KEY, name)  # which alias matched (crossmod data inspect shows it)
         masks[canonical] = mask
     return masks
 

@@ -532,3 +532,58 @@ def test_sheared_and_duplicated_slices_refused(ct_folder, tmp_path):
     with pytest.raises(CrossmodError) as err:
         read_dicom_series(twice)
     assert "at the same position" in one_line(err)
+
+
+# ----------------------------------------------------------------------------------------------
+# A folder of patient folders (crossmod data inspect FOLDER)
+
+
+def _mr_patient(folder, patient_id, names=None, seed=0):
+    """An MR patient folder; ``names`` maps Parotid_L / Parotid_R to the ROI names to write (None:
+    no RTSTRUCT: an unannotated patient)."""
+    write_test_series(folder, head_ct(seed=seed) + 1000.0, SPACING, ORIGIN, "MR", patient_id=patient_id,
+                      SeriesDescription="T2 AX")
+    if names is not None:
+        image = read_dicom_series(folder)
+        arrays = parotids()
+        write_rtstruct(as_masks({names[k]: arrays[k] for k in names}, image), image, folder / "RS.dcm")
+
+
+def test_cohort_view_one_row_per_patient_with_the_alias_that_matched(tmp_path, capsys):
+    from crossmod_lib import cli, datasets
+
+    cohort = tmp_path / "cohort"
+    _mr_patient(cohort / "A", "A", {"Parotid_L": "Parotid_L", "Parotid_R": "Parotid_R"})
+    _mr_patient(cohort / "B", "B", {"Parotid_L": "Lt Parotid", "Parotid_R": "PAROTID RT"}, seed=1)
+    _mr_patient(cohort / "C", "C", None, seed=2)                        # unannotated
+    broken = cohort / "D"
+    _mr_patient(broken, "D", None, seed=3)
+    first = sorted(broken.glob("*.dcm"))[0]
+    first.write_bytes(first.read_bytes()[:600])                         # a truncated slice
+    (cohort / "cases.csv").write_text("patient\nA\n")                   # a side file is allowed
+    assert datasets.detect_layout(cohort) == "cohort"
+    assert datasets.detect_layout(cohort / "A") == "dicom"
+    table = datasets.inspect_cohort(cohort).set_index("patient")
+    assert list(table.index) == ["A", "B", "C", "D"]
+    assert table.loc["A", "Parotid_L"].startswith("Parotid_L (")
+    assert table.loc["B", "Parotid_L"].startswith("Lt Parotid (") and table.loc["B", "Parotid_R"].startswith("PAROTID RT")
+    assert table.loc["C", "Parotid_L"] == "no contours" and table.loc["C", "problem"] == ""
+    assert table.loc["C", "modality"] == "MR" and table.loc["C", "size"] == "48x40x10"
+    assert str(first) in table.loc["D", "problem"] and table.loc["A", "problem"] == ""
+    # the CLI prints the table, one line per patient, and a problem does not stop the others
+    assert cli.main(["data", "inspect", str(cohort)]) == 0
+    out = capsys.readouterr().out
+    assert "4 patient folders, 1 could not be read" in out and "Lt Parotid" in out
+    assert max(len(line) for line in out.splitlines()) < 500
+
+
+def test_many_series_in_one_folder_give_a_short_error(tmp_path):
+    folder = tmp_path / "all"
+    for k in range(5):
+        write_test_series(folder / f"s{k}", head_ct(seed=k), SPACING, ORIGIN, "MR" if k else "CT",
+                          patient_id=f"P{k}", series_uid=f"1.2.826.0.1.3680043.8.498.{k + 1}")
+    with pytest.raises(CrossmodError) as info:
+        read_dicom_series(folder)
+    text = one_line(info)
+    assert "5 image series found (1 CT, 4 MR; 5 PatientIDs)" in text and "1.2.826" not in text
+    assert len(text) < 400
