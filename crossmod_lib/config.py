@@ -130,6 +130,21 @@ def _validate(profile: dict, path: Path) -> None:
         dataset = profile.get("data", {}).get(side, {}).get("dataset")
         if dataset is not None and not isinstance(dataset, str):
             raise CrossmodError(f"{path}: data.{side}.dataset must be a dataset name")
+    # The networks' settings are range-checked by the modules that own them, here at load time,
+    # so `crossmod profile` refuses e.g. cyclegan.ngf: -3 at once rather than at training time.
+    if "cyclegan" in profile and "preprocessing" in profile:
+        from .cyclegan import check_settings
+
+        block = dict(profile["cyclegan"] or {})
+        block["head_threshold"] = float(pre.get("head_threshold", 20.0))
+        check_settings(block, str(path))
+    if "segmentation" in profile:
+        from .segmentation import segmentation_config
+
+        try:
+            segmentation_config(profile)
+        except CrossmodError as exc:
+            raise CrossmodError(f"{path}: {exc}") from None
 
 
 def save_profile(profile: dict, path: Path) -> None:

@@ -47,6 +47,12 @@ def test_user_profile_file(tmp_path):
         ({"preprocessing": {"pixel_mm": -1.0}}, "pixel_mm must be > 0"),
         ({"preprocessing": {"cc_rule": "sideways"}}, "cc_rule must be"),
         ({"preprocessing": 3}, "'preprocessing' must be a mapping"),
+        # ranges of the networks' settings are checked when the profile is read
+        ({"cyclegan": {"ngf": -3}}, "'cyclegan.ngf' must be an integer >= 1"),
+        ({"cyclegan": {"n_blocks": 0, "lr": 0.0}}, "cyclegan.lr"),
+        ({"cyclegan": {"translator": "pix2pix"}}, "cyclegan.translator"),
+        ({"segmentation": {"base_features": 0}}, "segmentation.base_features must be a positive"),
+        ({"segmentation": {"val_fraction": 1.5}}, "segmentation.val_fraction must be in [0, 1)"),
     ],
 )
 def test_bad_profile_is_one_line_error_naming_file(tmp_path, override, message):
