@@ -52,7 +52,7 @@ import pandas as pd
 import SimpleITK as sitk
 import yaml
 
-from .errors import CrossmodError
+from .errors import CrossmodError, NoContoursError
 from .io import PAROTIDS, Case, find_image, grid_differences, list_cases, read_image
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
@@ -1434,9 +1434,7 @@ def read_any(path: str | os.PathLike, layout: str | None = None) -> list[Case]:
 
         try:
             return [read_dicom_case(path)]
-        except CrossmodError as exc:
-            if "RTSTRUCT" not in str(exc):
-                raise
+        except NoContoursError:  # an unannotated patient; a broken RTSTRUCT is an error
             folder = path if path.is_dir() else path.parent
             return [Case(folder.name, read_dicom_series(folder), {}, folder)]
     raise CrossmodError(f"{path}: unknown layout {layout!r}")

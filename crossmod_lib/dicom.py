@@ -88,7 +88,7 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import format_number_as_ds
 
-from .errors import CrossmodError
+from .errors import CrossmodError, NoContoursError
 from .io import PAROTIDS, Case, _one_line, grid_differences
 
 __all__ = [
@@ -971,7 +971,7 @@ def read_dicom_case(folder, structures: Sequence[str] = PAROTIDS,
         candidates = [(rt_path, _read_rtstruct_dataset(rt_path))]
     else:
         if not scan.rtstructs:
-            raise CrossmodError(f"{folder}: no RTSTRUCT file found")
+            raise NoContoursError(f"{folder}: no RTSTRUCT file found")
         candidates = [(p, _read_rtstruct_dataset(p)) for p in scan.rtstructs]
     if series_uid is None and modality is None and len(scan.series) > 1 and len(candidates) == 1:
         referenced = _referenced_series(candidates[0][1]) & set(scan.series)

@@ -587,3 +587,20 @@ def test_many_series_in_one_folder_give_a_short_error(tmp_path):
     text = one_line(info)
     assert "5 image series found (1 CT, 4 MR; 5 PatientIDs)" in text and "1.2.826" not in text
     assert len(text) < 400
+
+
+@pytest.mark.parametrize("keep", [300, 2000])
+def test_a_truncated_rtstruct_is_never_read_as_no_contours(tmp_path, keep):
+    from crossmod_lib import datasets
+
+    folder = tmp_path / "P"
+    _mr_patient(folder, "P", {"Parotid_L": "Parotid_L", "Parotid_R": "Parotid_R"})
+    rs = folder / "RS.dcm"
+    rs.write_bytes(rs.read_bytes()[:keep])
+    with pytest.raises(CrossmodError) as info:
+        datasets.read_any(folder)
+    assert str(rs) in one_line(info)
+    # without any RTSTRUCT the patient is unannotated, which read_any accepts
+    rs.unlink()
+    (case,) = datasets.read_any(folder)
+    assert case.structures == {}
