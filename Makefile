@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 PROFILE ?= demo
 STAMP  := $(VENV)/.installed
 
-.PHONY: book test smoke install clean distclean
+.PHONY: book test smoke install clean distclean check-dicom
 
 install: $(STAMP)
 
@@ -27,6 +27,13 @@ smoke: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The DICOM outputs of crossmod predict (RTSTRUCT, SEG) through the DICOM validator dciodvfy and
+# read back by a second library (highdicom, pydicom + matplotlib). make test skips the validator
+# where it is not installed; this target needs it: apt-get install dicom3tools
+check-dicom: $(STAMP)
+	@command -v dciodvfy >/dev/null || { echo "dciodvfy not found: apt-get install dicom3tools"; exit 2; }
+	$(BIN)/python -m pytest -q -rs tests/test_segmentation.py -k "read_back or validator"
 
 # PNGs of the built book's start page and chapter 5 (headless Chromium) in _build/screenshots/;
 # run after `make book`. A page not built yet is skipped with a note.

@@ -9,7 +9,7 @@
     crossmod fetch NAME [--dest DIR]                              download and verify a dataset
     crossmod profile NAME                                         print a resolved profile
     crossmod models --profile NAME [--json]                       networks: parameters, FLOPs/slice
-    crossmod predict --model M --input X --output OUT [--rtstruct]  contour MR with a trained U-Net
+    crossmod predict --model M --input X --output OUT [--output-type nifti rtstruct seg]  contour MR
     crossmod bench NAME                                           run a benchmark
     crossmod study convergence --profile NAME --out DIR            CycleGAN budget x seed study
 
@@ -147,8 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an image file (NIfTI/NRRD/MHA), a DICOM series folder, a dataset layout, "
                         "or a folder of patient folders")
     p.add_argument("--output", required=True, type=Path, help="output folder")
+    p.add_argument("--output-type", dest="output_types", nargs="+", default=["nifti"],
+                   choices=["nifti", "rtstruct", "seg"],
+                   help="what to write per patient, several at once: nifti (the label volume), "
+                        "rtstruct (DICOM RTSTRUCT on the input series), seg (DICOM SEG); the last "
+                        "two need DICOM input (default: nifti)")
     p.add_argument("--rtstruct", action="store_true",
-                   help="also write a DICOM RTSTRUCT referencing the input series (DICOM input)")
+                   help="also write a DICOM RTSTRUCT (as --output-type nifti rtstruct)")
     p.add_argument("--profile", default=None,
                    help="profile for the inference options (post-processing, batch); the "
                         "preprocessing always comes from the checkpoint")
@@ -365,10 +370,11 @@ def cmd_predict(args) -> int:
     if not args.model.is_file():
         raise CrossmodError(f"{args.model}: model checkpoint not found")
     rows = predict_path(args.model, args.input, args.output, settings, rtstruct=args.rtstruct,
-                        postprocess=args.postprocess, device=args.device)
+                        postprocess=args.postprocess, device=args.device,
+                        outputs=tuple(args.output_types))
     for row in rows:
-        print(f"{row['patient']}: {row['labels']}"
-              + (f"  {row['rtstruct']}" if row["rtstruct"] else "") + f"  ({row['seconds']:.2f} s)")
+        written = "  ".join(row[k] for k in ("labels", "rtstruct", "seg") if row.get(k))
+        print(f"{row['patient']}: {written}  ({row['seconds']:.2f} s)")
     return 0
 
 

@@ -1083,6 +1083,10 @@ def write_rtstruct(masks: Mapping[str, sitk.Image], image: sitk.Image, path, *,
     ds.Manufacturer = "crossmod"
     ds.StructureSetLabel = structure_set_label
     ds.StructureSetDate, ds.StructureSetTime = date, time
+    # Frame of Reference module (the RT Structure Set IOD has it since DICOM 2020; dciodvfy
+    # requires it): the image's frame, no position reference indicator (type 2, empty)
+    ds.FrameOfReferenceUID = frame_uid
+    ds.PositionReferenceIndicator = ""
 
     contour_images = []
     for uid in uids:
@@ -1148,6 +1152,94 @@ def write_rtstruct(masks: Mapping[str, sitk.Image], image: sitk.Image, path, *,
     ds.ROIContourSequence = DicomSequence(contour_items)
     ds.RTROIObservationsSequence = DicomSequence(observations)
     _save_atomically(ds, path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# DICOM SEG writing (highdicom)
+
+
+def series_datasets(image: sitk.Image, folder) -> list[Dataset]:
+    """The headers (no pixel data) of the DICOM files below ``folder`` that make up ``image``
+    (read by :func:`read_dicom_series`), in the image's slice order."""
+    uids = slice_uids(image)
+    if not uids:
+        raise CrossmodError(f"{folder}: the image carries no DICOM slice UIDs (not read from DICOM)")
+    found: dict[str, Dataset] = {}
+    wanted = set(uids)
+    for path in _dicom_files(Path(folder)):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:  # noqa: BLE001 (other files in the folder: not ours to judge here)
+            continue
+        uid = str(ds.get("SOPInstanceUID", ""))
+        if uid in wanted:
+            found[uid] = ds
+    missing = [u for u in uids if u not in found]
+    if missing:
+        raise CrossmodError(f"{folder}: {len(missing)} of the series' {len(uids)} slice files are "
+                            "no longer there (moved or deleted since it was read)")
+    return [found[u] for u in uids]
+
+
+#: SNOMED CT codes of a parotid segment (pydicom's code dictionary) and its laterality.
+def _parotid_codes(name: str):
+    from pydicom.sr.codedict import codes
+
+    side = {"Parotid_L": codes.SCT.Left, "Parotid_R": codes.SCT.Right}.get(name)
+    return codes.SCT.AnatomicalStructure, codes.SCT.ParotidGland, side
+
+
+def write_seg(masks: Mapping[str, sitk.Image], image: sitk.Image, source_folder, path, *,
+              series_description: str = "crossmod parotids") -> Path:
+    """Write ``masks`` (name -> mask on ``image``'s grid, ``image`` read by
+    :func:`read_dicom_series` from ``source_folder``) as a DICOM Segmentation (SEG) object with
+    highdicom: one binary segment per mask (parotids coded as SNOMED CT "Parotid gland" with
+    their laterality as the property-type modifier), referencing the source series' slices. The
+    file is written atomically and ``path`` returned."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    from . import __version__
+
+    path = Path(path)
+    sources = series_datasets(image, source_folder)
+    names = list(masks)
+    labelmap = np.zeros(sitk.GetArrayViewFromImage(image).shape, dtype=np.uint8)
+    for number, name in enumerate(names, start=1):
+        problems = grid_differences(image, masks[name])
+        if problems:
+            raise CrossmodError(f"{path}: mask {name!r} is not on the image grid: " + "; ".join(problems))
+        labelmap[sitk.GetArrayViewFromImage(masks[name]) > 0] = number
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name="crossmod U-Net", version=__version__, family=codes.cid7162.ArtificialIntelligence)
+    descriptions = []
+    modifiers = []
+    for number, name in enumerate(names, start=1):
+        category, kind, side = _parotid_codes(name)
+        if not name.startswith("Parotid"):
+            kind, side = codes.SCT.Organ, None
+        descriptions.append(hd.seg.SegmentDescription(
+            segment_number=number, segment_label=name, segmented_property_category=category,
+            segmented_property_type=kind, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm))
+        modifiers.append(side)
+    try:
+        seg = hd.seg.Segmentation(
+            source_images=sources, pixel_array=labelmap,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=9901,
+            sop_instance_uid=hd.UID(), instance_number=1, manufacturer="crossmod",
+            manufacturer_model_name="crossmod", software_versions=__version__,
+            device_serial_number="0", series_description=series_description,
+            omit_empty_frames=False)
+    except (ValueError, TypeError, AttributeError) as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise CrossmodError(f"{path}: cannot build a DICOM SEG for this series ({reason})") from None
+    for item, side in zip(seg.SegmentSequence, modifiers):
+        if side is not None:
+            item.SegmentedPropertyTypeModifierCodeSequence = [hd.sr.CodedConcept.from_code(side)]
+    _save_atomically(seg, path)
     return path
 
 

@@ -1383,9 +1383,14 @@ def _cases_at(path: Path):
         yield case, (time.perf_counter() - t0) / len(cases)
 
 
+#: What ``crossmod predict`` can write per patient (several at once, as TotalSegmentator's
+#: output types): the label volume, a DICOM RTSTRUCT and a DICOM SEG (the last two: DICOM input).
+OUTPUT_TYPES = ("nifti", "rtstruct", "seg")
+
+
 def predict_path(model_path, input_path, output_dir, settings: dict | None = None,
                  rtstruct: bool = False, *, postprocess: bool | None = None, device=None,
-                 progress: bool = False) -> list[dict]:
+                 progress: bool = False, outputs=("nifti",)) -> list[dict]:
     """Contour the parotids of the MR(s) at ``input_path`` and write the results.
 
     ``model_path``: a checkpoint (``best.pt``; its recorded preprocessing is used) or a loaded
@@ -1396,17 +1401,28 @@ def predict_path(model_path, input_path, output_dir, settings: dict | None = Non
     only when the checkpoint records none. ``postprocess`` overrides ``postprocess_lcc``.
 
     Per case, ``<output_dir>/<patient>_labels.nii.gz`` (0 background, 1 Parotid_L, 2 Parotid_R on
-    the source grid) and, with ``rtstruct=True`` (DICOM input only), ``<output_dir>/<patient>_
-    RTSTRUCT.dcm`` referencing the series. Returns one row per case: patient, labels, rtstruct,
-    seconds and the seconds of each step (read, preprocess, predict, postprocess, write).
+    the source grid) and, with ``rtstruct=True`` or ``"rtstruct"`` in ``outputs`` (DICOM input
+    only), ``<output_dir>/<patient>_RTSTRUCT.dcm`` referencing the series; ``"seg"`` in
+    ``outputs`` adds ``<patient>_SEG.dcm``, a DICOM Segmentation of the series (highdicom).
+    ``outputs`` is any of :data:`OUTPUT_TYPES`. Returns one row per case: patient, labels,
+    rtstruct, seg (paths or None), seconds and the seconds of each step (read, preprocess,
+    predict, postprocess, write).
     """
     import SimpleITK as sitk
 
     from .io import write_image
 
     input_path, output_dir = Path(input_path), Path(output_dir)
+    outputs = set(outputs) | ({"rtstruct"} if rtstruct else set())
+    unknown = sorted(outputs - set(OUTPUT_TYPES))
+    if unknown or not outputs:
+        raise CrossmodError(f"output types {', '.join(unknown) or '(none)'}: choose from "
+                            f"{', '.join(OUTPUT_TYPES)}")
     if not input_path.exists():
         raise CrossmodError(f"{input_path}: no such file or folder")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise CrossmodError(f"{output_dir}: the output folder is a file")
+    dicom_outputs = sorted(outputs & {"rtstruct", "seg"})
     model, _ = _model_and_preprocessing(model_path, settings, device)
     rows = []
     used: set = set()
@@ -1417,9 +1433,9 @@ def predict_path(model_path, input_path, output_dir, settings: dict | None = Non
         iterator = tqdm(iterator, desc="predict", unit="case")
     for case, t_read in iterator:
         t0 = time.perf_counter()
-        if rtstruct and not case.image.HasMetaDataKey("SOPInstanceUIDs"):
-            raise CrossmodError(f"{case.source or input_path}: --rtstruct needs a DICOM image "
-                                "series as input")
+        if dicom_outputs and not case.image.HasMetaDataKey("SOPInstanceUIDs"):
+            raise CrossmodError(f"{case.source or input_path}: {' and '.join(dicom_outputs)} output "
+                                "needs a DICOM image series as input")
         timings: dict = {"read": t_read}
         labels = predict_labels(model, case, settings, postprocess=postprocess, device=device,
                                 timings=timings)
@@ -1430,17 +1446,24 @@ def predict_path(model_path, input_path, output_dir, settings: dict | None = Non
             copy_number += 1
             name = f"{base}_{copy_number}"
         used.add(name)
-        label_path = output_dir / f"{name}_labels.nii.gz"
-        write_image(sitk.Cast(labels, sitk.sitkUInt8), label_path)
-        rt_path = None
-        if rtstruct:
+        label_path = rt_path = seg_path = None
+        if "nifti" in outputs:
+            label_path = output_dir / f"{name}_labels.nii.gz"
+            write_image(sitk.Cast(labels, sitk.sitkUInt8), label_path)
+        if "rtstruct" in outputs:
             from .dicom import write_rtstruct
 
             rt_path = write_rtstruct(masks_from_labels(labels), case.image,
                                      output_dir / f"{name}_RTSTRUCT.dcm")
+        if "seg" in outputs:
+            from .dicom import write_seg
+
+            seg_path = write_seg(masks_from_labels(labels), case.image, case.source,
+                                 output_dir / f"{name}_SEG.dcm")
         timings["write"] = time.perf_counter() - t1
-        rows.append({"patient": name, "labels": str(label_path),
+        rows.append({"patient": name, "labels": str(label_path) if label_path else None,
                      "rtstruct": str(rt_path) if rt_path else None,
+                     "seg": str(seg_path) if seg_path else None,
                      "seconds": t_read + time.perf_counter() - t0, **timings})
     return rows
 

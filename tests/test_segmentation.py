@@ -581,3 +581,89 @@ def test_predict_run_without_models_is_a_clear_error(tmp_path):
     run = RunFolder.open(load_profile("smoke"), tmp_path / "empty")
     with pytest.raises(CrossmodError, match="no trained model"):
         seg.predict_run(run)
+
+
+def _dciodvfy_errors(path) -> list[str]:
+    import shutil
+    import subprocess
+
+    tool = shutil.which("dciodvfy")
+    if tool is None:
+        pytest.skip("dciodvfy (Debian package dicom3tools) is not installed: make check-dicom runs this")
+    result = subprocess.run([tool, str(path)], capture_output=True, text=True, check=False)
+    return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
+
+
+@pytest.fixture()
+def dicom_prediction(tmp_path):
+    """A DICOM MR patient contoured with every output type at once."""
+    from crossmod_lib.dicom import read_dicom_series, write_test_series
+
+    case, truth = mr_case(spacing=(0.8, 0.7, 3.5), origin=(-36.0, -44.0, 10.0))
+    series = tmp_path / "P7"
+    write_test_series(series, sitk.GetArrayFromImage(case.image), case.image.GetSpacing(),
+                      case.image.GetOrigin(), modality="MR", patient_id="P7")
+    source = read_dicom_series(series)
+    structures = {}
+    for name, mask in case.structures.items():
+        on_series = sitk.Image(mask)
+        on_series.CopyInformation(source)
+        structures[name] = on_series
+    rows = seg.predict_path(stub_for(Case("P7", source, structures)), series, tmp_path / "out",
+                            settings(), outputs=("nifti", "rtstruct", "seg"))
+    return rows[0], source
+
+
+def test_predict_writes_nifti_rtstruct_and_seg_that_read_back_to_the_same_masks(dicom_prediction):
+    import highdicom as hd
+    import pydicom
+    from matplotlib.path import Path as PolygonPath
+
+    from crossmod_lib.dicom import slice_uids
+    from crossmod_lib.io import read_image
+
+    row, source = dicom_prediction
+    labels = sitk.GetArrayFromImage(read_image(row["labels"]))
+    assert {1, 2} <= set(np.unique(labels))
+    # SEG, read back by highdicom on the source slices
+    seg_file = hd.seg.segread(row["seg"])
+    assert [s.SegmentLabel for s in seg_file.SegmentSequence] == ["Parotid_L", "Parotid_R"]
+    read_back = seg_file.get_pixels_by_source_instance(
+        source_sop_instance_uids=slice_uids(source), segment_numbers=[1, 2], combine_segments=True)
+    np.testing.assert_array_equal(read_back, labels)
+    # RTSTRUCT, rasterised independently of crossmod's reader: pydicom's contour points,
+    # matplotlib's point-in-polygon test on the pixel centres, even-odd across a slice's polygons
+    ds = pydicom.dcmread(row["rtstruct"])
+    names = {int(r.ROINumber): str(r.ROIName) for r in ds.StructureSetROISequence}
+    origin, spacing = np.array(source.GetOrigin()), np.array(source.GetSpacing())
+    nz, ny, nx = labels.shape
+    yy, xx = np.mgrid[:ny, :nx]
+    centres = np.column_stack([xx.ravel(), yy.ravel()])
+    for item in ds.ROIContourSequence:
+        name = names[int(item.ReferencedROINumber)]
+        raster = np.zeros(labels.shape, bool)
+        for contour in item.ContourSequence:
+            index = (np.array(contour.ContourData, float).reshape(-1, 3) - origin) / spacing
+            k = int(round(index[0, 2]))
+            raster[k] ^= PolygonPath(index[:, :2]).contains_points(centres).reshape(ny, nx)
+        np.testing.assert_array_equal(raster, labels == (1 if name == "Parotid_L" else 2))
+
+
+@pytest.mark.parametrize("kind", ["rtstruct", "seg"])
+def test_dicom_outputs_pass_the_dicom_validator(dicom_prediction, kind):
+    row, _ = dicom_prediction
+    assert _dciodvfy_errors(row[kind]) == []
+
+
+def test_output_types_are_checked(tmp_path):
+    case, _ = mr_case(spacing=(0.8, 0.8, 3.5), origin=(0.0, 0.0, 0.0))
+    write_image(case.image, tmp_path / "mr.nii.gz")
+    with pytest.raises(CrossmodError, match="output types png"):
+        seg.predict_path(stub_for(case), tmp_path / "mr.nii.gz", tmp_path / "out", settings(),
+                         outputs=("png",))
+    with pytest.raises(CrossmodError, match="seg output needs a DICOM image series"):
+        seg.predict_path(stub_for(case), tmp_path / "mr.nii.gz", tmp_path / "out", settings(),
+                         outputs=("nifti", "seg"))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CrossmodError, match="is a file"):
+        seg.predict_path(stub_for(case), tmp_path / "mr.nii.gz", tmp_path / "file", settings())
