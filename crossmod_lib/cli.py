@@ -192,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override convergence.seeds (default: the profile's)")
     p.add_argument("--budgets", type=int, nargs="+", default=None,
                    help="override convergence.budgets, in CycleGAN iterations")
+    p.add_argument("--carry-on", type=Path, default=None, metavar="RECORDED",
+                   help="a recorded study of the same profile (e.g. recorded/openkbp-convergence): "
+                        "its finished points are kept and only the missing ones run")
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("record", help="keep a finished run's results, with provenance, for the book",
@@ -402,7 +405,7 @@ def cmd_study(args) -> int:
     if args.budgets:
         block["budgets"] = list(args.budgets)
     convergence.study_settings(profile)  # a bad block stops before any work
-    tables = convergence.run_study(profile, args.out, log=print)
+    tables = convergence.run_study(profile, args.out, log=print, carry_on=args.carry_on)
     summary = convergence.summary_table(tables["points"])
     print(summary.round(3).to_string(index=False) if not summary.empty else "no points finished")
     return 0

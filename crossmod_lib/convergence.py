@@ -331,13 +331,59 @@ def run_point(point, trunk_dir: Path, baseline_from: Path | None, models, log=pr
             "slices": int(len(decisions)), "dsc": dsc}
 
 
-def run_study(profile: dict, study_dir, log=print, progress: bool = False) -> dict[str, pd.DataFrame]:
+def _differences(a, b, prefix: str = "") -> list[str]:
+    """Dotted keys where two nested settings differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b), key=str):
+            out += _differences(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def carried_points(profile: dict, recorded) -> dict:
+    """The finished points of a recorded study (``crossmod record`` of a study folder), to carry
+    on with in a new study folder: checked to come from the same profile (every setting but the
+    study's own seeds and budgets), each marked ``carried_from``. A point's numbers do not
+    depend on where it ran, so a study can be finished over several sessions or machines; each
+    point keeps its own provenance."""
+    import yaml
+
+    recorded = Path(recorded)
+    runs_path, profile_path = recorded / "metrics" / "convergence_runs.json", recorded / "profile.yaml"
+    if not runs_path.is_file() or not profile_path.is_file():
+        raise CrossmodError(f"{recorded}: not a recorded study (no metrics/convergence_runs.json "
+                            "and profile.yaml)")
+    try:
+        info = json.loads(runs_path.read_text())
+        theirs = yaml.safe_load(profile_path.read_text())
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise CrossmodError(f"{recorded}: unreadable study record ({' '.join(str(exc).split())[:120]})") from None
+    ours = copy.deepcopy(profile)
+    theirs = copy.deepcopy(theirs)
+    for block in (ours, theirs):
+        for key in ("seeds", "budgets"):
+            (block.get("convergence") or {}).pop(key, None)
+        block.pop("name", None)
+        block.pop("description", None)
+    differ = _differences(ours, theirs)
+    if differ:
+        raise CrossmodError(f"{recorded}: recorded with other settings than this profile "
+                            f"({', '.join(differ[:5])}{' ...' if len(differ) > 5 else ''}); "
+                            "its points cannot be carried on")
+    return {key: {**point, "carried_from": str(recorded)} for key, point in info.get("points", {}).items()}
+
+
+def run_study(profile: dict, study_dir, log=print, progress: bool = False,
+              carry_on=None) -> dict[str, pd.DataFrame]:
     """Run (or carry on) the convergence study of ``profile`` in ``study_dir``; see the module.
 
     Points are visited seed by seed, budgets in increasing order, the trunk trained up to each
     budget's branching epoch in turn. After every point the tables under ``metrics/`` are
     rewritten (atomically), so an interrupted study keeps what it finished. Returns the tables
-    ``points`` and ``quality``.
+    ``points`` and ``quality``. ``carry_on``: a recorded study of the same profile whose finished
+    points are taken as they are (:func:`carried_points`), e.g. to add seeds in a later session;
+    a seed whose first point was carried trains its baselines again (same seed: same networks).
     """
     from . import cyclegan, preparation
     from .config import save_profile
@@ -351,6 +397,9 @@ def run_study(profile: dict, study_dir, log=print, progress: bool = False) -> di
     runs_path = metrics_dir / "convergence_runs.json"
     runs_info = json.loads(runs_path.read_text()) if runs_path.is_file() else {"points": {}}
     runs_info["study"] = study
+    if carry_on is not None:
+        for key, point in carried_points(profile, carry_on).items():
+            runs_info["points"].setdefault(key, point)
 
     base = RunFolder.open(profile, study_dir / "base")
     if not (base.root / "prepared" / "ct_slices.npz").is_file():
@@ -391,7 +440,8 @@ def run_study(profile: dict, study_dir, log=print, progress: bool = False) -> di
             key = f"seed{seed}/budget{budget:05d}"
             point_dir = study_dir / key
             if key in runs_info["points"]:
-                first_point = first_point or point_dir
+                if (point_dir / "model").is_dir():  # a carried point has no folder here
+                    first_point = first_point or point_dir
                 continue
             k = budget // (2 * ipe)
             log(f"seed {seed}, budget {budget} iterations: trunk to {k * ipe} ...")

@@ -245,3 +245,27 @@ def test_profile_budget_is_a_study_point_only_when_the_epochs_match():
     profile["cyclegan"].update(epochs_decay=5, max_iterations_per_epoch=600)
     assert convergence.profile_budget(profile) is None
     assert convergence.profile_budget(profile, iterations_per_epoch=600) == 6000
+
+
+def test_a_recorded_study_is_carried_on_only_with_the_same_settings(tmp_path):
+    import json
+
+    import yaml
+
+    profile = load_profile("smoke")
+    rec = tmp_path / "rec"
+    (rec / "metrics").mkdir(parents=True)
+    recorded = {**profile, "convergence": {**profile["convergence"], "budgets": [60, 120], "seeds": [5]}}
+    (rec / "profile.yaml").write_text(yaml.safe_dump(recorded))
+    points = {"seed5/budget00060": {"seed": 5, "budget": 60, "dsc": [], "quality": {}}}
+    (rec / "metrics" / "convergence_runs.json").write_text(json.dumps({"points": points}))
+    # more seeds and budgets than recorded: the same study, carried on
+    wider = {**profile, "convergence": {**profile["convergence"], "budgets": [60, 120, 180], "seeds": [5, 6]}}
+    carried = convergence.carried_points(wider, rec)
+    assert set(carried) == {"seed5/budget00060"} and carried["seed5/budget00060"]["carried_from"] == str(rec)
+    # other settings than the recorded ones: refused, naming the setting
+    other = {**wider, "segmentation": {**wider["segmentation"], "epochs": 99}}
+    with pytest.raises(CrossmodError, match="segmentation.epochs"):
+        convergence.carried_points(other, rec)
+    with pytest.raises(CrossmodError, match="not a recorded study"):
+        convergence.carried_points(wider, tmp_path)
