@@ -121,10 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="destination folder (default: the data root)")
     p.set_defaults(func=cmd_fetch)
 
-    p = sub.add_parser("profile", help="print a profile with every setting resolved",
-                       description="Print a profile (its 'extends' chain resolved) as YAML.")
+    p = sub.add_parser("profile", help="print a profile with every setting resolved; init one for your data",
+                       description="Print a profile (its 'extends' chain resolved) as YAML. "
+                                   "'crossmod profile init --mr FOLDER [--ct openkbp|FOLDER] > mine.yaml' "
+                                   "writes a ready profile for your own data, checked by reading the folders.")
     p.add_argument("name", nargs="?", default=None,
-                   help="profile name or path; omitted: list the shipped profiles")
+                   help="profile name or path; 'init' to write a new one; omitted: list the shipped profiles")
+    p.add_argument("--mr", type=Path, default=None,
+                   help="init: your MR cohort, a folder of DICOM patient folders or an nnU-Net dataset")
+    p.add_argument("--ct", default=None,
+                   help="init: the CT cohort, a dataset name (openkbp, ...) or a folder like --mr "
+                        "(default: the base profile's)")
+    p.add_argument("--extends", default="openkbp", help="init: the profile to start from (default openkbp)")
+    p.add_argument("--as", dest="new_name", default=None, help="init: the new profile's name (default mine)")
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("models", help="the networks of a profile: parameters and FLOPs per slice",
@@ -330,6 +339,15 @@ def cmd_profile(args) -> int:
 
     from .config import available_profiles, load_profile
 
+    if args.name == "init":
+        from .config import init_profile
+
+        if args.mr is None:
+            raise CrossmodError("profile init: --mr FOLDER is required (your MR patients)")
+        print(init_profile(args.mr, args.ct, extends=args.extends, name=args.new_name), end="")
+        return 0
+    if args.mr is not None or args.ct is not None:
+        raise CrossmodError("profile: --mr / --ct are options of 'crossmod profile init'")
     if args.name is None:
         for name in available_profiles():
             print(f"{name:8s} {load_profile(name).get('description', '')}")

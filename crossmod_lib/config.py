@@ -153,3 +153,85 @@ def save_profile(profile: dict, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(yaml.safe_dump(profile, sort_keys=False))
     tmp.replace(path)
+
+
+def _cohort_block(path: Path, side: str) -> tuple[dict, list[str]]:
+    """The ``data.<side>`` block for a user's folder, read to check it, and comment lines saying
+    what was found."""
+    from .datasets import detect_layout, inspect_cohort
+
+    path = path.expanduser().absolute()
+    layout = detect_layout(path)
+    if layout == "nnunet":
+        return {"dataset": "nnunet", "root": str(path), "source": None, "patients": None}, [
+            f"{path}: an nnU-Net raw dataset"]
+    if layout != "cohort":
+        raise CrossmodError(f"{path}: expected a folder of patient folders (DICOM series + RTSTRUCT "
+                            f"each) or an nnU-Net dataset; found a {layout} layout")
+    table = inspect_cohort(path)
+    unreadable = table[table["problem"] != ""]
+    if not unreadable.empty:
+        first = unreadable.iloc[0]
+        raise CrossmodError(f"{path}: {len(unreadable)} of {len(table)} patient folders cannot be "
+                            f"read (first: {first['problem']}); see crossmod data inspect {path}")
+    if set(table["layout"]) != {"dicom"}:
+        raise CrossmodError(f"{path}: patient folders in layouts {sorted(set(table['layout']))}; "
+                            "a cohort folder of your own must hold DICOM patients")
+    contoured = table[table["Parotid_L"].str.contains(r"cc\)") & table["Parotid_R"].str.contains(r"cc\)")]
+    modalities = sorted(set(table["modality"]))
+    notes = [f"{path}: {len(table)} DICOM patients ({', '.join(modalities)}), "
+             f"{len(contoured)} with both parotids contoured"]
+    block = {"dataset": "dicom", "root": str(path), "source": None, "patients": None}
+    if len(contoured) < len(table):
+        if side == "ct":
+            raise CrossmodError(f"{path}: {len(table) - len(contoured)} of {len(table)} CT patients "
+                                "lack a parotid contour; the CT cohort must be annotated")
+        # the pipeline reads contours on every MR patient it is given (they test the method);
+        # the unannotated ones are listed here, left out
+        block["patients"] = list(contoured["patient"])
+        notes.append("left out (no parotid contours): " + ", ".join(
+            table.loc[~table.index.isin(contoured.index), "patient"]))
+    if not len(contoured):
+        raise CrossmodError(f"{path}: no patient with both parotids contoured")
+    return block, notes
+
+
+def init_profile(mr: str | Path, ct: str | Path | None = None, extends: str = "openkbp",
+                 name: str | None = None) -> str:
+    """A ready profile (YAML text) for a user's data: ``extends`` with ``data.mr`` (and
+    ``data.ct`` when ``ct`` is a folder rather than a dataset name) pointing at the folders,
+    checked by reading every patient, with comments saying what was found. The text is loaded
+    back through :func:`load_profile`'s checks before it is returned."""
+    import datetime as _dt
+    import tempfile
+
+    load_profile(extends)  # an unknown base is an error before any reading
+    data: dict = {}
+    notes: list[str] = []
+    data["mr"], found = _cohort_block(Path(mr), "mr")
+    notes += found
+    if ct is not None and str(ct) not in available_datasets():
+        data["ct"], found = _cohort_block(Path(ct), "ct")
+        notes += found
+    elif ct is not None:
+        data["ct"] = {"dataset": str(ct), "root": None, "patients": None}
+    name = name or "mine"
+    profile = {"extends": extends, "name": name,
+               "description": f"{extends} with the user's data ({Path(mr).name})", "data": data}
+    header = [f"# Written by crossmod profile init on {_dt.date.today().isoformat()}; checked by reading the folders:"]
+    header += [f"#   {line}" for line in notes]
+    header += ["# Every other setting comes from the profile named in 'extends' (see crossmod profile "
+               f"{extends}); run it with: crossmod book --profile THIS_FILE.yaml"]
+    text = "\n".join(header) + "\n" + yaml.safe_dump(profile, sort_keys=False)
+    with tempfile.TemporaryDirectory() as tmp:  # the written profile must load as it is
+        check = Path(tmp) / f"{name}.yaml"
+        check.write_text(text)
+        load_profile(check)
+    return text
+
+
+def available_datasets() -> list[str]:
+    """Dataset names a profile can name without a folder (the manifest's readers and phantom)."""
+    from .datasets import COHORT_LAYOUTS
+
+    return ["phantom", *COHORT_LAYOUTS]

@@ -645,9 +645,11 @@ def cohort_sources(run, progress: bool = True) -> dict[str, CohortSource]:
             elif not root.is_dir():
                 raise CrossmodError(f"{root}: folder of data.{side} not found")
             else:
-                items = sorted(p for p in root.iterdir() if p.is_dir())
+                items = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
                 if not items:
                     raise CrossmodError(f"{root}: no patient folders (data.{side}, dataset dicom)")
+                # data.<side>.patients chooses among the patient folders, as for any cohort
+                items = datasets._select(spec.get("patients"), {p.name: p for p in items}, str(root))
             sources[modality] = CohortSource(modality, dataset, items, root)
         else:
             items = datasets.cohort_cases(spec, root=data.get("root"))

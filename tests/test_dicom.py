@@ -604,3 +604,39 @@ def test_a_truncated_rtstruct_is_never_read_as_no_contours(tmp_path, keep):
     rs.unlink()
     (case,) = datasets.read_any(folder)
     assert case.structures == {}
+
+
+def test_profile_init_writes_a_checked_profile_for_a_dicom_mr_cohort(tmp_path, capsys):
+    import yaml
+
+    from crossmod_lib import cli
+    from crossmod_lib.config import load_profile
+
+    cohort = tmp_path / "mr"
+    _mr_patient(cohort / "A", "A", {"Parotid_L": "Parotid_L", "Parotid_R": "Parotid_R"})
+    _mr_patient(cohort / "B", "B", {"Parotid_L": "Lt Parotid", "Parotid_R": "Rt Parotid"}, seed=1)
+    _mr_patient(cohort / "C", "C", None, seed=2)                        # unannotated
+    assert cli.main(["profile", "init", "--mr", str(cohort), "--as", "mine"]) == 0
+    text = capsys.readouterr().out
+    assert "3 DICOM patients (MR), 2 with both parotids contoured" in text and "left out" in text
+    path = tmp_path / "mine.yaml"
+    path.write_text(text)
+    profile = load_profile(path)
+    mr = profile["data"]["mr"]
+    assert mr["dataset"] == "dicom" and mr["root"] == str(cohort.absolute()) and mr["patients"] == ["A", "B"]
+    assert profile["data"]["ct"]["dataset"] == "openkbp" and yaml.safe_load(text)["extends"] == "openkbp"
+    # the chosen patients are the ones the pipeline's cohort reader takes
+    from crossmod_lib.preparation import cohort_sources
+    from crossmod_lib.runs import RunFolder
+
+    try:
+        sources = cohort_sources(RunFolder.open(path, tmp_path / "run"), progress=False)
+    except CrossmodError as exc:  # the CT side is OpenKBP, read from the data root
+        pytest.skip(f"the CT cohort (OpenKBP) is not under the data root: {exc}")
+    assert sources["MR"].patient_ids() == ["A", "B"]
+
+    # a folder that is not a cohort, or a CT cohort without contours: one line, no profile
+    assert cli.main(["profile", "init", "--mr", str(cohort / "A")]) == 2
+    assert cli.main(["profile", "init", "--mr", str(cohort), "--ct", str(cohort)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "CT patients lack a parotid contour" in err[1]
