@@ -226,17 +226,27 @@ def list_cases(cohort_dir: str | Path) -> list[Path]:
 
 
 def write_image(image: sitk.Image, path: str | Path, compress: bool = True) -> None:
-    """Write atomically (temporary file, then rename) so no half-written file is left."""
+    """Write atomically (temporary file, then rename) so no half-written file is left.
+
+    A failed write (folder not writable, disk full, ...) is a one-line error naming ``path``.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # Keep the real suffix last so ITK picks the right writer for the temporary file.
     suffix = "".join(path.suffixes)
     tmp = path.with_name(f".{path.name[: -len(suffix)]}.tmp{suffix}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         sitk.WriteImage(image, str(tmp), useCompression=compress)
         tmp.replace(path)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        where = f": {exc.filename}" if exc.filename and str(exc.filename) != str(tmp) else ""
+        raise CrossmodError(f"{path}: cannot write ({reason}{where})") from None
+    except RuntimeError as exc:  # ITK's writer: no space, no permission, ...
+        raise CrossmodError(f"{path}: cannot write ({_one_line(exc)})") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp.is_file() or tmp.is_symlink():  # (no folder: nothing to remove)
+            tmp.unlink(missing_ok=True)
 
 
 def label_map(masks: dict[str, sitk.Image], reference: sitk.Image, names=PAROTIDS) -> sitk.Image:

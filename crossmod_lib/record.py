@@ -53,6 +53,7 @@ def study_provenance(path: Path) -> dict:
         device = point.get("device", {})
         if isinstance(device, dict):
             device = f"{device.get('cpu', '?')}, {device.get('cpu_cores_usable', '?')} CPU cores" + (
+                f" ({device['cpu_vector']})" if device.get("cpu_vector") else "") + (
                 f", {device['gpu']}" if device.get("gpu") else "")
         seconds = point.get("seconds", {})
         out[key] = {"commit": point.get("commit", "not recorded"), "date": point.get("date", ""),

@@ -114,7 +114,11 @@ def provenance(run: RunFolder | None = None) -> dict:
             versions[package] = md.version(package)
         except md.PackageNotFoundError:
             versions[package] = "not installed"
-    device = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"
+    from .timing import cpu_vector_features
+
+    vector = cpu_vector_features()
+    device = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"
+              + (f" ({vector})" if vector else ""))
     try:
         import torch
 

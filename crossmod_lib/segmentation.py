@@ -713,9 +713,17 @@ def load_model(path: str | Path, device="cpu") -> UNet:
     """The U-Net of a checkpoint (``best.pt``/``last.pt``), in eval mode; its training metadata
     (kind, preprocessing, patients) is in ``model.meta``."""
     ckpt = load_checkpoint(path, device)
-    model = UNet(**ckpt["arch"])
+    arch, weights = ckpt.get("arch"), ckpt.get("model")
+    if not isinstance(arch, dict) or not isinstance(weights, dict):
+        raise CrossmodError(f"{path}: incomplete checkpoint (no "
+                            f"{'architecture' if not isinstance(arch, dict) else 'weights'})")
     try:
-        model.load_state_dict(ckpt["model"])
+        model = UNet(**arch)
+    except Exception as exc:  # noqa: BLE001 (unknown keys, impossible sizes: TypeError, ValueError, ...)
+        reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise CrossmodError(f"{path}: the recorded architecture cannot be built ({reason})") from None
+    try:
+        model.load_state_dict(weights)
     except RuntimeError as exc:
         raise CrossmodError(f"{path}: weights do not fit the recorded architecture "
                             f"({' '.join(str(exc).split())[:160]})") from None
@@ -1431,40 +1439,51 @@ def predict_path(model_path, input_path, output_dir, settings: dict | None = Non
         from tqdm.auto import tqdm
 
         iterator = tqdm(iterator, desc="predict", unit="case")
-    for case, t_read in iterator:
-        t0 = time.perf_counter()
-        if dicom_outputs and not case.image.HasMetaDataKey("SOPInstanceUIDs"):
-            raise CrossmodError(f"{case.source or input_path}: {' and '.join(dicom_outputs)} output "
-                                "needs a DICOM image series as input")
-        timings: dict = {"read": t_read}
-        labels = predict_labels(model, case, settings, postprocess=postprocess, device=device,
-                                timings=timings)
-        t1 = time.perf_counter()
-        name = base = _case_name(case)
-        copy_number = 1
-        while name in used:
-            copy_number += 1
-            name = f"{base}_{copy_number}"
-        used.add(name)
-        label_path = rt_path = seg_path = None
-        if "nifti" in outputs:
-            label_path = output_dir / f"{name}_labels.nii.gz"
-            write_image(sitk.Cast(labels, sitk.sitkUInt8), label_path)
-        if "rtstruct" in outputs:
-            from .dicom import write_rtstruct
+    # Folders this call creates: removed again if it fails before writing anything into them,
+    # so a failed run leaves the file system as it was (the files themselves are written atomically).
+    created = [p for p in (output_dir, *output_dir.parents) if not p.exists()]
+    try:
+        for case, t_read in iterator:
+            t0 = time.perf_counter()
+            if dicom_outputs and not case.image.HasMetaDataKey("SOPInstanceUIDs"):
+                raise CrossmodError(f"{case.source or input_path}: {' and '.join(dicom_outputs)} output "
+                                    "needs a DICOM image series as input")
+            timings: dict = {"read": t_read}
+            labels = predict_labels(model, case, settings, postprocess=postprocess, device=device,
+                                    timings=timings)
+            t1 = time.perf_counter()
+            name = base = _case_name(case)
+            copy_number = 1
+            while name in used:
+                copy_number += 1
+                name = f"{base}_{copy_number}"
+            used.add(name)
+            label_path = rt_path = seg_path = None
+            if "nifti" in outputs:
+                label_path = output_dir / f"{name}_labels.nii.gz"
+                write_image(sitk.Cast(labels, sitk.sitkUInt8), label_path)
+            if "rtstruct" in outputs:
+                from .dicom import write_rtstruct
 
-            rt_path = write_rtstruct(masks_from_labels(labels), case.image,
-                                     output_dir / f"{name}_RTSTRUCT.dcm")
-        if "seg" in outputs:
-            from .dicom import write_seg
+                rt_path = write_rtstruct(masks_from_labels(labels), case.image,
+                                         output_dir / f"{name}_RTSTRUCT.dcm")
+            if "seg" in outputs:
+                from .dicom import write_seg
 
-            seg_path = write_seg(masks_from_labels(labels), case.image, case.source,
-                                 output_dir / f"{name}_SEG.dcm")
-        timings["write"] = time.perf_counter() - t1
-        rows.append({"patient": name, "labels": str(label_path) if label_path else None,
-                     "rtstruct": str(rt_path) if rt_path else None,
-                     "seg": str(seg_path) if seg_path else None,
-                     "seconds": t_read + time.perf_counter() - t0, **timings})
+                seg_path = write_seg(masks_from_labels(labels), case.image, case.source,
+                                     output_dir / f"{name}_SEG.dcm")
+            timings["write"] = time.perf_counter() - t1
+            rows.append({"patient": name, "labels": str(label_path) if label_path else None,
+                         "rtstruct": str(rt_path) if rt_path else None,
+                         "seg": str(seg_path) if seg_path else None,
+                         "seconds": t_read + time.perf_counter() - t0, **timings})
+    except BaseException:
+        for folder in created:  # deepest first; stops at the first one that is not empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
     return rows
 
 

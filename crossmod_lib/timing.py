@@ -118,7 +118,27 @@ def device_info() -> dict:
     except (AttributeError, OSError):
         usable = os.cpu_count()
     return {"cpu": _cpu_model(), "cpu_cores": os.cpu_count(), "cpu_cores_usable": usable,
-            "gpu": _gpu_name()}
+            "cpu_vector": cpu_vector_features(), "gpu": _gpu_name()}
+
+
+def cpu_vector_features() -> str:
+    """The CPU's widest vector instructions, as they decide CPU training speed: "AVX-512 bf16"
+    (the CycleGAN's fast mode uses bf16 there), "AVX-512", "AVX2" or "" where unknown. Machines
+    called "AMD EPYC" differ here: the same CycleGAN step measured 0.19 s with AVX-512 bf16 and
+    0.68 s on one without AVX-512."""
+    try:
+        flags = set()
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        return ""
+    if "avx512_bf16" in flags or "amx_bf16" in flags:
+        return "AVX-512 bf16"
+    if "avx512f" in flags:
+        return "AVX-512"
+    return "AVX2" if "avx2" in flags else ""
 
 
 def describe_device(info: dict | None, torch_device: str | None = None) -> str:
@@ -126,7 +146,8 @@ def describe_device(info: dict | None, torch_device: str | None = None) -> str:
     if not info:
         return torch_device or "unknown"
     cores = info.get("cpu_cores_usable") or info.get("cpu_cores")
-    cpu = f"{info.get('cpu', 'CPU')} ({cores} cores)"
+    vector = f", {info['cpu_vector']}" if info.get("cpu_vector") else ""
+    cpu = f"{info.get('cpu', 'CPU')} ({cores} cores{vector})"
     gpu = info.get("gpu")
     if torch_device is None:
         return f"{gpu}; {cpu}" if gpu else cpu

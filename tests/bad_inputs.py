@@ -122,7 +122,8 @@ def metrics(tmp: Path, prediction: Path, *expect: str, reference: Path | None = 
                    tuple(expect))
 
 
-def profile(tmp: Path, text: str, *expect: str, name: str = "mine.yaml", named: Path | None = None) -> BadCase:
+def profile(tmp: Path, text: str, *expect: str, name: str = "mine.yaml",
+            named: Path | None = None) -> BadCase:
     """crossmod profile FILE, whose error must name FILE (or ``named``, the file at fault)."""
     path = tmp / name
     path.write_text(text)
@@ -175,17 +176,41 @@ def dicom_truncated_rtstruct(tmp):
     return inspect(folder, rs, "truncated")
 
 
+def garble(path: Path, tag: bytes, start: int, count: int) -> None:
+    """Overwrite ``count`` bytes with 0xFF, ``start`` bytes after the element ``tag`` (the file
+    keeps its length: corrupt, not truncated)."""
+    data = bytearray(path.read_bytes())
+    at = data.find(tag)
+    assert at > 0, f"{tag!r} not in {path}"
+    data[at + start: at + start + count] = b"\xff" * count
+    path.write_bytes(bytes(data))
+
+
 @case
-def dicom_corrupt_rtstruct(tmp):
-    """The contour sequence overwritten with garbage (the file keeps its length)."""
+def dicom_corrupt_rtstruct_contours(tmp):
+    """The contour sequence overwritten with garbage."""
     folder = tmp / "P001"
     _, rs = dicom_patient(folder)
-    data = bytearray(rs.read_bytes())
-    at = data.find(b"\x06\x30\x39\x00")  # (3006,0039) ROIContourSequence, little endian
-    assert at > 0
-    data[at + 12: at + 400] = b"\xff" * 388
-    rs.write_bytes(bytes(data))
-    return inspect(folder, rs)
+    garble(rs, b"\x06\x30\x39\x00", 12, 388)  # (3006,0039) ROIContourSequence, little endian
+    return inspect(folder, rs, "corrupt")
+
+
+@case
+def dicom_corrupt_rtstruct_roi_list(tmp):
+    """The list of ROIs (names and numbers) overwritten with garbage."""
+    folder = tmp / "P001"
+    _, rs = dicom_patient(folder)
+    garble(rs, b"\x06\x30\x20\x00", 12, 60)  # (3006,0020) StructureSetROISequence
+    return inspect(folder, rs, "corrupt")
+
+
+@case
+def dicom_corrupt_rtstruct_references(tmp):
+    """The references to the image (frame of reference, study, series) overwritten with garbage."""
+    folder = tmp / "P001"
+    _, rs = dicom_patient(folder)
+    garble(rs, b"\x06\x30\x10\x00", 12, 60)  # (3006,0010) ReferencedFrameOfReferenceSequence
+    return inspect(folder, rs, "corrupt")
 
 
 @case
@@ -616,7 +641,7 @@ def predict_output_inside_a_file(tmp):
     blocker = tmp / "results"
     blocker.write_text("a file where a folder should go\n")
     out = blocker / "out"
-    return predict(tmp, str(out), output=out)
+    return predict(tmp, str(out), "cannot write", "Not a directory", output=out)
 
 
 @case

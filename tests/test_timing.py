@@ -67,6 +67,10 @@ def test_describe_device():
     assert timing.describe_device(GPU, "cuda:0") == "Test GPU X"
     assert timing.describe_device(GPU) == "Test GPU X; Test CPU 3000 (16 cores)"
     assert timing.describe_device(None, "cpu") == "cpu"
+    # the vector instructions that decide CPU training speed, where recorded
+    assert timing.describe_device({**CPU, "cpu_vector": "AVX-512 bf16"}, "cpu") == \
+        "Test CPU 3000 (2 cores, AVX-512 bf16)"
+    assert timing.cpu_vector_features() in ("AVX-512 bf16", "AVX-512", "AVX2", "")
     info = timing.device_info()
     assert info["cpu_cores"] >= 1 and info["cpu"]
 
