@@ -805,7 +805,8 @@ def _truncation(path: Path, ds: Dataset, caught) -> str | None:
             return (f"truncated: element {pydicom.tag.Tag(tag)} ends at byte {tell + length}, "
                     f"the file has {size}")
     if any("end of file" in str(w.message).lower() for w in caught):
-        return "truncated: the file ends inside a sequence"
+        # a sequence runs past the end: the file was cut short, or its bytes are garbled
+        return "truncated or corrupt: a sequence runs past the end of the file"
     return None
 
 
@@ -818,12 +819,21 @@ def _read_rtstruct_dataset(path: Path) -> Dataset:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             ds = _dcmread(path)
-        problem = _truncation(path, ds, caught)
+            # first the declared lengths of the raw top-level elements (parsing converts them)
+            problem = _truncation(path, ds, caught)
+            # pydicom parses nested sequence items lazily: walk every element now, inside this
+            # block, so a garbled sequence is reported here (its warnings caught, not printed)
+            if not problem:
+                for _ in ds.iterall():
+                    pass
+                problem = _truncation(path, ds, caught)
         if problem:
             raise CrossmodError(f"{path}: {problem}")
-        for keyword in ("StructureSetROISequence", "ROIContourSequence",
-                        "ReferencedFrameOfReferenceSequence", "Modality", "SOPClassUID"):
-            ds.get(keyword)  # parse the sequences now, so a corrupt one is reported here
+        garbled = [str(w.message) for w in caught if "delimiter" in str(w.message).lower()
+                   or "sequence" in str(w.message).lower()]
+        if garbled:
+            raise CrossmodError(f"{path}: corrupt RTSTRUCT (a sequence cannot be parsed: "
+                                f"{' '.join(garbled[0].split())[:120]})")
     except CrossmodError:
         raise
     except InvalidDicomError:
@@ -878,8 +888,12 @@ def _check_references(ds: Dataset, path: Path, image: sitk.Image) -> None:
 def _rtstruct_masks(ds: Dataset, path: Path, image: sitk.Image, structures, aliases) -> dict:
     _check_references(ds, path, image)
     rois = {}
-    for roi in ds.StructureSetROISequence:
-        rois[str(roi.get("ROIName", ""))] = int(roi.ROINumber)
+    for roi in ds.get("StructureSetROISequence", []):
+        number = roi.get("ROINumber")
+        if number is None:
+            raise CrossmodError(f"{path}: corrupt RTSTRUCT (an ROI without ROINumber in "
+                                "StructureSetROISequence)")
+        rois[str(roi.get("ROIName", ""))] = int(number)
     contours_of = {int(item.ReferencedROINumber): item
                    for item in ds.get("ROIContourSequence", []) if "ReferencedROINumber" in item}
     size = image.GetSize()

@@ -56,7 +56,7 @@ def _one_line(exc: BaseException) -> str:
     """The informative part of a multi-line SimpleITK/ITK exception message, on one line."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     main = next((ln for ln in lines if "ERROR" in ln), lines[-1] if lines else type(exc).__name__)
-    main = re.sub(r"^.*?(ITK ERROR|sitk::ERROR):\s*", "", main)
+    main = re.sub(r"^.*?(ITK ERROR|sitk::ERROR|itk::ERROR):\s*", "", main)
     main = re.sub(r"^\w+\(0x[0-9a-fA-F]+\):\s*", "", main)  # "NrrdImageIO(0x55...): "
     parts = [main.rstrip(":")]
     # Teem (NRRD) puts the actual cause on the last line of its error stack.
@@ -128,20 +128,55 @@ def _nifti_truncation(path: Path) -> str | None:
     return None
 
 
+@contextmanager
+def _native_stderr(captured: list):
+    """Collect into ``captured`` what C++ code prints straight to file descriptor 2 during the
+    block (ITK's MetaImage reader reports a truncated file there, beside the exception it raises)."""
+    import sys
+    import tempfile
+
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (AttributeError, OSError, ValueError):  # no usable descriptor 2: leave it alone
+        saved = None
+    if saved is None:
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            captured.append(sink.read().decode(errors="replace"))
+
+
 def read_image(path: str | PathLike) -> sitk.Image:
     """Read one image file; a missing, unreadable or truncated file is a one-line error naming it."""
+    import sys
+
     p = Path(path)
     if not p.exists():
         raise CrossmodError(f"{p}: no such file")
     if p.is_dir():
         raise CrossmodError(f"{p}: is a directory, expected an image file (.nrrd, .nii, .nii.gz, .mha)")
+    printed: list[str] = []
     try:
-        image = sitk.ReadImage(str(p))
+        with _native_stderr(printed):
+            image = sitk.ReadImage(str(p))
     except RuntimeError as exc:
         reason = _one_line(exc)
+        native = " ".join("".join(printed).split())
         if "Unable to determine ImageIO" in reason:
             reason = "not an image format SimpleITK can read, or a corrupt header"
+        elif native:  # the reader's own report (e.g. MetaImage: data not read completely) says more
+            reason = native if len(native) <= 240 else native[:237] + "..."
         raise CrossmodError(f"{p}: cannot read image ({reason})") from exc
+    if "".join(printed):  # a successful read's warnings are still shown
+        sys.stderr.write("".join(printed))
     problem = _nifti_truncation(p)
     if problem:
         raise CrossmodError(f"{p}: cannot read image ({problem})")

@@ -675,6 +675,25 @@ def _disk_full(monkeypatch):
     monkeypatch.setattr(sitk, "WriteImage", write_image)
 
 
+def _disk_full_itk(monkeypatch):
+    """As ITK reports it: a RuntimeError with ITK's multi-line message."""
+    def write_image(image, filename, *args, **kwargs):
+        with open(filename, "wb") as fh:
+            fh.write(b"\x1f\x8b partial data")
+        raise RuntimeError(f"Exception thrown in SimpleITK ImageFileWriter_Execute: /src/itk/"
+                           f"itkNiftiImageIO.cxx:2192:\nITK ERROR: NiftiImageIO(0x55d0c0ffee00): "
+                           f"Could not write {filename}: No space left on device\n")
+
+    monkeypatch.setattr(sitk, "WriteImage", write_image)
+
+
+@case
+def predict_disk_full_itk_error(tmp):
+    out = tmp / "out"
+    return predict(tmp, str(out), "cannot write", "No space left on device", output=out,
+                   patch=_disk_full_itk)
+
+
 @case
 def predict_disk_full_new_output(tmp):
     out = tmp / "out"
