@@ -98,6 +98,10 @@ def load_profile(name_or_path: str | Path, _seen: tuple = ()) -> dict:
         parent_ref = parent
         if str(parent).endswith((".yaml", ".yml")) and not Path(parent).is_absolute():
             parent_ref = path.parent / parent
+        try:
+            profile_path(parent_ref)
+        except CrossmodError as exc:  # name the profile that refers to the missing parent
+            raise CrossmodError(f"{path}: extends {parent!r}, which cannot be found ({exc})") from None
         base = load_profile(parent_ref, _seen + (path.resolve(),))
         profile = _merge(base, data, path)
     profile.setdefault("name", path.stem)

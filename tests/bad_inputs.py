@@ -492,7 +492,10 @@ def profile_extends_cycle(tmp):
 @case
 def profile_extends_missing_parent(tmp):
     missing = tmp / "base.yaml"
-    return profile(tmp, "extends: base.yaml\nseed: 4\n", "not found", named=missing)
+    bad = profile(tmp, "extends: base.yaml\nseed: 4\n", "not found", named=missing)
+    # the profile that refers to the missing parent is named too
+    bad.expect = (*bad.expect, f"{tmp / 'mine.yaml'}: extends 'base.yaml'")
+    return bad
 
 
 @case
