@@ -13,13 +13,14 @@ Every read error is a one-line :class:`~crossmod_lib.errors.CrossmodError` namin
 
 from __future__ import annotations
 
+
 import gzip
 import math
 import os
 import re
 import struct
 import zlib
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
@@ -165,7 +166,10 @@ def read_image(path: str | PathLike) -> sitk.Image:
         raise CrossmodError(f"{p}: is a directory, expected an image file (.nrrd, .nii, .nii.gz, .mha)")
     printed: list[str] = []
     try:
-        with _native_stderr(printed):
+        # only MetaImage reports its problems on descriptor 2; redirecting it is process-wide,
+        # so other formats (read from worker threads too) are left alone
+        metaimage = p.suffix.lower() in (".mha", ".mhd")
+        with _native_stderr(printed) if metaimage else nullcontext():
             image = sitk.ReadImage(str(p))
     except RuntimeError as exc:
         reason = _one_line(exc)
