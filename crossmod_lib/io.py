@@ -13,7 +13,6 @@ Every read error is a one-line :class:`~crossmod_lib.errors.CrossmodError` namin
 
 from __future__ import annotations
 
-
 import gzip
 import math
 import os
