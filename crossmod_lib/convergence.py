@@ -239,11 +239,15 @@ def _link(target: Path, link: Path) -> None:
     link.symlink_to(target.resolve(), target_is_directory=True)
 
 
-def _provenance() -> dict:
+def _provenance(commit: str | None = None) -> dict:
+    """Commit, date and device of a study point. ``commit``: the one the study process started
+    from (its code is imported then), not the checkout's HEAD when the point starts, which may
+    have moved on while a study of hours runs."""
     from .runs import git_commit
     from .timing import device_info
 
-    return {"commit": git_commit(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    return {"commit": commit or git_commit(),
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "device": device_info()}
 
 
@@ -389,7 +393,10 @@ def run_study(profile: dict, study_dir, log=print, progress: bool = False,
     from .config import save_profile
     from .runs import RunFolder
 
+    from .runs import git_commit
+
     study = study_settings(profile)
+    code_commit = git_commit()  # the code this process runs, whatever HEAD does meanwhile
     study_dir = Path(study_dir).absolute()
     study_dir.mkdir(parents=True, exist_ok=True)
     save_profile(profile, study_dir / "profile.yaml")
@@ -406,7 +413,7 @@ def run_study(profile: dict, study_dir, log=print, progress: bool = False,
         log("preparing the cohorts (stage 1) ...")
         t0 = time.perf_counter()
         preparation.prepare_run(base, progress=progress)
-        runs_info["preparation"] = {**_provenance(), "seconds": time.perf_counter() - t0}
+        runs_info["preparation"] = {**_provenance(code_commit), "seconds": time.perf_counter() - t0}
     prepared = base.root / "prepared"
     head_threshold = profile["preprocessing"]["head_threshold"]
     outline_threshold = profile["cleaning"]["outline_dice_threshold"]
@@ -453,7 +460,7 @@ def run_study(profile: dict, study_dir, log=print, progress: bool = False,
             point = RunFolder.open(point_profile(profile, seed, budget, ipe), point_dir)
             _link(base.root / "raw", point.root / "raw")
             _link(prepared, point.root / "prepared")
-            started = _provenance()
+            started = _provenance(code_commit)
             outcome = run_point(point, trunk_dir, first_point, study["models"], log=log)
             outcome["seconds"]["trunk_this_point"] = trunk_seconds
             quality = synthesis_quality(point.root / "synthetic" / "synthetic_mr.npz",
