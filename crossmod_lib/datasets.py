@@ -1206,7 +1206,9 @@ def _openkbp_patients(base: Path, split: str | None) -> list[Path]:
     raise CrossmodError(f"{base}: no OpenKBP patient folders (expected {split or 'train-pats'}/pt_*/ct.csv[.gz])")
 
 
-def _select(spec_patients, available: dict[str, Path], where: str) -> list[Path]:
+def select_patients(spec_patients, available: dict[str, Path], where: str) -> list[Path]:
+    """The patients a cohort's ``patients`` setting chooses among ``available`` (name -> folder,
+    sorted): all, a list of ids, {first: N} or {range: [a, b]}; one-line errors name ``where``."""
     names = list(available)
     if spec_patients is None or spec_patients == "all":
         return list(available.values())
@@ -1278,7 +1280,7 @@ def cohort_cases(spec: Mapping, root: str | os.PathLike | None = None) -> list[P
     else:
         folders = sorted(list_cases(base), key=lambda p: _natural_key(p.name))
     available = {p.name: p for p in folders}
-    return _select(spec.get("patients", "all"), available, str(base))
+    return select_patients(spec.get("patients", "all"), available, str(base))
 
 
 def read_dataset_case(dataset: str, folder: str | os.PathLike, allow_empty: bool = False,

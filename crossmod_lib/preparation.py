@@ -649,7 +649,7 @@ def cohort_sources(run, progress: bool = True) -> dict[str, CohortSource]:
                 if not items:
                     raise CrossmodError(f"{root}: no patient folders (data.{side}, dataset dicom)")
                 # data.<side>.patients chooses among the patient folders, as for any cohort
-                items = datasets._select(spec.get("patients"), {p.name: p for p in items}, str(root))
+                items = datasets.select_patients(spec.get("patients"), {p.name: p for p in items}, str(root))
             sources[modality] = CohortSource(modality, dataset, items, root)
         else:
             items = datasets.cohort_cases(spec, root=data.get("root"))
