@@ -638,3 +638,23 @@ def profile_budget(profile: dict, iterations_per_epoch: int | None = None) -> in
             or not isinstance(constant, int) or constant < 1):
         return None
     return 2 * constant * iterations_per_epoch
+
+
+def quality_sentence(quality: pd.DataFrame) -> str:
+    """One sentence on how MR-like the synthetic MR is at the smallest and largest budget: the
+    parotid/head contrast against the real MR's, and the KID against its real-vs-real floor (the
+    seed mean at each budget); the "why" beside :func:`verdict`."""
+    if quality.empty:
+        return ""
+    by_budget = quality.groupby("budget", sort=True).mean(numeric_only=True)
+    low, high = by_budget.index[0], by_budget.index[-1]
+    real = by_budget["real_parotid_ratio"].iloc[-1]
+
+    def at(budget):
+        row = by_budget.loc[budget]
+        return (f"{row['parotid_ratio']:.2f} (KID {row['kid']:.1f}, floor {row['real_kid']:.1f}) "
+                f"at {int(budget):,} iterations")
+
+    return (f"The synthetic MR's parotid/head intensity ratio, {real:.2f} on the real MR, is {at(low)}"
+            + (f" and {at(high)}" if high != low else "")
+            + ": the closer to the real MR's, the better the CT contours fit the synthetic MR's parotids.")

@@ -95,7 +95,8 @@ if study is not None and not points.empty:
     fig = plots.convergence_curves(points, quality)
     fig.savefig(run.stage("figures") / "convergence.png", dpi=120, bbox_inches="tight")
     plt.show()
-    display(Markdown("**When does the method overtake domain randomisation?** " + convergence.verdict(points)))
+    display(Markdown("**When does the method overtake domain randomisation?** " + convergence.verdict(points)
+                     + " " + convergence.quality_sentence(quality)))
 
 # %% [markdown]
 # ## The numbers

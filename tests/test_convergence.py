@@ -269,3 +269,13 @@ def test_a_recorded_study_is_carried_on_only_with_the_same_settings(tmp_path):
         convergence.carried_points(other, rec)
     with pytest.raises(CrossmodError, match="not a recorded study"):
         convergence.carried_points(wider, tmp_path)
+
+
+def test_quality_sentence_reads_the_smallest_and_largest_budget():
+    quality = pd.DataFrame([{"seed": s, "budget": b, "parotid_ratio": 1.2 + b / 10_000 + 0.01 * s,
+                             "real_parotid_ratio": 1.5, "kid": 5.0 - b / 1000, "real_kid": 3.0}
+                            for s in (1, 2) for b in (430, 4300)])
+    text = convergence.quality_sentence(quality)
+    assert "1.50 on the real MR" in text and "1.26 (KID 4.6, floor 3.0) at 430" in text
+    assert "1.65 (KID 0.7, floor 3.0) at 4,300" in text
+    assert convergence.quality_sentence(quality.iloc[0:0]) == ""
