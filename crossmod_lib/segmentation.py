@@ -702,8 +702,11 @@ def load_checkpoint(path: str | Path, device="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # noqa: BLE001 (pickle/zip errors of many types)
-        reason = " ".join(str(exc).split())[:200]
-        raise CrossmodError(f"{path}: cannot read checkpoint ({reason})") from None
+        # torch's own reasons ("pop from empty list", "Invalid argument") say little: name the
+        # likely cause first, keep theirs for the curious
+        reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise CrossmodError(f"{path}: cannot read checkpoint: not a PyTorch checkpoint, or a "
+                            f"truncated or corrupt one ({reason})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CrossmodError(f"{path}: not a crossmod U-Net checkpoint (format {CHECKPOINT_FORMAT})")
     return ckpt
