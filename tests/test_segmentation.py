@@ -388,8 +388,23 @@ def test_largest_components_per_side():
     assert (out == 2).sum() == (labels == 2).sum()
 
 
+def _as_dicom_case(case, series, patient_id):
+    """``case`` written as a DICOM MR series in ``series`` and read back, its masks on that grid."""
+    from crossmod_lib.dicom import read_dicom_series, write_test_series
+
+    write_test_series(series, sitk.GetArrayFromImage(case.image), case.image.GetSpacing(),
+                      case.image.GetOrigin(), modality="MR", patient_id=patient_id)
+    source = read_dicom_series(series)
+    structures = {}
+    for name, mask in case.structures.items():
+        on_series = sitk.Image(mask)
+        on_series.CopyInformation(source)
+        structures[name] = on_series
+    return Case(patient_id, source, structures)
+
+
 def test_predict_path_writes_nifti_and_rtstruct(tmp_path):
-    from crossmod_lib.dicom import read_dicom_series, read_rtstruct, write_test_series
+    from crossmod_lib.dicom import read_rtstruct
     from crossmod_lib.io import read_image
 
     case, truth = mr_case(spacing=(0.8, 0.8, 3.5), origin=(-36.0, -44.0, 10.0))
@@ -409,15 +424,8 @@ def test_predict_path_writes_nifti_and_rtstruct(tmp_path):
     assert [Path(r["labels"]).name for r in rows] == ["a_labels.nii.gz", "b_labels.nii.gz"]
 
     series = tmp_path / "dicom"
-    write_test_series(series, sitk.GetArrayFromImage(case.image), case.image.GetSpacing(),
-                      case.image.GetOrigin(), modality="MR", patient_id="MR7")
-    source = read_dicom_series(series)
-    structures = {}
-    for name, mask in case.structures.items():
-        on_series = sitk.Image(mask)
-        on_series.CopyInformation(source)
-        structures[name] = on_series
-    dicom_case = Case("MR7", source, structures)
+    dicom_case = _as_dicom_case(case, series, "MR7")
+    source = dicom_case.image
     rows = seg.predict_path(stub_for(dicom_case), series, tmp_path / "out_dcm", settings(),
                             rtstruct=True)
     labels = read_image(rows[0]["labels"])
@@ -597,21 +605,12 @@ def _dciodvfy_errors(path) -> list[str]:
 @pytest.fixture()
 def dicom_prediction(tmp_path):
     """A DICOM MR patient contoured with every output type at once."""
-    from crossmod_lib.dicom import read_dicom_series, write_test_series
-
-    case, truth = mr_case(spacing=(0.8, 0.7, 3.5), origin=(-36.0, -44.0, 10.0))
+    case, _ = mr_case(spacing=(0.8, 0.7, 3.5), origin=(-36.0, -44.0, 10.0))
     series = tmp_path / "P7"
-    write_test_series(series, sitk.GetArrayFromImage(case.image), case.image.GetSpacing(),
-                      case.image.GetOrigin(), modality="MR", patient_id="P7")
-    source = read_dicom_series(series)
-    structures = {}
-    for name, mask in case.structures.items():
-        on_series = sitk.Image(mask)
-        on_series.CopyInformation(source)
-        structures[name] = on_series
-    rows = seg.predict_path(stub_for(Case("P7", source, structures)), series, tmp_path / "out",
+    dicom_case = _as_dicom_case(case, series, "P7")
+    rows = seg.predict_path(stub_for(dicom_case), series, tmp_path / "out",
                             settings(), outputs=("nifti", "rtstruct", "seg"))
-    return rows[0], source
+    return rows[0], dicom_case.image
 
 
 def test_predict_writes_nifti_rtstruct_and_seg_that_read_back_to_the_same_masks(dicom_prediction):
