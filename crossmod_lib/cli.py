@@ -393,10 +393,17 @@ def cmd_predict(args) -> int:
     rows = predict_path(args.model, args.input, args.output, settings, rtstruct=args.rtstruct,
                         postprocess=args.postprocess, device=args.device,
                         outputs=tuple(args.output_types))
+    problems = [row for row in rows if row.get("problem")]
     for row in rows:
+        if row.get("problem"):
+            continue
         written = "  ".join(row[k] for k in ("labels", "rtstruct", "seg") if row.get(k))
         print(f"{row['patient']}: {written}  ({row['seconds']:.2f} s)")
-    return 0
+    for row in problems:  # the others were contoured; each problem on one line, exit 2
+        print(f"crossmod: error: {row['problem']}", file=sys.stderr)
+    if problems:
+        print(f"crossmod: {len(problems)} of {len(rows)} patients not contoured", file=sys.stderr)
+    return 2 if problems else 0
 
 
 def cmd_bench(args) -> int:

@@ -159,44 +159,72 @@ def save_profile(profile: dict, path: Path) -> None:
     tmp.replace(path)
 
 
+def _image_files(path: Path) -> list[Path]:
+    from .io import IMAGE_SUFFIXES
+
+    return sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES))
+
+
 def _cohort_block(path: Path, side: str) -> tuple[dict, list[str]]:
     """The ``data.<side>`` block for a user's folder, read to check it, and comment lines saying
-    what was found."""
-    from .datasets import detect_layout, inspect_cohort
+    what was found. MR patients without contours are kept (they train the CycleGAN and get
+    contours; chapter 5 scores only the annotated ones); a CT cohort must be contoured."""
+    from .datasets import detect_layout, inspect_cohort, read_nnunet_dataset
 
     path = path.expanduser().absolute()
+    if not path.exists():
+        raise CrossmodError(f"{path}: no such folder")
+    if path.is_dir() and _image_files(path) and not (path / "dataset.json").is_file():
+        if side == "ct":
+            raise CrossmodError(f"{path}: image files without contours; the CT cohort must be "
+                                "annotated (DICOM series + RTSTRUCT per patient, or nnU-Net labels)")
+        files = _image_files(path)
+        return {"dataset": "images", "root": str(path), "source": None, "patients": None}, [
+            f"{path}: {len(files)} image files, one patient each, no contours"]
     layout = detect_layout(path)
     if layout == "nnunet":
+        cases = read_nnunet_dataset(path, allow_empty=True, contours="optional" if side == "mr" else "required")
+        labelled = sum(bool(c.structures) for c in cases)
         return {"dataset": "nnunet", "root": str(path), "source": None, "patients": None}, [
-            f"{path}: an nnU-Net raw dataset"]
+            f"{path}: an nnU-Net raw dataset, {len(cases)} cases, {labelled} with labels"]
     if layout != "cohort":
-        raise CrossmodError(f"{path}: expected a folder of patient folders (DICOM series + RTSTRUCT "
-                            f"each) or an nnU-Net dataset; found a {layout} layout")
-    table = inspect_cohort(path)
-    unreadable = table[table["problem"] != ""]
-    if not unreadable.empty:
+        raise CrossmodError(f"{path}: expected a folder of patient folders (a DICOM series, with or "
+                            "without an RTSTRUCT, or img.nii.gz, per patient), a folder of image "
+                            f"files or an nnU-Net dataset; found a {layout} layout")
+    everyone = inspect_cohort(path)
+    unreadable = everyone[everyone["problem"] != ""]
+    table = everyone[everyone["problem"] == ""].reset_index(drop=True)
+    if table.empty:
         first = unreadable.iloc[0]
-        raise CrossmodError(f"{path}: {len(unreadable)} of {len(table)} patient folders cannot be "
-                            f"read (first: {first['problem']}); see crossmod data inspect {path}")
-    if set(table["layout"]) != {"dicom"}:
-        raise CrossmodError(f"{path}: patient folders in layouts {sorted(set(table['layout']))}; "
-                            "a cohort folder of your own must hold DICOM patients")
+        raise CrossmodError(f"{path}: none of the {len(everyone)} patient folders can be read "
+                            f"(first: {first['problem']}); see crossmod data inspect {path}")
+    layouts = sorted(set(table["layout"]))
+    if layouts not in (["dicom"], ["pddca"]):
+        raise CrossmodError(f"{path}: patient folders in layouts {layouts}; a cohort folder of your "
+                            "own must hold DICOM patients (or img.nii.gz + structures/ folders)")
+    dataset = "dicom" if layouts == ["dicom"] else "pddca"
     contoured = table[table["Parotid_L"].str.contains(r"cc\)") & table["Parotid_R"].str.contains(r"cc\)")]
-    modalities = sorted(set(table["modality"]))
-    notes = [f"{path}: {len(table)} DICOM patients ({', '.join(modalities)}), "
-             f"{len(contoured)} with both parotids contoured"]
-    block = {"dataset": "dicom", "root": str(path), "source": None, "patients": None}
-    if len(contoured) < len(table):
-        if side == "ct":
-            raise CrossmodError(f"{path}: {len(table) - len(contoured)} of {len(table)} CT patients "
-                                "lack a parotid contour; the CT cohort must be annotated")
-        # the pipeline reads contours on every MR patient it is given (they test the method);
-        # the unannotated ones are listed here, left out
-        block["patients"] = list(contoured["patient"])
-        notes.append("left out (no parotid contours): " + ", ".join(
-            table.loc[~table.index.isin(contoured.index), "patient"]))
+    bare = table[(table["Parotid_L"] == "no contours") & (table["Parotid_R"] == "no contours")]
+    partial = table[~table.index.isin(contoured.index) & ~table.index.isin(bare.index)]
+    modalities = sorted(set(table["modality"]) - {""}) or ["modality not in the headers"]
+    notes = [f"{path}: {len(everyone)} {'DICOM' if dataset == 'dicom' else 'image'} patients "
+             f"({', '.join(modalities)}), {len(contoured)} with both parotids contoured, "
+             f"{len(bare)} without contours"]
+    block = {"dataset": dataset, "root": str(path), "source": None, "patients": None}
+    if side == "ct" and len(contoured) < len(table):
+        raise CrossmodError(f"{path}: {len(table) - len(contoured)} of {len(table)} CT patients "
+                            "lack a parotid contour; the CT cohort must be annotated")
+    if len(partial) or len(unreadable):
+        # the pipeline would stop at these; the others make a cohort (each left out is named)
+        block["patients"] = list(table.loc[~table.index.isin(partial.index), "patient"])
+    if len(partial):
+        notes.append("left out (contours without both parotids; add them or remove the RTSTRUCT): "
+                     + ", ".join(partial["patient"]))
+    for row in unreadable.itertuples(index=False):
+        notes.append(f"left out (cannot be read): {row.patient}: {row.problem}")
     if not len(contoured):
-        raise CrossmodError(f"{path}: no patient with both parotids contoured")
+        notes.append("no patient has manual parotid contours: every MR patient is contoured, none "
+                     "can be scored (chapter 5 shows them for review)")
     return block, notes
 
 

@@ -172,11 +172,22 @@ def kernel_inception_distance(a: np.ndarray, b: np.ndarray, subsets: int = 50,
     return float(np.mean(values)), float(np.std(values))
 
 
+#: Version of :func:`synthesis_quality`'s definition, stored with each study point's numbers;
+#: a study recomputes the quality of points made under another one from their stored slices.
+#: 2: features standardised on the real MR alone (1: on synthetic and real pooled, which made
+#: the real-MR floor move with the synthetic set it was pooled with).
+QUALITY_DEFINITION = 2
+#: Smallest SD a feature is scaled by: every feature is a fraction or a ratio to the mean
+#: intensity, where differences under 0.01 mean nothing; without a floor, a feature almost
+#: constant in real MR (an empty histogram bin) would dominate the kernel.
+FEATURE_SD_FLOOR = 0.01
+
+
 def _standardised(*sets: np.ndarray, reference: np.ndarray) -> list[np.ndarray]:
-    # every feature on one scale, so no feature dominates the kernel by its units; the scale of
-    # both sets pooled (a feature nearly constant in real MR would otherwise blow up)
+    # every feature on one scale, the real MR's, so no feature dominates the kernel by its units
+    # and the scale does not depend on the synthetic set being measured
     mean, sd = reference.mean(axis=0), reference.std(axis=0)
-    sd[sd < 1e-9] = 1.0
+    sd = np.maximum(sd, FEATURE_SD_FLOOR)
     return [(s - mean) / sd for s in sets]
 
 
@@ -189,8 +200,10 @@ def synthesis_quality(synthetic_npz, ct_npz, mr_npz, head_threshold: float,
     ``outline_dice_share`` (≥ ``outline_threshold``): the head outline against the CT's
     (:func:`crossmod_lib.cleaning.outline_dice`); ``histogram_w1``: the 1-Wasserstein distance
     between the in-head intensities (0-255) of synthetic and real MR; ``kid`` ± ``kid_sd``:
-    :func:`kernel_inception_distance` on :func:`texture_features` (standardised over both sets), and
-    ``real_kid``: the same between two halves of the real MR patients (the floor of the measure).
+    :func:`kernel_inception_distance` on :func:`texture_features` (standardised on the real MR's
+    mean and SD, each SD at least :data:`FEATURE_SD_FLOOR`), and ``real_kid``: the same between
+    two halves of the real MR patients (the floor of the measure, the same for every budget of a
+    seed); ``definition``: :data:`QUALITY_DEFINITION`.
     """
     from scipy.stats import wasserstein_distance
 
@@ -216,15 +229,15 @@ def synthesis_quality(synthetic_npz, ct_npz, mr_npz, head_threshold: float,
     mr_features = texture_features(mr["image"], mr_mask)
     patients = np.unique(mr["patient"])
     half = np.isin(mr["patient"], patients[::2])
-    syn_z, mr_z = _standardised(syn_features, mr_features,
-                                reference=np.vstack([syn_features, mr_features]))
+    syn_z, mr_z = _standardised(syn_features, mr_features, reference=mr_features)
     kid, kid_sd = kernel_inception_distance(syn_z, mr_z, seed=seed)
     real_kid, _ = kernel_inception_distance(mr_z[half], mr_z[~half], seed=seed)
     return {"parotid_ratio": contrast["synthetic MR (CT labels)"],
             "real_parotid_ratio": contrast["real MR (MR labels)"],
             "outline_dice_median": float(np.median(dice)),
             "outline_dice_share": float(np.mean(dice >= outline_threshold)),
-            "histogram_w1": float(w1), "kid": kid, "kid_sd": kid_sd, "real_kid": real_kid}
+            "histogram_w1": float(w1), "kid": kid, "kid_sd": kid_sd, "real_kid": real_kid,
+            "definition": QUALITY_DEFINITION}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -378,6 +391,22 @@ def carried_points(profile: dict, recorded) -> dict:
     return {key: {**point, "carried_from": str(recorded)} for key, point in info.get("points", {}).items()}
 
 
+def _requality(runs_info: dict, study_dir: Path, prepared: Path, profile: dict, log=print) -> None:
+    """Recompute, from the stored synthetic slices, the quality of the points measured under an
+    older :data:`QUALITY_DEFINITION` (a carried point without its folder keeps its numbers)."""
+    for key, point in sorted(runs_info["points"].items()):
+        if point.get("quality", {}).get("definition") == QUALITY_DEFINITION:
+            continue
+        synthetic = study_dir / key / "synthetic" / "synthetic_mr.npz"
+        if not synthetic.is_file():
+            continue
+        log(f"{key}: synthesis quality recomputed (definition {QUALITY_DEFINITION})")
+        point["quality"] = synthesis_quality(
+            synthetic, prepared / "ct_slices.npz", prepared / "mr_slices.npz",
+            profile["preprocessing"]["head_threshold"], profile["cleaning"]["outline_dice_threshold"],
+            seed=point["seed"])
+
+
 def run_study(profile: dict, study_dir, log=print, progress: bool = False,
               carry_on=None) -> dict[str, pd.DataFrame]:
     """Run (or carry on) the convergence study of ``profile`` in ``study_dir``; see the module.
@@ -409,6 +438,9 @@ def run_study(profile: dict, study_dir, log=print, progress: bool = False,
             runs_info["points"].setdefault(key, point)
 
     base = RunFolder.open(profile, study_dir / "base")
+    prepared = base.root / "prepared"
+    if (prepared / "ct_slices.npz").is_file():
+        _requality(runs_info, study_dir, prepared, profile, log)
     if not (base.root / "prepared" / "ct_slices.npz").is_file():
         log("preparing the cohorts (stage 1) ...")
         t0 = time.perf_counter()
@@ -435,6 +467,15 @@ def run_study(profile: dict, study_dir, log=print, progress: bool = False,
         points = pd.DataFrame(point_rows, columns=list(POINT_COLUMNS))
         quality = pd.DataFrame(quality_rows, columns=list(QUALITY_COLUMNS))
         return points, quality
+
+    def write_tables():
+        points, quality_table = tables()
+        _atomic_csv(points, metrics_dir / "convergence.csv")
+        _atomic_csv(quality_table, metrics_dir / "convergence_quality.csv")
+        tmp = runs_path.with_name(f".{runs_path.name}.tmp")
+        tmp.write_text(json.dumps(runs_info, indent=1))
+        os.replace(tmp, runs_path)
+        return points, quality_table
 
     for seed in study["seeds"]:
         trunk_dir = study_dir / f"seed{seed}" / "trunk"
@@ -471,14 +512,9 @@ def run_study(profile: dict, study_dir, log=print, progress: bool = False,
                 "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 **outcome, "quality": quality,
             }
-            points, quality_table = tables()
-            _atomic_csv(points, metrics_dir / "convergence.csv")
-            _atomic_csv(quality_table, metrics_dir / "convergence_quality.csv")
-            tmp = runs_path.with_name(f".{runs_path.name}.tmp")
-            tmp.write_text(json.dumps(runs_info, indent=1))
-            os.replace(tmp, runs_path)
+            write_tables()
             first_point = first_point or point_dir
-    points, quality_table = tables()
+    points, quality_table = write_tables() if runs_info["points"] else tables()
     return {"points": points, "quality": quality_table}
 
 

@@ -1531,13 +1531,20 @@ def parotid_contrast(synthetic_npz, mr_npz) -> list[dict]:
     and in the rest of the head, and their ratio. On T2w MR the parotid is brighter than muscle;
     in CT it is a little darker than muscle. A segmentation network trained on synthetic MR can
     only transfer to real MR if the generator learned that inversion, whatever the outline Dice
-    says (numpy only)."""
+    says (numpy only). Real MR without any manual contours (a user's cohort) gives a row of NaN:
+    there is no real ratio to compare with."""
     rows = []
     for name, path in (("synthetic MR (CT labels)", synthetic_npz), ("real MR (MR labels)", mr_npz)):
         arrays = read_slices(path, f"{name} slices", ("image", "labels", "head_mask"))
         image = arrays["image"].astype(np.float64)
         parotid = arrays["labels"] > 0
         rest = arrays["head_mask"].astype(bool) & ~parotid
+        unannotated = "annotated" in arrays and not np.asarray(arrays["annotated"], bool).any()
+        if path == mr_npz and unannotated:
+            rows.append({"images": name, **dict.fromkeys(
+                ("parotid mean", "parotid SD", "rest of head mean", "rest of head SD",
+                 "parotid / rest of head"), float("nan"))})
+            continue
         if not parotid.any() or not rest.any():
             raise CrossmodError(f"{path}: no parotid or no head pixels to compare")
         rows.append({"images": name, "parotid mean": image[parotid].mean(),

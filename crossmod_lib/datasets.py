@@ -52,7 +52,7 @@ import pandas as pd
 import SimpleITK as sitk
 import yaml
 
-from .errors import CrossmodError, NoContoursError
+from .errors import CrossmodError
 from .io import PAROTIDS, Case, find_image, grid_differences, list_cases, read_image
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
@@ -872,13 +872,17 @@ def deepmind_pairs(root: str | os.PathLike, scans: Iterable[str] | None = None,
 
 
 def read_pddca_case(folder: str | os.PathLike, allow_empty: bool = False,
-                    structures_dir: str = "structures") -> Case:
+                    structures_dir: str = "structures", contours: str = "required") -> Case:
     """A MICCAI 2015 (PDDCA) case: ``img.nrrd`` and ``structures/Parotid_{L,R}.nrrd``.
 
     Like :func:`crossmod_lib.io.read_case`, but a mask on another grid covering the same region is
     resampled (:func:`conform_mask`), masks are made 0/1, and a missing or empty parotid is an error
-    unless ``allow_empty`` (PDDCA part 3 lacks some structures).
+    unless ``allow_empty`` (PDDCA part 3 lacks some structures). ``contours="optional"``: a case
+    with no parotid file at all (no ``structures/`` folder: a folder of NIfTI images) is an
+    unannotated patient, a Case without structures.
     """
+    if contours not in ("required", "optional"):
+        raise CrossmodError(f"contours={contours!r}: required or optional")
     folder = Path(folder)
     if not folder.is_dir():
         raise CrossmodError(f"{folder}: case folder not found")
@@ -887,6 +891,9 @@ def read_pddca_case(folder: str | os.PathLike, allow_empty: bool = False,
         raise CrossmodError(f"{folder}: no image (expected img.nrrd, img.nii.gz or img.mha)")
     image = read_image(image_path)
     structures = {}
+    if contours == "optional" and all(find_image(folder / structures_dir, name) is None
+                                      for name in PAROTIDS):
+        return Case(patient_id=folder.name, image=image, structures={}, source=folder)
     for name in PAROTIDS:
         path = find_image(folder / structures_dir, name)
         if path is None:
@@ -963,14 +970,20 @@ def _read_dataset_json(folder: Path) -> tuple[dict, dict[str, int], str]:
     return meta, parotids, ending
 
 
-def read_nnunet_dataset(folder: str | os.PathLike, allow_empty: bool = False) -> list[Case]:
+def read_nnunet_dataset(folder: str | os.PathLike, allow_empty: bool = False,
+                        contours: str = "required") -> list[Case]:
     """The training cases of an nnU-Net v2 raw dataset (``dataset.json``, ``imagesTr``, ``labelsTr``).
 
     Channel 0 (``<case>_0000<file_ending>``) is the image; label values are mapped to ``Parotid_L``
     and ``Parotid_R`` through the label names of ``dataset.json`` (aliases such as ``parotid-left``
     or ``LeftParotid`` accepted). A label map on another grid covering the same region is resampled
     (nearest neighbour). A parotid absent from a case is an error unless ``allow_empty``.
+    ``contours="optional"``: an image without a label file is an unannotated case (a Case without
+    structures), and the images of ``imagesTs`` (nnU-Net's unlabelled test images) are read too;
+    ``labelsTr`` may then be absent.
     """
+    if contours not in ("required", "optional"):
+        raise CrossmodError(f"contours={contours!r}: required or optional")
     folder = Path(folder)
     if not folder.is_dir():
         raise CrossmodError(f"{folder}: nnU-Net dataset folder not found")
@@ -986,10 +999,18 @@ def read_nnunet_dataset(folder: str | os.PathLike, allow_empty: bool = False) ->
     if expected is not None and expected != len(image_paths):
         raise CrossmodError(f"{folder / 'dataset.json'}: numTraining is {expected} but {images_dir} holds "
                             f"{len(image_paths)} cases")
+    if contours == "optional" and (folder / "imagesTs").is_dir():
+        known = {p.name for p in image_paths}
+        image_paths += sorted(p for p in (folder / "imagesTs").iterdir()
+                              if p.name.endswith(suffix) and p.name not in known)
     cases = []
     for image_path in image_paths:
         case_id = image_path.name[: -len(suffix)]
         label_path = labels_dir / f"{case_id}{ending}"
+        if not label_path.is_file() and contours == "optional":
+            cases.append(Case(patient_id=case_id, image=read_image(image_path), structures={},
+                              source=image_path))
+            continue
         if not label_path.is_file():
             raise CrossmodError(f"{label_path}: no such file (labels of case {case_id})")
         image = read_image(image_path)
@@ -1421,11 +1442,11 @@ def read_any(path: str | os.PathLike, layout: str | None = None) -> list[Case]:
     if layout == "image":
         return [Case(path.name, read_image(path), {}, path)]
     if layout == "nnunet":
-        return read_nnunet_dataset(path, allow_empty=True)
+        return read_nnunet_dataset(path, allow_empty=True, contours="optional")
     if layout == "openkbp":
         return [read_openkbp_case(path, allow_empty=True)]
     if layout == "pddca":
-        return [read_pddca_case(path, allow_empty=True)]
+        return [read_pddca_case(path, allow_empty=True, contours="optional")]
     if layout == "deepmind":
         return [read_deepmind_scan(path, allow_empty=True)]
     if layout == "cohort":
@@ -1434,11 +1455,10 @@ def read_any(path: str | os.PathLike, layout: str | None = None) -> list[Case]:
     if layout == "dicom":
         from .dicom import read_dicom_case, read_dicom_series
 
-        try:
-            return [read_dicom_case(path)]
-        except NoContoursError:  # an unannotated patient; a broken RTSTRUCT is an error
-            folder = path if path.is_dir() else path.parent
-            return [Case(folder.name, read_dicom_series(folder), {}, folder)]
+        if path.is_file():
+            return [Case(path.parent.name, read_dicom_series(path.parent), {}, path.parent)]
+        # an unannotated patient is a Case without structures; a broken RTSTRUCT is an error
+        return [read_dicom_case(path, contours="optional")]
     raise CrossmodError(f"{path}: unknown layout {layout!r}")
 
 

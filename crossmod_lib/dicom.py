@@ -968,7 +968,7 @@ def read_rtstruct(rtstruct_path, image: sitk.Image, structures: Sequence[str] = 
 def read_dicom_case(folder, structures: Sequence[str] = PAROTIDS,
                     aliases: Mapping[str, Iterable[str]] | None = None, *,
                     series_uid: str | None = None, modality: str | None = None,
-                    rtstruct=None, oblique: str = "refuse") -> Case:
+                    rtstruct=None, oblique: str = "refuse", contours: str = "required") -> Case:
     """One patient folder holding an image series and an RTSTRUCT (searched recursively) -> Case.
 
     The series is chosen as in :func:`read_dicom_series`; when the folder holds several and no
@@ -976,14 +976,24 @@ def read_dicom_case(folder, structures: Sequence[str] = PAROTIDS,
     referencing that series (or ``rtstruct``, a path); none, or several, is an error. The case's
     ``patient_id`` is the folder name (the header's PatientID is in the image metadata).
     With ``oblique="resample"`` the masks are rasterised on the native grid, then resampled with
-    the image.
+    the image. ``contours="optional"``: a folder without any RTSTRUCT is an unannotated patient
+    (a Case without structures: a user's MR usually has no contours); a broken or unmatched
+    RTSTRUCT is still an error, never read as "no contours".
     """
+    if contours not in ("required", "optional"):
+        raise CrossmodError(f"contours={contours!r}: required or optional")
     folder = Path(folder)
     scan = _scan(folder)
     if rtstruct is not None:
         rt_path = Path(rtstruct)
         candidates = [(rt_path, _read_rtstruct_dataset(rt_path))]
     else:
+        if not scan.rtstructs and contours == "optional":
+            series = _choose_series(scan, series_uid, modality)
+            image = _series_image(scan, series, "keep" if oblique == "resample" else oblique)
+            if oblique == "resample" and not _is_axial(np.array(image.GetDirection()).reshape(3, 3)):
+                image = _resample_axial(image)
+            return Case(patient_id=folder.name, image=image, structures={}, source=folder)
         if not scan.rtstructs:
             raise NoContoursError(f"{folder}: no RTSTRUCT file found")
         candidates = [(p, _read_rtstruct_dataset(p)) for p in scan.rtstructs]

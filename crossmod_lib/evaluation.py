@@ -171,13 +171,19 @@ def read_prediction_index(path: str | Path) -> pd.DataFrame:
         raise CrossmodError(f"{path}: missing column(s) {', '.join(missing)}")
     if index.empty:
         raise CrossmodError(f"{path}: no predictions listed")
-    for column in ("model", "title", "patient", "modality", "labels", "labels_lcc", "reference"):
+    for column in ("model", "title", "patient", "modality", "labels", "labels_lcc"):
         empty = index[column].isna() | (index[column].astype(str).str.strip() == "")
         if empty.any():
             raise CrossmodError(f"{path}: row {int(np.flatnonzero(empty)[0]) + 2} has no {column}")
     bad = sorted(set(index["modality"]) - {"MR", "CT"})
     if bad:
         raise CrossmodError(f"{path}: modality must be MR or CT, found {bad}")
+    # no reference: an unannotated MR patient (predicted, not evaluated); a CT always has one
+    index["reference"] = ["" if pd.isna(v) else str(v).strip() for v in index["reference"]]
+    unreferenced = (index["reference"] == "") & (index["modality"] == "CT")
+    if unreferenced.any():
+        raise CrossmodError(f"{path}: row {int(np.flatnonzero(unreferenced)[0]) + 2} has no reference "
+                            "(every CT test patient has manual contours)")
     duplicated = index[index.duplicated(["model", "patient"])]
     if len(duplicated):
         row = duplicated.iloc[0]
@@ -200,6 +206,7 @@ def evaluate_index(index: pd.DataFrame, root: str | Path, progress: bool = False
     root = Path(root)
     rows = []
     cached = (None, None)  # one reference image in memory: rows are visited reference by reference
+    index = index[[not pd.isna(v) and str(v) != "" for v in index["reference"]]]  # unannotated: nothing to compare
     order = index.sort_values(["reference", "model"]).itertuples(index=False)
     if progress:
         from tqdm.auto import tqdm
@@ -222,6 +229,27 @@ def evaluate_index(index: pd.DataFrame, root: str | Path, progress: bool = False
     metrics = metrics.sort_values(["postprocess", "model", "patient", "structure"],
                                   key=lambda s: s.map(order) if s.name == "model" else s)
     return metrics.reset_index(drop=True)
+
+
+def annotation_counts(index: pd.DataFrame, modality: str = "MR") -> tuple[int, int]:
+    """(patients with manual contours, patients predicted) of one cohort in a prediction index."""
+    patients = index[index["modality"] == modality].drop_duplicates("patient")
+    annotated = sum(not pd.isna(v) and str(v) != "" for v in patients["reference"])
+    return int(annotated), int(len(patients))
+
+
+def annotation_sentence(index: pd.DataFrame) -> str:
+    """'n of m MR patients have manual contours: ...', what chapter 5 can evaluate."""
+    annotated, total = annotation_counts(index)
+    if total == 0:
+        return "No MR patient was predicted."
+    if annotated == total:
+        return f"All {total} MR patients have manual contours: every prediction is evaluated."
+    if annotated == 0:
+        return (f"None of the {total} MR patients has manual contours: the predictions cannot be "
+                "scored, only reviewed (the gallery below).")
+    return (f"{annotated} of {total} MR patients have manual contours: the metrics are theirs; "
+            f"the other {total - annotated} are predicted and shown for review, not scored.")
 
 
 def evaluate_predictions(run, progress: bool = False) -> pd.DataFrame:
@@ -548,4 +576,52 @@ def contour_examples(run, metrics: pd.DataFrame, model: str = "cross_modality", 
                 raise CrossmodError(f"{path}: not on the grid of MR {patient}: " + "; ".join(differences))
             labels[key] = sitk.GetArrayFromImage(label_image)
         examples.append({"patient": patient, "dsc": float(dsc), "image": image, **labels})
+    return examples
+
+
+def prediction_gallery(run, model: str = "cross_modality", patients=None,
+                       postprocess: str = "lcc", unannotated_only: bool = True) -> list[dict]:
+    """The predicted contours of MR patients, for visual review where there is nothing to score.
+
+    ``patients``: which (default: every MR patient ``model`` predicted, or only those without
+    manual contours when ``unannotated_only``). Items as :func:`contour_examples` (patient, image,
+    prediction, and reference: the manual labels, or None for an unannotated patient), in the
+    index's patient order.
+    """
+    from .io import grid_differences, read_image
+    from .preparation import cohort_sources
+
+    if postprocess not in POSTPROCESSING:
+        raise CrossmodError(f"postprocess={postprocess!r}: one of {sorted(POSTPROCESSING)}")
+    index = read_prediction_index(run.root / "predictions" / "index.csv")
+    rows = index[(index["model"] == model) & (index["modality"] == "MR")]
+    if rows.empty:
+        raise CrossmodError(f"{run.root / 'predictions' / 'index.csv'}: no MR predictions of model {model!r}")
+    if unannotated_only:
+        rows = rows[rows["reference"] == ""]
+    if patients is not None:
+        wanted = [str(p) for p in patients]
+        unknown = sorted(set(wanted) - set(rows["patient"]))
+        if unknown:
+            raise CrossmodError(f"prediction_gallery: {model} has no prediction for {', '.join(unknown)}")
+        rows = rows.set_index("patient").loc[wanted].reset_index()
+    source = cohort_sources(run, progress=False)["MR"]
+    items = dict(zip(source.patient_ids(), source.items))
+    examples = []
+    for row in rows.itertuples(index=False):
+        if row.patient not in items:
+            raise CrossmodError(f"MR cohort {source.root}: patient {row.patient!r} of the predictions "
+                                "not found")
+        image = source.read(items[row.patient]).image
+        labels = {"reference": None}
+        paths = [("prediction", run.root / getattr(row, POSTPROCESSING[postprocess]))]
+        if row.reference:
+            paths.append(("reference", run.root / row.reference))
+        for key, path in paths:
+            label_image = read_image(path)
+            differences = grid_differences(label_image, image)
+            if differences:
+                raise CrossmodError(f"{path}: not on the grid of MR {row.patient}: " + "; ".join(differences))
+            labels[key] = sitk.GetArrayFromImage(label_image)
+        examples.append({"patient": row.patient, "image": image, **labels})
     return examples

@@ -226,21 +226,32 @@ def figure_contours(examples: list[dict], title: str = "", views=("axial", "sagi
                     panel: float = 2.6):
     """Paper Fig. 7: one column per patient, rows axial, sagittal and coronal; automatic red,
     manual blue. ``examples``: dicts with ``patient``, ``image``, ``reference`` and
-    ``prediction`` (as :func:`crossmod_lib.evaluation.contour_examples` gives), optionally ``dsc``."""
+    ``prediction`` (as :func:`crossmod_lib.evaluation.contour_examples` gives), optionally ``dsc``;
+    a ``reference`` of None (an unannotated patient, :func:`~crossmod_lib.evaluation.prediction_gallery`)
+    draws the automatic contour alone, the patient titled "no manual contours"."""
     if not examples:
         raise ValueError("figure_contours: no examples")
     fig, axes = plt.subplots(len(views), len(examples), squeeze=False, constrained_layout=True,
                              figsize=(panel * len(examples), panel * len(views) * 0.9))
+    any_manual = False
     for column, example in enumerate(examples):
-        contour_views(example["image"], example["reference"], example["prediction"],
-                      axes[:, column], views=views)
+        manual = example.get("reference")
+        any_manual |= manual is not None
+        if manual is None:
+            manual = np.zeros_like(example["prediction"])
+        contour_views(example["image"], manual, example["prediction"], axes[:, column], views=views)
         label = example["patient"] + (f" (DSC {example['dsc']:.2f})" if "dsc" in example else "")
+        if example.get("reference") is None:
+            label += "\n(no manual contours)"
+        if not np.any(example["prediction"]):
+            label += "\n(nothing contoured)"
         axes[0, column].set_title(label, fontsize=9)
     for row, name in enumerate(views):
         axes[row, 0].set_ylabel(name, fontsize=9)
-    handles = [plt.Line2D([], [], color=CONTOUR_COLOURS["automatic"], lw=2, label="automatic"),
-               plt.Line2D([], [], color=CONTOUR_COLOURS["manual"], lw=2, label="manual")]
-    fig.legend(handles=handles, loc="lower center", ncol=2, frameon=False,
+    handles = [plt.Line2D([], [], color=CONTOUR_COLOURS["automatic"], lw=2, label="automatic")]
+    if any_manual:
+        handles.append(plt.Line2D([], [], color=CONTOUR_COLOURS["manual"], lw=2, label="manual"))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False,
                bbox_to_anchor=(0.5, -0.03))
     if title:
         fig.suptitle(title, fontsize=10)

@@ -26,7 +26,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .errors import CrossmodError
-from .io import PAROTIDS, Case, find_image, list_cases, read_case, read_header
+from .io import IMAGE_SUFFIXES, PAROTIDS, Case, find_image, list_cases, read_case, read_header, read_image
 from .slices import read_slices, write_slices
 
 # ----------------------------------------------------------------------------------------------
@@ -337,6 +337,9 @@ def prepare_case(case: Case, modality: str, settings: dict, coverage_mm: float |
             "resampled_origin": ";".join(f"{v:.4f}" for v in resampled.GetOrigin()),
             "resampled_size": "x".join(str(v) for v in resampled.GetSize()),
             "structures": ";".join(sorted(case.structures)),
+            # manual parotid contours: an unannotated MR patient feeds the CycleGAN and gets a
+            # prediction, but cannot test the method nor train the MR-label baselines
+            "annotated": any(name in case.structures for name in PAROTIDS),
         },
     )
     if observer2 is not None:
@@ -358,6 +361,7 @@ def save_slices(cases: list[PreparedCase], path: Path) -> None:
         "patient": np.concatenate([np.full(len(c.image), c.patient_id) for c in cases]),
         "slice_index": np.concatenate([c.slice_index for c in cases]),
         "z_mm": np.concatenate([c.z_mm for c in cases]),
+        "annotated": np.concatenate([np.full(len(c.image), bool(c.info["annotated"])) for c in cases]),
     }
     if all(c.labels_observer2 is not None for c in cases):
         arrays["labels_observer2"] = np.concatenate([c.labels_observer2 for c in cases])
@@ -388,12 +392,13 @@ def prepare_run(run, cohorts: dict | None = None, progress: bool = False) -> dic
 
 
 def parotid_level_slices(slices: dict[str, np.ndarray], count: int = 6) -> list[int]:
-    """Indices of example slices: per patient (in order), the slice with the most parotid label."""
+    """Indices of example slices: per patient (in order), the slice with the most parotid label
+    (a patient without contours: its middle slice)."""
     area = (slices["labels"] > 0).reshape(len(slices["labels"]), -1).sum(axis=1)
     picked = []
     for patient in np.unique(slices["patient"]):
         own = np.flatnonzero(slices["patient"] == patient)
-        picked.append(int(own[np.argmax(area[own])]))
+        picked.append(int(own[np.argmax(area[own])]) if area[own].any() else int(own[len(own) // 2]))
     return picked[:count]
 
 
@@ -466,6 +471,10 @@ class CohortSource:
     root: Path | None = None
     origins: list | None = None     # simulated_mr: the CT folders the cases were simulated from
     simulated_from: str | None = None  # simulated_mr: the source CT dataset
+    # "optional" for the MR cohort: its contours only test the method, and a user's MR usually
+    # has none, so a patient without any contour is read as unannotated (a Case without
+    # structures); the CT's contours are the method's labels: "required".
+    contours: str = "required"
 
     @property
     def title(self) -> str:
@@ -479,6 +488,8 @@ class CohortSource:
         return [Path(item) for item in items if not isinstance(item, Case)]
 
     def patient_ids(self) -> list[str]:
+        if self.dataset == IMAGES:
+            return [image_stem(Path(item)) for item in self.items]
         return [item.patient_id if isinstance(item, Case) else Path(item).name for item in self.items]
 
     def read(self, item) -> Case:
@@ -486,12 +497,16 @@ class CohortSource:
 
         if isinstance(item, Case):
             return item
+        if self.dataset == IMAGES:
+            return Case(image_stem(Path(item)), read_image(item), {}, Path(item))
         if self.dataset == "dicom":
             from .dicom import read_dicom_case
 
-            return read_dicom_case(item)
+            return read_dicom_case(item, contours=self.contours)
         if self.dataset in ("phantom", SIMULATED_MR):
-            return datasets.read_pddca_case(item)
+            return datasets.read_pddca_case(item, contours=self.contours)
+        if datasets.COHORT_LAYOUTS.get(self.dataset) == "pddca":
+            return datasets.read_pddca_case(item, contours=self.contours)
         return datasets.read_dataset_case(self.dataset, item)
 
     def observer2(self, item) -> Case | None:
@@ -511,6 +526,17 @@ class CohortSource:
 
 
 SIMULATED_MR = "simulated_mr"
+#: A folder of image files (NIfTI, NRRD, MHA), one per patient and without contours: MR only.
+IMAGES = "images"
+
+
+def image_stem(path: Path) -> str:
+    """A patient id from an image file's name: the name without its image suffix."""
+    name = path.name
+    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
 
 
 def _simulated_mr_folder(run, spec: dict, ct: CohortSource,
@@ -612,6 +638,7 @@ def cohort_sources(run, progress: bool = True) -> dict[str, CohortSource]:
 
     data = run.profile["data"]
     sources = {}
+    contours = {"ct": "required", "mr": "optional"}
     for side, modality in (("ct", "CT"), ("mr", "MR")):
         spec = {k: v for k, v in data[side].items() if v is not None}
         dataset = spec.get("dataset")
@@ -623,7 +650,8 @@ def cohort_sources(run, progress: bool = True) -> dict[str, CohortSource]:
                                 f"(dataset here: {dataset!r}); set it to null")
         if dataset == "phantom":
             folder = _phantom_folder(run, progress) / side
-            sources[modality] = CohortSource(modality, dataset, list_cases(folder), folder)
+            sources[modality] = CohortSource(modality, dataset, list_cases(folder), folder,
+                                             contours=contours[side])
         elif dataset == SIMULATED_MR:
             if side != "mr":
                 raise CrossmodError(f"data.{side}: dataset {SIMULATED_MR} makes MR; it can only "
@@ -632,28 +660,41 @@ def cohort_sources(run, progress: bool = True) -> dict[str, CohortSource]:
             if spec.get("format") == "dicom":  # read back as DICOM patients (the user's path)
                 items = sorted(p for p in folder.iterdir() if p.is_dir())
                 sources[modality] = CohortSource(modality, "dicom", items, folder, origins=origins,
-                                                 simulated_from=spec["source"])
+                                                 simulated_from=spec["source"], contours=contours[side])
             else:
                 sources[modality] = CohortSource(modality, dataset, list_cases(folder), folder,
-                                                 origins=origins, simulated_from=spec["source"])
-        elif dataset in ("dicom", "nnunet"):
+                                                 origins=origins, simulated_from=spec["source"],
+                                                 contours=contours[side])
+        elif dataset in ("dicom", "nnunet", IMAGES):
             if not spec.get("root"):
                 raise CrossmodError(f"data.{side}: dataset {dataset!r} needs root: the folder to read")
+            if dataset == IMAGES and side != "mr":
+                raise CrossmodError(f"data.{side}: dataset {IMAGES} (image files without contours) "
+                                    "can only be the MR cohort: the CT's contours are the labels")
             root = Path(spec["root"]).expanduser()
             if dataset == "nnunet":
-                items = datasets.read_nnunet_dataset(root)
+                items = datasets.read_nnunet_dataset(root, contours=contours[side])
             elif not root.is_dir():
                 raise CrossmodError(f"{root}: folder of data.{side} not found")
+            elif dataset == IMAGES:
+                files = sorted(p for p in root.iterdir() if p.is_file()
+                               and p.name.lower().endswith(IMAGE_SUFFIXES))
+                if not files:
+                    raise CrossmodError(f"{root}: no image files ({', '.join(IMAGE_SUFFIXES)}) "
+                                        f"(data.{side}, dataset {IMAGES})")
+                items = datasets.select_patients(spec.get("patients"),
+                                                 {image_stem(p): p for p in files}, str(root))
             else:
                 items = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
                 if not items:
                     raise CrossmodError(f"{root}: no patient folders (data.{side}, dataset dicom)")
                 # data.<side>.patients chooses among the patient folders, as for any cohort
                 items = datasets.select_patients(spec.get("patients"), {p.name: p for p in items}, str(root))
-            sources[modality] = CohortSource(modality, dataset, items, root)
+            sources[modality] = CohortSource(modality, dataset, items, root, contours=contours[side])
         else:
             items = datasets.cohort_cases(spec, root=data.get("root"))
-            sources[modality] = CohortSource(modality, dataset, items, items[0].parent if items else None)
+            sources[modality] = CohortSource(modality, dataset, items, items[0].parent if items else None,
+                                             contours=contours[side])
     _check_disjoint(sources)
     return sources
 

@@ -98,6 +98,7 @@ import io as _io
 import json
 import math
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -110,7 +111,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import CrossmodError
-from .slices import read_slices
+from .slices import annotated_patients, read_slices
 
 if TYPE_CHECKING:  # pandas is imported where it is used: training needs torch + numpy only
     import pandas as pd
@@ -1109,6 +1110,51 @@ def model_recipes(profile: dict) -> list[dict]:
     return recipes
 
 
+#: The models that train (and test) on manual MR contours.
+MR_LABEL_KINDS = ("mr_oracle", "few_shot")
+
+
+def mr_label_shortfall(recipe: dict, annotated: int, profile: dict) -> str | None:
+    """Why ``recipe`` cannot be trained with ``annotated`` MR patients having manual contours
+    (None: it can). The MR oracle's cross-validation needs a patient per fold and two to train;
+    few-shot with k patients needs one more to test on. The paper's method itself needs none."""
+    if recipe["kind"] not in MR_LABEL_KINDS:
+        return None
+    cfg = segmentation_config(profile)
+    if recipe["kind"] == "mr_oracle":
+        needed = max(cfg["oracle_folds"], 2)
+    else:
+        needed = int(recipe["options"]["k"]) + 1
+    if annotated >= needed:
+        return None
+    return (f"{annotated} MR patient{'s' if annotated != 1 else ''} with manual contours; "
+            f"{recipe['title']} needs {needed}")
+
+
+def usable_recipes(run, recipes=None) -> tuple[list[dict], dict[str, str]]:
+    """The recipes of a run (:func:`model_recipes`, or ``recipes``) that its MR cohort can train,
+    and the others with the reason (:func:`mr_label_shortfall`); counts the annotated MR patients
+    of ``prepared/mr_slices.npz`` only when a recipe needs MR labels."""
+    recipes = model_recipes(run.profile) if recipes is None else list(recipes)
+    if not any(r["kind"] in MR_LABEL_KINDS for r in recipes):
+        return recipes, {}
+    path = run.root / "prepared" / "mr_slices.npz"
+    if not path.is_file():  # nothing prepared yet: the caller's own checks say what is missing
+        return recipes, {}
+    arrays = read_slices(path, "prepared MR slices", ("image", "patient"))
+    annotated = len(annotated_patients(arrays))
+    skipped = {}
+    for recipe in recipes:
+        reason = mr_label_shortfall(recipe, annotated, run.profile)
+        if reason:
+            skipped[recipe["name"]] = reason
+    # a model that starts from a skipped one is skipped too
+    for recipe in recipes:
+        if recipe["init_from"] in skipped and recipe["name"] not in skipped:
+            skipped[recipe["name"]] = f"starts from {recipe['init_from']}, not trained"
+    return [r for r in recipes if r["name"] not in skipped], skipped
+
+
 def train_model(kind: str, data, out_dir: str | Path, settings: dict, init=None, *,
                 fold: int | None = None, k: int | None = None, resume: bool = False,
                 device=None, progress: bool = True, name: str | None = None,
@@ -1154,6 +1200,7 @@ def train_model(kind: str, data, out_dir: str | Path, settings: dict, init=None,
         pool = sorted(set(ids) - set(held))
         test_modality, test_patients = "CT", held
     elif kind == "mr_oracle":
+        ids = _unique(annotated_patients(arrays))  # only manual MR contours can train or test it
         folds = oracle_folds(ids, cfg["oracle_folds"], seed)
         if fold is None or not 0 <= fold < len(folds):
             raise CrossmodError(f"mr_oracle: fold must be in 0..{len(folds) - 1}, got {fold!r}")
@@ -1165,10 +1212,12 @@ def train_model(kind: str, data, out_dir: str | Path, settings: dict, init=None,
             raise CrossmodError("few_shot: give k, the number of MR patients to fine-tune with")
         if init is None:
             raise CrossmodError("few_shot: give init, the cross-modality checkpoint to fine-tune")
+        every = ids  # unannotated MR patients are not fine-tuned on, but are predicted
+        ids = _unique(annotated_patients(arrays))
         pool = few_shot_patients(ids, int(k), seed)
-        test_modality, test_patients = "MR", sorted(set(ids) - set(pool))
+        test_modality, test_patients = "MR", sorted(set(every) - set(pool))
         largest = max([int(k)] + [v for v in cfg["few_shot_k"] if v <= len(ids)])
-        meta["common_test_patients"] = sorted(set(ids) - set(few_shot_patients(ids, largest, seed)))
+        meta["common_test_patients"] = sorted(set(every) - set(few_shot_patients(ids, largest, seed)))
         options = {"learning_rate": cfg["few_shot_lr"], "epochs": cfg["few_shot_epochs"]}
 
     if kind == "few_shot":
@@ -1371,9 +1420,10 @@ def _case_name(case) -> str:
 
 
 def _cases_at(path: Path):
-    """(case, seconds to read it) for what ``path`` holds: whatever
+    """(case, seconds to read it, problem) for what ``path`` holds: whatever
     :func:`crossmod_lib.datasets.read_any` reads, or else a folder of such folders (one patient
-    each, read one at a time)."""
+    each, read one at a time). In a folder of patients, one that cannot be read gives
+    (None, 0, "<folder>: <why>") and the others are still read; a single patient's error is raised."""
     from .datasets import read_any
 
     t0 = time.perf_counter()
@@ -1386,12 +1436,16 @@ def _cases_at(path: Path):
             raise
         for folder in subfolders:
             t1 = time.perf_counter()
-            found = read_any(folder)
+            try:
+                found = read_any(folder)
+            except CrossmodError as exc:
+                yield None, 0.0, (folder.name, " ".join(str(exc).split()))
+                continue
             for case in found:
-                yield case, (time.perf_counter() - t1) / len(found)
+                yield case, (time.perf_counter() - t1) / len(found), None
         return
     for case in cases:
-        yield case, (time.perf_counter() - t0) / len(cases)
+        yield case, (time.perf_counter() - t0) / len(cases), None
 
 
 #: What ``crossmod predict`` can write per patient (several at once, as TotalSegmentator's
@@ -1417,7 +1471,9 @@ def predict_path(model_path, input_path, output_dir, settings: dict | None = Non
     ``outputs`` adds ``<patient>_SEG.dcm``, a DICOM Segmentation of the series (highdicom).
     ``outputs`` is any of :data:`OUTPUT_TYPES`. Returns one row per case: patient, labels,
     rtstruct, seg (paths or None), seconds and the seconds of each step (read, preprocess,
-    predict, postprocess, write).
+    predict, postprocess, write). In a folder of patients, one that cannot be read (or, for DICOM
+    outputs, is not a DICOM series) gets a row with ``problem`` (one line) and no files, and the
+    others are still contoured.
     """
     import SimpleITK as sitk
 
@@ -1446,11 +1502,20 @@ def predict_path(model_path, input_path, output_dir, settings: dict | None = Non
     # so a failed run leaves the file system as it was (the files themselves are written atomically).
     created = [p for p in (output_dir, *output_dir.parents) if not p.exists()]
     try:
-        for case, t_read in iterator:
+        for case, t_read, problem in iterator:
+            if problem is not None:
+                rows.append({"patient": problem[0], "labels": None, "rtstruct": None, "seg": None,
+                             "seconds": 0.0, "problem": problem[1]})
+                continue
             t0 = time.perf_counter()
             if dicom_outputs and not case.image.HasMetaDataKey("SOPInstanceUIDs"):
-                raise CrossmodError(f"{case.source or input_path}: {' and '.join(dicom_outputs)} output "
-                                    "needs a DICOM image series as input")
+                message = (f"{case.source or input_path}: {' and '.join(dicom_outputs)} output "
+                           "needs a DICOM image series as input")
+                if case.source is None or Path(case.source) == input_path:
+                    raise CrossmodError(message)
+                rows.append({"patient": _case_name(case), "labels": None, "rtstruct": None,
+                             "seg": None, "seconds": 0.0, "problem": message})
+                continue
             timings: dict = {"read": t_read}
             labels = predict_labels(model, case, settings, postprocess=postprocess, device=device,
                                     timings=timings)
@@ -1479,7 +1544,7 @@ def predict_path(model_path, input_path, output_dir, settings: dict | None = Non
             rows.append({"patient": name, "labels": str(label_path) if label_path else None,
                          "rtstruct": str(rt_path) if rt_path else None,
                          "seg": str(seg_path) if seg_path else None,
-                         "seconds": t_read + time.perf_counter() - t0, **timings})
+                         "seconds": t_read + time.perf_counter() - t0, "problem": None, **timings})
     except BaseException:
         for folder in created:  # deepest first; stops at the first one that is not empty
             try:
@@ -1516,8 +1581,13 @@ def train_run(run, *, kinds=None, progress: bool = False, resume: bool = True, d
     for recipe in recipes:
         if recipe["data"]:
             run.require(*Path(recipe["data"]).parts[:1], Path(recipe["data"]).name)
+    recipes, skipped = usable_recipes(run, recipes)
     settings_text = json.dumps(_plain(segmentation_config(profile)), sort_keys=True)
     rows = []
+    for name, reason in skipped.items():
+        if log:
+            log(f"not training {name}: {reason}")
+        shutil.rmtree(run.root / "model" / name, ignore_errors=True)  # a stale model would be predicted
     for recipe in recipes:
         out_dir = run.root / "model" / recipe["name"]
         summary_path, stamp_path = out_dir / "summary.json", out_dir / "inputs.json"
@@ -1545,7 +1615,11 @@ def train_run(run, *, kinds=None, progress: bool = False, resume: bool = True, d
                      "best_val_loss": summary.get("best_val_loss"),
                      "best_val_dice": summary.get("best_val_dice"),
                      "seconds": summary.get("seconds"), "test": recipe["test"],
-                     "test_patients": summary.get("test_patients")})
+                     "test_patients": summary.get("test_patients"), "skipped": ""})
+    for recipe in model_recipes(profile):
+        if recipe["name"] in skipped:
+            rows.append({"name": recipe["name"], "kind": recipe["kind"], "title": recipe["title"],
+                         "trained": False, "test": recipe["test"], "skipped": skipped[recipe["name"]]})
     return pd.DataFrame(rows)
 
 
@@ -1603,6 +1677,7 @@ def predict_run(run, *, progress: bool = False, device=None, models=None) -> pd.
         if unknown:
             raise CrossmodError(f"predict_run: no model recipe named {', '.join(unknown)}")
         recipes = [r for r in recipes if r["name"] in set(models)]
+    recipes, skipped = usable_recipes(run, recipes)  # too few manual MR contours to train them
     missing = [r["name"] for r in recipes if not (run.root / "model" / r["name"] / "best.pt").is_file()]
     if missing:
         raise CrossmodError(f"{run.root / 'model'}: no trained model for {', '.join(missing)}; "
@@ -1623,7 +1698,11 @@ def predict_run(run, *, progress: bool = False, device=None, models=None) -> pd.
             case = sources[modality].read(items[modality][patient])
             read_s = time.perf_counter() - t0
             reference = out_root / "reference" / modality / f"{patient}_labels.nii.gz"
-            write_label_map(case.structures, case.image, reference)
+            if case.structures:
+                write_label_map(case.structures, case.image, reference)
+            else:  # an unannotated patient: predicted, not evaluated
+                reference.unlink(missing_ok=True)
+                reference = None
             cache.clear()  # one patient in memory at a time (patients are visited model by model)
             cache[key] = (case, read_s, reference)
         return cache[key]
@@ -1663,7 +1742,8 @@ def predict_run(run, *, progress: bool = False, device=None, models=None) -> pd.
                      "patient": patient, "modality": recipe["test"],
                      "labels": str(paths["raw"].relative_to(run.root)),
                      "labels_lcc": str(paths["lcc"].relative_to(run.root)),
-                     "reference": str(reference.relative_to(run.root)), "seconds": seconds,
+                     "reference": str(reference.relative_to(run.root)) if reference else "",
+                     "seconds": seconds,
                      "predict_seconds": steps.get("predict"),
                      "device": str(next(models[recipe["name"]].parameters()).device)})
     index = pd.DataFrame(rows, columns=[c for c in PREDICTION_COLUMNS if c != "common"])
@@ -1676,8 +1756,12 @@ def predict_run(run, *, progress: bool = False, device=None, models=None) -> pd.
     tmp = out_root / "index.csv.tmp"
     index.to_csv(tmp, index=False)
     tmp.replace(out_root / "index.csv")
+    mr_patients = mr.drop_duplicates("patient")
     write_json({"models": sorted(index["model"].unique()), "common_mr_patients": sorted(common),
-                "postprocess_lcc": bool(segmentation_config(profile)["postprocess_lcc"])},
+                "postprocess_lcc": bool(segmentation_config(profile)["postprocess_lcc"]),
+                "mr_patients": int(len(mr_patients)),
+                "mr_patients_annotated": int((mr_patients["reference"] != "").sum()),
+                "skipped_models": skipped},
                out_root / "summary.json")
     return index
 
@@ -1701,24 +1785,28 @@ def training_logs(run) -> pd.DataFrame:
 def prediction_examples(run, patient: str | None = None, models=None) -> dict:
     """One axial MR slice with the manual and predicted contours of each method, for a figure.
 
-    ``patient``: default the first MR patient every MR method was tested on. The slice is the
-    one with the largest manual parotid area. Returns ``{"patient", "slice", "image" (2D float),
-    "spacing" (row, col mm), "reference" (2D labels), "predictions": {method: 2D labels},
-    "titles": {method: title}}``, all on the native MR grid.
+    ``patient``: default the first MR patient with manual contours every MR method was tested
+    on (else the first with manual contours, else the first). The slice is the one with the
+    largest manual parotid area (no manual contours: the largest predicted area of the first
+    method). Returns ``{"patient", "slice", "image" (2D float), "spacing" (row, col mm),
+    "reference" (2D labels; zeros when unannotated), "annotated", "predictions": {method: 2D
+    labels}, "titles": {method: title}, "box": (y0, y1, x0, x1) around every contour}``, all on
+    the native MR grid.
     """
-    import pandas as pd
     import SimpleITK as sitk
 
+    from .evaluation import read_prediction_index
     from .preparation import cohort_sources
 
     index_path = run.require("predictions", "index.csv") / "index.csv"
-    index = pd.read_csv(index_path)
+    index = read_prediction_index(index_path)
     mr = index[index["modality"] == "MR"]
     if mr.empty:
         raise CrossmodError(f"{index_path}: no MR predictions")
     if patient is None:
-        common = mr[mr["common"]]
-        patient = min((common if len(common) else mr)["patient"])
+        annotated = mr[mr["reference"] != ""]
+        common = annotated[annotated["common"]]
+        patient = min((common if len(common) else annotated if len(annotated) else mr)["patient"])
     rows = mr[mr["patient"] == patient]
     if rows.empty:
         raise CrossmodError(f"{index_path}: no MR predictions for patient {patient!r}")
@@ -1728,16 +1816,32 @@ def prediction_examples(run, patient: str | None = None, models=None) -> dict:
     rows = rows.assign(_order=rows["model"].map({m: i for i, m in enumerate(order)})).sort_values("_order")
     source = cohort_sources(run, progress=False)["MR"]
     item = dict(zip(source.patient_ids(), source.items))[patient]
-    image = sitk.GetArrayFromImage(source.read(item).image).astype(np.float32)
-    reference = sitk.GetArrayFromImage(sitk.ReadImage(str(run.root / rows.iloc[0]["reference"])))
-    z = int(np.argmax((reference > 0).sum(axis=(1, 2))))
-    predictions, titles = {}, {}
-    for _, row in rows.iterrows():
-        predictions[row["model"]] = sitk.GetArrayFromImage(sitk.ReadImage(str(run.root / row["labels"])))[z]
-        titles[row["model"]] = row["title"]
-    spacing = sitk.ReadImage(str(run.root / rows.iloc[0]["reference"])).GetSpacing()
+    mr_image = source.read(item).image
+    image = sitk.GetArrayFromImage(mr_image).astype(np.float32)
+    volumes = {row["model"]: sitk.GetArrayFromImage(sitk.ReadImage(str(run.root / row["labels"])))
+               for _, row in rows.iterrows()}
+    reference_path = rows.iloc[0]["reference"]
+    annotated = bool(reference_path)
+    if annotated:
+        reference = sitk.GetArrayFromImage(sitk.ReadImage(str(run.root / reference_path)))
+    else:
+        reference = np.zeros(image.shape, dtype=np.uint8)
+    area_of = reference if annotated else next(iter(volumes.values()))
+    z = int(np.argmax((area_of > 0).sum(axis=(1, 2))))
+    predictions = {model: volume[z] for model, volume in volumes.items()}
+    titles = dict(zip(rows["model"], rows["title"]))
+    union = (reference[z] > 0) | np.any([p > 0 for p in predictions.values()], axis=0)
+    spacing = mr_image.GetSpacing()
+    pad = int(60 / spacing[1])  # the parotid region: 6 cm around the contours
+    if union.any():
+        ys, xs = np.nonzero(union)
+        box = (max(ys.min() - pad, 0), min(ys.max() + pad, image.shape[1]),
+               max(xs.min() - pad, 0), min(xs.max() + pad, image.shape[2]))
+    else:
+        box = (0, image.shape[1], 0, image.shape[2])
     return {"patient": patient, "slice": z, "image": image[z], "spacing": (spacing[1], spacing[0]),
-            "reference": reference[z], "predictions": predictions, "titles": titles}
+            "reference": reference[z], "annotated": annotated, "predictions": predictions,
+            "titles": titles, "box": tuple(int(v) for v in box)}
 
 
 def _bench_volume(n_slices: int, matrix: int, pixel_mm: float, slice_mm: float, seed: int = 0):

@@ -57,3 +57,15 @@ def write_slices(arrays: dict[str, np.ndarray], path: str | Path) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def annotated_patients(arrays: dict[str, np.ndarray]) -> list[str]:
+    """The patients of a slices file with manual contours, in order of first appearance: those
+    whose ``annotated`` flag is set (files written before the flag existed: every patient).
+    An unannotated MR patient feeds the CycleGAN but neither trains nor tests on MR labels."""
+    patients = np.asarray(arrays["patient"]).astype(str)
+    order = list(dict.fromkeys(patients.tolist()))
+    if "annotated" not in arrays:
+        return order
+    flagged = set(patients[np.asarray(arrays["annotated"], dtype=bool)].tolist())
+    return [p for p in order if p in flagged]

@@ -176,16 +176,22 @@ contrast = pd.DataFrame(cyclegan.parotid_contrast(synthetic_dir / "synthetic_mr.
 contrast.to_csv(run.stage("metrics") / "cyclegan_parotid_contrast.csv")
 display(contrast.style.format("{:.2f}"))
 synthetic_ratio, real_ratio = contrast["parotid / rest of head"]
-display(Markdown(
-    f"Parotid-to-head intensity ratio: **{synthetic_ratio:.2f}** in the synthetic MR against "
-    f"**{real_ratio:.2f}** in real MR. "
-    + ("The synthetic parotids are as bright, relative to their surroundings, as real ones."
-       if abs(synthetic_ratio - real_ratio) < 0.25 * real_ratio else
-       "The synthetic parotids do **not** have the real MR's contrast yet: this CycleGAN is "
-       "under-trained for the method (it saw "
-       f"{summary['iteration'] * settings['batch_size']:,} CT images; the paper's 200 epochs of "
-       "~8,000 slices are 1.6 million), and chapter 5 shows what that costs the cross-modality "
-       "network.")))
+if np.isnan(real_ratio):  # a real MR cohort without manual contours: nothing to compare with
+    display(Markdown(
+        f"Parotid-to-head intensity ratio: **{synthetic_ratio:.2f}** in the synthetic MR. This MR "
+        "cohort has no manual parotid contours, so the real ratio is unknown (on T2w MR the "
+        "parotid is brighter than the rest of the head: a ratio above 1 is what the method needs)."))
+else:
+    display(Markdown(
+        f"Parotid-to-head intensity ratio: **{synthetic_ratio:.2f}** in the synthetic MR against "
+        f"**{real_ratio:.2f}** in real MR. "
+        + ("The synthetic parotids are as bright, relative to their surroundings, as real ones."
+           if abs(synthetic_ratio - real_ratio) < 0.25 * real_ratio else
+           "The synthetic parotids do **not** have the real MR's contrast yet: this CycleGAN is "
+           "under-trained for the method (it saw "
+           f"{summary['iteration'] * settings['batch_size']:,} CT images; the paper's 200 epochs of "
+           "~8,000 slices are 1.6 million), and chapter 5 shows what that costs the cross-modality "
+           "network.")))
 
 # %% [markdown]
 # ## Does the synthetic MR keep the CT's anatomy? The geometric-loss ablation

@@ -103,6 +103,10 @@ display(summary.rename(columns={"name": "model", "title": "method", "epochs_run"
         .style.format({"validation Dice": "{:.3f}", "training time (s)": "{:.1f}"}, na_rep="–")
         .hide(axis="index"))
 display(Markdown(f"All models trained in **{trained['seconds'].sum() / 60:.1f} min** on this machine."))
+skipped = trained[trained["skipped"].fillna("") != ""]
+if len(skipped):  # the baselines that need manual MR contours, where the cohort has too few
+    display(Markdown("**Not trained**: " + "; ".join(f"{r.title} ({r.skipped})"
+                                                     for r in skipped.itertuples())))
 
 # %% [markdown]
 # The validation Dice above is a 2D, slice-level figure on each model's *own* validation patients
@@ -130,6 +134,8 @@ plt.show()
 # %%
 split_rows = []
 for r in recipes:
+    if r["name"] in set(skipped["name"]):
+        continue
     s = json.loads((run.root / "model" / r["name"] / "summary.json").read_text())
     test = s.get("test_patients")
     split_rows.append({"model": r["name"], "train": len(s.get("train_patients") or []),
@@ -170,10 +176,7 @@ nrows = int(np.ceil(len(methods) / ncols))
 fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 3.4 * nrows), squeeze=False)
 rows_mm, cols_mm = example["spacing"]
 image = example["image"]
-ys, xs = np.nonzero(example["reference"] > 0)
-pad = int(60 / rows_mm)  # show the parotid region: 6 cm around the glands
-y0, y1 = max(ys.min() - pad, 0), min(ys.max() + pad, image.shape[0])
-x0, x1 = max(xs.min() - pad, 0), min(xs.max() + pad, image.shape[1])
+y0, y1, x0, x1 = example["box"]  # the parotid region: 6 cm around the contours
 for ax, method in zip(axes.flat, methods):
     ax.imshow(image[y0:y1, x0:x1], cmap="gray", aspect=rows_mm / cols_mm)
     for labels, colour in ((example["reference"], "tab:blue"), (example["predictions"][method], "tab:red")):
@@ -185,8 +188,9 @@ for ax, method in zip(axes.flat, methods):
     ax.axis("off")
 for ax in axes.flat[len(methods):]:
     ax.axis("off")
-fig.suptitle(f"MR patient {example['patient']}, slice {example['slice']}: manual (blue), automatic (red)",
-             fontsize=10)
+fig.suptitle(f"MR patient {example['patient']}, slice {example['slice']}: "
+             + ("manual (blue), automatic (red)" if example["annotated"]
+                else "automatic (red); this patient has no manual contours"), fontsize=10)
 fig.tight_layout()
 fig.savefig(figures / "fig_unet_examples.png", dpi=110)
 plt.show()

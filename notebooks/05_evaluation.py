@@ -47,7 +47,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from IPython.display import Markdown, display
 
-from crossmod_lib import evaluation, paper, plots, runs
+from crossmod_lib import contour_review, evaluation, paper, plots, runs
 from crossmod_lib.metrics import METRIC_CONVENTIONS as metrics_conventions
 
 run = runs.RunFolder.open(profile_path or profile, run_dir or None)
@@ -65,10 +65,16 @@ print(f"profile {run.profile['name']}: main results with {variant[main]} ({main}
 # and its largest 3D connected component per gland (`lcc`). The table is saved as
 # `metrics/segmentation.csv`. Each method is evaluated on its own test patients: the MR methods
 # on the MR cohort (few-shot models without the patients they were fine-tuned on), CT only on its
-# held-out CT patients.
+# held-out CT patients. Only MR patients with manual contours can be scored: a user's MR cohort
+# may have few or none (chapter 4 predicted every patient regardless); the others are shown for
+# review at the end of the chapter.
 
 # %%
 metrics = evaluation.evaluate_predictions(run)
+prediction_index = evaluation.read_prediction_index(run.root / "predictions" / "index.csv")
+mr_annotated, mr_predicted = evaluation.annotation_counts(prediction_index)
+mr_scored = "cross_modality" in set(metrics.loc[metrics["modality"] == "MR", "model"])
+display(Markdown(f"**{evaluation.annotation_sentence(prediction_index)}**"))
 interobserver = evaluation.read_interobserver(run)
 inter_title = "Interobserver variability (this run's MR)"
 counts = (metrics[metrics["postprocess"] == main].groupby(["model", "modality"], sort=False)
@@ -144,10 +150,14 @@ plt.show()
 # area), sagittal (through the left gland) and coronal; automatic contour red, manual blue.
 
 # %%
-examples = evaluation.contour_examples(run, metrics, model="cross_modality", n=4, postprocess=main)
-fig = plots.figure_contours(examples, title="Fig. 7: cross-modality (red) and manual (blue) contours")
-fig.savefig(figures / "fig7_contours.png", dpi=120, bbox_inches="tight")
-plt.show()
+if mr_scored:
+    examples = evaluation.contour_examples(run, metrics, model="cross_modality", n=4, postprocess=main)
+    fig = plots.figure_contours(examples, title="Fig. 7: cross-modality (red) and manual (blue) contours")
+    fig.savefig(figures / "fig7_contours.png", dpi=120, bbox_inches="tight")
+    plt.show()
+else:
+    display(Markdown("*No MR patient has manual contours: no typical patients to pick (see the "
+                     "gallery of every patient's predicted contours below).*"))
 
 # %% [markdown]
 # ## Is cross-modality learning different from the others?
@@ -161,9 +171,12 @@ plt.show()
 # `smallest_exact_p` is the smallest p the exact test can reach with that many patients.
 
 # %%
-tests = evaluation.paired_tests(metrics, reference="cross_modality", postprocess=main)
-tests.to_csv(run.stage("metrics") / "segmentation_tests.csv", index=False)
-display(tests.drop(columns=["reference"]).round(4))
+if mr_scored:
+    tests = evaluation.paired_tests(metrics, reference="cross_modality", postprocess=main)
+    tests.to_csv(run.stage("metrics") / "segmentation_tests.csv", index=False)
+    display(tests.drop(columns=["reference"]).round(4))
+else:
+    display(Markdown("*Nothing to test: no MR patient has manual contours.*"))
 
 # %% [markdown]
 # ## What the numbers say
@@ -171,6 +184,11 @@ display(tests.drop(columns=["reference"]).round(4))
 # %%
 numbers = evaluation.method_summary(metrics, postprocess=main)
 lines = []
+if not mr_scored:
+    lines.append(f"- **None of the {mr_predicted} MR patients has manual contours**, so nothing "
+                 "here says how well the method contours this cohort: review the gallery below. "
+                 "To measure it, contour a few patients by hand (an RTSTRUCT beside their series) "
+                 "and run again: they are then scored, and train the few-shot baseline.")
 empty, glands = int(numbers["empty_glands"].sum()), int(numbers["glands"].sum())
 if empty:
     worst = numbers["empty_glands"] / numbers["glands"]
@@ -182,56 +200,78 @@ if empty:
                     "whatever the cause (the smoke profile trains them for seconds, by design): the "
                     "rest of this list is about the evaluation, not about the methods."
                     if empty > glands / 2 else ""))
-cm_dsc, cm_sd, cm_n = numbers.loc["cross_modality", ["dsc_mean", "dsc_sd", "n"]]
-cm_hd = numbers.loc["cross_modality", "hd_mean"]
-hd_text = f"an HD of {cm_hd:.1f} mm" if np.isfinite(cm_hd) else "no defined HD"
-lines.append(f"- Cross-modality learning reached a DSC of {cm_dsc:.2f} ± {cm_sd:.2f} and {hd_text} "
-             f"(both glands, {cm_n:.0f} MR patients); the paper reported 0.77 ± 0.07 and "
-             f"18.32 ± 10.12 mm on 27 real patients.")
-phantom_mr = run.profile["data"]["mr"]["dataset"] == "phantom"
-if interobserver is not None:
-    io_dsc = inter_patients["dsc"].mean()
-    lines.append(f"- The interobserver DSC of this run's MR is {io_dsc:.2f}; cross-modality learning is "
-                 f"{'below' if cm_dsc < io_dsc else 'at or above'} it ({cm_dsc - io_dsc:+.2f}; paper: "
-                 "0.77 against 0.84, -0.07)."
-                 + (" The phantom's second observer is a smooth perturbation of the first one's "
-                    "contour, not a person: its variability sets the scale of the figure, not a "
-                    "ceiling a network must stay under." if phantom_mr else ""))
-if "ct_only" in numbers.index:
-    ct_dsc = numbers.loc["ct_only", "dsc_mean"]
-    row = tests[(tests["other"] == "ct_only") & (tests["metric"] == "dsc")].iloc[0]
-    lines.append(f"- CT only reached {ct_dsc:.2f} on its CT test patients, {ct_dsc - cm_dsc:+.2f} "
-                 f"against cross-modality learning (paper: 0.82 against 0.77, +0.05). "
-                 f"Mann-Whitney U: p = {row['p']:.3g} "
-                 f"(n = {row['n_reference']} and {row['n_other']}). The CT reference is the clinical "
-                 "CT contour, defects included (chapter 6), so this is not a like-for-like comparison, "
-                 "as the paper says too.")
-if "naive" in numbers.index:
-    nv = numbers.loc["naive", "dsc_mean"]
-    row = tests[(tests["other"] == "naive") & (tests["metric"] == "dsc")].iloc[0]
-    lines.append(f"- The CT network applied to MR as it is (naive) reached {nv:.2f}: translating the CT "
-                 f"into synthetic MR changed the DSC by {cm_dsc - nv:+.2f} (Wilcoxon p = {row['p']:.3g}, "
-                 f"{row['n_reference']} paired patients).")
-significant = int((tests["p_holm"] < 0.05).sum())
-impossible = int((tests["smallest_exact_p"] >= 0.05).sum())
-lines.append(f"- {significant} of {len(tests)} comparisons have a Holm-adjusted p below 0.05"
-             + (f"; {impossible} of them could not reach 0.05 whatever the data (too few patients "
-                "for the exact test), so their lack of significance says nothing." if impossible else "."))
-changed = effect.set_index("model")
-if "cross_modality" in changed.index:
-    c = changed.loc["cross_modality"]
-    lines.append(f"- Keeping the largest component changed {c['changed']} of {c['glands']} cross-modality "
-                 f"glands" + (f": mean DSC {c['dsc_raw']:.3f} → {c['dsc_lcc']:.3f}, mean HD "
-                              f"{c['hd_raw']:.1f} → {c['hd_lcc']:.1f} mm. HD is a maximum: one stray "
-                              "blob sets it, which the DSC barely sees." if c["changed"] else "."))
-if phantom_mr:
-    lines.append(f"- All of this is measured on the **{run.profile['name']}** profile's phantom; the "
-                 "numbers check that the evaluation works and how the methods compare on the phantom, "
-                 "they say nothing about real patients.")
-else:
-    lines.append(f"- Measured on the MR cohort `{run.profile['data']['mr']['dataset']}` "
-                 f"({cm_n:.0f} patients with cross-modality predictions), not the paper's patients.")
+if mr_scored:
+    cm_dsc, cm_sd, cm_n = numbers.loc["cross_modality", ["dsc_mean", "dsc_sd", "n"]]
+    cm_hd = numbers.loc["cross_modality", "hd_mean"]
+    hd_text = f"an HD of {cm_hd:.1f} mm" if np.isfinite(cm_hd) else "no defined HD"
+    lines.append(f"- Cross-modality learning reached a DSC of {cm_dsc:.2f} ± {cm_sd:.2f} and {hd_text} "
+                 f"(both glands, {cm_n:.0f} MR patients); the paper reported 0.77 ± 0.07 and "
+                 f"18.32 ± 10.12 mm on 27 real patients.")
+    phantom_mr = run.profile["data"]["mr"]["dataset"] == "phantom"
+    if interobserver is not None:
+        io_dsc = inter_patients["dsc"].mean()
+        lines.append(f"- The interobserver DSC of this run's MR is {io_dsc:.2f}; cross-modality learning is "
+                     f"{'below' if cm_dsc < io_dsc else 'at or above'} it ({cm_dsc - io_dsc:+.2f}; paper: "
+                     "0.77 against 0.84, -0.07)."
+                     + (" The phantom's second observer is a smooth perturbation of the first one's "
+                        "contour, not a person: its variability sets the scale of the figure, not a "
+                        "ceiling a network must stay under." if phantom_mr else ""))
+    if "ct_only" in numbers.index:
+        ct_dsc = numbers.loc["ct_only", "dsc_mean"]
+        row = tests[(tests["other"] == "ct_only") & (tests["metric"] == "dsc")].iloc[0]
+        lines.append(f"- CT only reached {ct_dsc:.2f} on its CT test patients, {ct_dsc - cm_dsc:+.2f} "
+                     f"against cross-modality learning (paper: 0.82 against 0.77, +0.05). "
+                     f"Mann-Whitney U: p = {row['p']:.3g} "
+                     f"(n = {row['n_reference']} and {row['n_other']}). The CT reference is the clinical "
+                     "CT contour, defects included (chapter 6), so this is not a like-for-like comparison, "
+                     "as the paper says too.")
+    if "naive" in numbers.index:
+        nv = numbers.loc["naive", "dsc_mean"]
+        row = tests[(tests["other"] == "naive") & (tests["metric"] == "dsc")].iloc[0]
+        lines.append(f"- The CT network applied to MR as it is (naive) reached {nv:.2f}: translating the CT "
+                     f"into synthetic MR changed the DSC by {cm_dsc - nv:+.2f} (Wilcoxon p = {row['p']:.3g}, "
+                     f"{row['n_reference']} paired patients).")
+    significant = int((tests["p_holm"] < 0.05).sum())
+    impossible = int((tests["smallest_exact_p"] >= 0.05).sum())
+    lines.append(f"- {significant} of {len(tests)} comparisons have a Holm-adjusted p below 0.05"
+                 + (f"; {impossible} of them could not reach 0.05 whatever the data (too few patients "
+                    "for the exact test), so their lack of significance says nothing." if impossible else "."))
+    changed = effect.set_index("model")
+    if "cross_modality" in changed.index:
+        c = changed.loc["cross_modality"]
+        lines.append(f"- Keeping the largest component changed {c['changed']} of {c['glands']} cross-modality "
+                     f"glands" + (f": mean DSC {c['dsc_raw']:.3f} → {c['dsc_lcc']:.3f}, mean HD "
+                                  f"{c['hd_raw']:.1f} → {c['hd_lcc']:.1f} mm. HD is a maximum: one stray "
+                                  "blob sets it, which the DSC barely sees." if c["changed"] else "."))
+    if phantom_mr:
+        lines.append(f"- All of this is measured on the **{run.profile['name']}** profile's phantom; the "
+                     "numbers check that the evaluation works and how the methods compare on the phantom, "
+                     "they say nothing about real patients.")
+    else:
+        lines.append(f"- Measured on the MR cohort `{run.profile['data']['mr']['dataset']}` "
+                     f"({cm_n:.0f} patients with cross-modality predictions), not the paper's patients.")
 display(Markdown("\n".join(lines)))
+
+# %% [markdown]
+# ## Patients without manual contours: the predictions for review
+# Every MR patient without manual contours, with its predicted cross-modality contours (red) in
+# three planes: what goes to the planning system, seen before it goes. In a live notebook the
+# review widget below lets a person accept each patient's contours or flag them for correction
+# (with a note); the decisions are kept in `predictions/contour_review.json`. In the built book
+# it lists the decisions made so far.
+
+# %%
+if mr_annotated < mr_predicted:
+    gallery = evaluation.prediction_gallery(run, model="cross_modality", postprocess=main)
+    for start in range(0, len(gallery), 6):
+        part = gallery[start:start + 6]
+        fig = plots.figure_contours(part, title=f"Predicted contours, MR patients without manual "
+                                                f"contours ({start + 1}-{start + len(part)} of {len(gallery)})")
+        fig.savefig(figures / f"unannotated_contours_{start // 6 + 1}.png", dpi=120, bbox_inches="tight")
+        plt.show()
+    display(contour_review.review_contours(run, postprocess=main))
+else:
+    display(Markdown("*Every MR patient has manual contours: all are scored above.*"))
 
 # %% [markdown]
 # ## Summary

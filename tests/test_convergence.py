@@ -67,7 +67,9 @@ def test_synthesis_quality_ranks_an_artefact_free_synthesis_first(tmp_path):
                                            tmp_path / "mr.npz", 20.0)
     q_bad = convergence.synthesis_quality(tmp_path / "bad.npz", tmp_path / "ct.npz",
                                           tmp_path / "mr.npz", 20.0)
-    assert set(q_good) == set(convergence.QUALITY_COLUMNS) - {"seed", "budget"}
+    assert set(q_good) == (set(convergence.QUALITY_COLUMNS) - {"seed", "budget"}) | {"definition"}
+    # the real MR's floor does not depend on the synthetic set measured
+    assert q_bad["real_kid"] == q_good["real_kid"]
     assert q_good["outline_dice_median"] > 0.95 and q_good["outline_dice_share"] == 1.0
     assert q_good["parotid_ratio"] == pytest.approx(q_good["real_parotid_ratio"], rel=0.1)
     assert q_bad["parotid_ratio"] < q_good["parotid_ratio"] - 0.2
@@ -192,6 +194,19 @@ def test_a_finished_study_is_not_run_again_and_records_with_provenance(tiny_stud
     logged = []
     again = convergence.run_study(profile, out, log=logged.append)
     assert logged == [] and len(again["quality"]) == 2
+    # a point measured under an older quality definition is measured again from its slices
+    import json
+
+    runs_path = out / "metrics" / "convergence_runs.json"
+    info = json.loads(runs_path.read_text())
+    current = info["points"]["seed5/budget00060"]["quality"]
+    info["points"]["seed5/budget00060"]["quality"] = {**current, "kid": -1.0, "definition": 1}
+    runs_path.write_text(json.dumps(info))
+    again = convergence.run_study(profile, out, log=logged.append)
+    assert logged == [f"seed5/budget00060: synthesis quality recomputed (definition "
+                      f"{convergence.QUALITY_DEFINITION})"]
+    assert again["quality"].set_index("budget").loc[60, "kid"] == pytest.approx(current["kid"])
+    assert json.loads(runs_path.read_text())["points"]["seed5/budget00060"]["quality"] == current
     info = record.record_run(out, tmp_path / "rec", note="tiny")
     assert info["kind"] == "study" and set(info["chapters"]) == {"seed5/budget00060", "seed5/budget00120"}
     rec = record.read_record(tmp_path / "rec")

@@ -615,15 +615,18 @@ def test_profile_init_writes_a_checked_profile_for_a_dicom_mr_cohort(tmp_path, c
     cohort = tmp_path / "mr"
     _mr_patient(cohort / "A", "A", {"Parotid_L": "Parotid_L", "Parotid_R": "Parotid_R"})
     _mr_patient(cohort / "B", "B", {"Parotid_L": "Lt Parotid", "Parotid_R": "Rt Parotid"}, seed=1)
-    _mr_patient(cohort / "C", "C", None, seed=2)                        # unannotated
+    _mr_patient(cohort / "C", "C", None, seed=2)                        # unannotated: kept
+    _mr_patient(cohort / "D", "D", {"Parotid_L": "Parotid_L"}, seed=3)  # half contoured: left out
     assert cli.main(["profile", "init", "--mr", str(cohort), "--as", "mine"]) == 0
     text = capsys.readouterr().out
-    assert "3 DICOM patients (MR), 2 with both parotids contoured" in text and "left out" in text
+    assert "4 DICOM patients (MR), 2 with both parotids contoured, 1 without contours" in text
+    assert "left out (cannot be read): D: " in text and "Parotid_R" in text.split("D: ")[1].splitlines()[0]
     path = tmp_path / "mine.yaml"
     path.write_text(text)
     profile = load_profile(path)
     mr = profile["data"]["mr"]
-    assert mr["dataset"] == "dicom" and mr["root"] == str(cohort.absolute()) and mr["patients"] == ["A", "B"]
+    assert mr["dataset"] == "dicom" and mr["root"] == str(cohort.absolute())
+    assert mr["patients"] == ["A", "B", "C"]
     assert profile["data"]["ct"]["dataset"] == "openkbp" and yaml.safe_load(text)["extends"] == "openkbp"
     # the chosen patients are the ones the pipeline's cohort reader takes
     from crossmod_lib.preparation import cohort_sources
@@ -633,7 +636,8 @@ def test_profile_init_writes_a_checked_profile_for_a_dicom_mr_cohort(tmp_path, c
         sources = cohort_sources(RunFolder.open(path, tmp_path / "run"), progress=False)
     except CrossmodError as exc:  # the CT side is OpenKBP, read from the data root
         pytest.skip(f"the CT cohort (OpenKBP) is not under the data root: {exc}")
-    assert sources["MR"].patient_ids() == ["A", "B"]
+    assert sources["MR"].patient_ids() == ["A", "B", "C"]
+    assert sources["MR"].read(sources["MR"].items[2]).structures == {}
 
     # a folder that is not a cohort, or a CT cohort without contours: one line, no profile
     assert cli.main(["profile", "init", "--mr", str(cohort / "A")]) == 2

@@ -140,9 +140,12 @@ def test_evaluate_predictions_bad_input(tmp_path):
                                                                index=False)
     with pytest.raises(CrossmodError, match="nowhere.nii.gz"):
         evaluation.evaluate_predictions(run)
-    index.assign(reference="").to_csv(run.root / "predictions" / "index.csv", index=False)
+    # no reference: an unannotated MR patient (predicted, not scored); a CT always has one
+    index.assign(reference="", modality="CT").to_csv(run.root / "predictions" / "index.csv", index=False)
     with pytest.raises(CrossmodError, match="index.csv: row 2 has no reference"):
         evaluation.evaluate_predictions(run)
+    index.assign(reference="", modality="MR").to_csv(run.root / "predictions" / "index.csv", index=False)
+    assert evaluation.evaluate_predictions(run).empty
     pd.concat([index, index]).to_csv(run.root / "predictions" / "index.csv", index=False)
     with pytest.raises(CrossmodError, match="lists patient p1 twice"):
         evaluation.evaluate_predictions(run)

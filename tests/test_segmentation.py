@@ -422,6 +422,15 @@ def test_predict_path_writes_nifti_and_rtstruct(tmp_path):
         write_image(case.image, tmp_path / "cohort" / pid / "img.nrrd")
     rows = seg.predict_path(stub_for(case), tmp_path / "cohort", tmp_path / "out2", settings())
     assert [Path(r["labels"]).name for r in rows] == ["a_labels.nii.gz", "b_labels.nii.gz"]
+    # a patient that cannot be read does not stop the others: its row names the problem
+    (tmp_path / "cohort" / "a" / "img.nrrd").write_bytes(b"NRRD0004\ntruncated")
+    write_image(case.image, tmp_path / "cohort" / "c" / "img.nrrd")
+    rows = seg.predict_path(stub_for(case), tmp_path / "cohort", tmp_path / "out3", settings())
+    assert [r["patient"] for r in rows] == ["a", "b", "c"]
+    assert rows[0]["labels"] is None and "img.nrrd" in rows[0]["problem"]
+    assert "\n" not in rows[0]["problem"]
+    assert [Path(r["labels"]).name for r in rows[1:]] == ["b_labels.nii.gz", "c_labels.nii.gz"]
+    assert not (tmp_path / "out3" / "a_labels.nii.gz").exists()
 
     series = tmp_path / "dicom"
     dicom_case = _as_dicom_case(case, series, "MR7")
@@ -438,7 +447,7 @@ def test_predict_path_writes_nifti_and_rtstruct(tmp_path):
         assert dice(label_array == value, truth == value) >= 0.9
 
 
-def test_predict_path_with_a_trained_checkpoint_and_bench(tmp_path):
+def test_predict_path_with_a_trained_checkpoint_and_bench(tmp_path, capsys):
     data = fake_slices(n_patients=2, per_patient=2)
     summary = seg.train_unet(data, tmp_path / "m", settings(epochs=1), progress=False)
     case, _ = mr_case()
@@ -447,6 +456,19 @@ def test_predict_path_with_a_trained_checkpoint_and_bench(tmp_path):
     assert Path(rows[0]["labels"]).is_file()  # preprocessing taken from the checkpoint
     labels = seg.predict_labels(summary["best"], case, None, postprocess=False)
     assert labels.GetSize() == case.image.GetSize()
+    # the CLI on a cohort with one unreadable patient: the others contoured, the problem on one
+    # line, exit 2
+    from crossmod_lib import cli
+
+    for pid in ("a", "b"):
+        write_image(case.image, tmp_path / "cohort" / pid / "img.nrrd")
+    (tmp_path / "cohort" / "a" / "img.nrrd").write_bytes(b"not an image")
+    code = cli.main(["predict", "--model", summary["best"], "--input", str(tmp_path / "cohort"),
+                     "--output", str(tmp_path / "cohort_out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 2 and "cohort/a/img.nrrd" in err[0]
+    assert err[1] == "crossmod: 1 of 2 patients not contoured"
+    assert sorted(p.name for p in (tmp_path / "cohort_out").iterdir()) == ["b_labels.nii.gz"]
     result = seg.bench_inference(settings(), n_slices=3, matrix=48, pixel_mm=1.5, repeats=1,
                                  workdir=tmp_path)
     assert result["seconds_mean"] > 0 and set(result["stages"]) >= {"preprocess", "predict", "write"}
