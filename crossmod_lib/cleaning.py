@@ -842,7 +842,7 @@ def _read_cache(path: Path) -> dict:
 
 
 def _manual_decisions(decisions_override, out_dir: Path) -> dict:
-    from .review import load_review, normalise_decisions
+    from .review_file import load_review, normalise_decisions
 
     if decisions_override is None:
         path = out_dir / "review.json"
