@@ -408,7 +408,7 @@ def _requality(runs_info: dict, study_dir: Path, prepared: Path, profile: dict, 
 
 
 def run_study(profile: dict, study_dir, log=print, progress: bool = False,
-              carry_on=None) -> dict[str, pd.DataFrame]:
+              carry_on=None, new_points: bool = True) -> dict[str, pd.DataFrame]:
     """Run (or carry on) the convergence study of ``profile`` in ``study_dir``; see the module.
 
     Points are visited seed by seed, budgets in increasing order, the trunk trained up to each
@@ -417,6 +417,8 @@ def run_study(profile: dict, study_dir, log=print, progress: bool = False,
     ``points`` and ``quality``. ``carry_on``: a recorded study of the same profile whose finished
     points are taken as they are (:func:`carried_points`), e.g. to add seeds in a later session;
     a seed whose first point was carried trains its baselines again (same seed: same networks).
+    ``new_points=False``: run no point, only bring the finished ones' quality measures up to
+    :data:`QUALITY_DEFINITION` and rewrite the tables.
     """
     from . import cyclegan, preparation
     from .config import save_profile
@@ -441,6 +443,9 @@ def run_study(profile: dict, study_dir, log=print, progress: bool = False,
     prepared = base.root / "prepared"
     if (prepared / "ct_slices.npz").is_file():
         _requality(runs_info, study_dir, prepared, profile, log)
+    elif not new_points:
+        raise CrossmodError(f"{study_dir}: no prepared slices (base/prepared/): nothing to bring "
+                            "up to date without running the study")
     if not (base.root / "prepared" / "ct_slices.npz").is_file():
         log("preparing the cohorts (stage 1) ...")
         t0 = time.perf_counter()
@@ -490,6 +495,8 @@ def run_study(profile: dict, study_dir, log=print, progress: bool = False,
             if key in runs_info["points"]:
                 if (point_dir / "model").is_dir():  # a carried point has no folder here
                     first_point = first_point or point_dir
+                continue
+            if not new_points:
                 continue
             k = budget // (2 * ipe)
             log(f"seed {seed}, budget {budget} iterations: trunk to {k * ipe} ...")

@@ -202,7 +202,8 @@ def test_a_finished_study_is_not_run_again_and_records_with_provenance(tiny_stud
     current = info["points"]["seed5/budget00060"]["quality"]
     info["points"]["seed5/budget00060"]["quality"] = {**current, "kid": -1.0, "definition": 1}
     runs_path.write_text(json.dumps(info))
-    again = convergence.run_study(profile, out, log=logged.append)
+    more = {**profile, "convergence": {**profile["convergence"], "budgets": [60, 120, 240]}}
+    again = convergence.run_study(more, out, log=logged.append, new_points=False)  # no 240 point
     assert logged == [f"seed5/budget00060: synthesis quality recomputed (definition "
                       f"{convergence.QUALITY_DEFINITION})"]
     assert again["quality"].set_index("budget").loc[60, "kid"] == pytest.approx(current["kid"])
