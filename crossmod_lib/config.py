@@ -159,26 +159,21 @@ def save_profile(profile: dict, path: Path) -> None:
     tmp.replace(path)
 
 
-def _image_files(path: Path) -> list[Path]:
-    from .io import IMAGE_SUFFIXES
-
-    return sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES))
-
-
 def _cohort_block(path: Path, side: str) -> tuple[dict, list[str]]:
     """The ``data.<side>`` block for a user's folder, read to check it, and comment lines saying
     what was found. MR patients without contours are kept (they train the CycleGAN and get
     contours; chapter 5 scores only the annotated ones); a CT cohort must be contoured."""
     from .datasets import detect_layout, inspect_cohort, read_nnunet_dataset
+    from .io import image_files
 
     path = path.expanduser().absolute()
     if not path.exists():
         raise CrossmodError(f"{path}: no such folder")
-    if path.is_dir() and _image_files(path) and not (path / "dataset.json").is_file():
+    if path.is_dir() and image_files(path) and not (path / "dataset.json").is_file():
         if side == "ct":
             raise CrossmodError(f"{path}: image files without contours; the CT cohort must be "
                                 "annotated (DICOM series + RTSTRUCT per patient, or nnU-Net labels)")
-        files = _image_files(path)
+        files = image_files(path)
         return {"dataset": "images", "root": str(path), "source": None, "patients": None}, [
             f"{path}: {len(files)} image files, one patient each, no contours"]
     layout = detect_layout(path)

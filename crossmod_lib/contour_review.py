@@ -31,6 +31,7 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import CrossmodError
+from .review import _WidgetFrame
 
 FORMAT = "crossmod-contour-review/1"
 REVIEW_NAME = "contour_review.json"
@@ -189,7 +190,7 @@ class ContourReviewState:
         return f"{self.patient} ({manual}): {self.decision()}"
 
 
-class ContourReviewWidget:
+class ContourReviewWidget(_WidgetFrame):
     """ipywidgets front end of a :class:`ContourReviewState`: browse, accept / flag with a note."""
 
     def __init__(self, state: ContourReviewState, panel: float = 3.0):
@@ -236,14 +237,6 @@ class ContourReviewWidget:
             self.state.go(list(self.state.patients["patient"]).index(change["new"]))
             self.refresh()
 
-    def _on_previous(self, _):
-        self.state.previous()
-        self.refresh()
-
-    def _on_next(self, _):
-        self.state.next()
-        self.refresh()
-
     def _decide(self, action):
         action()
         self.note.value = ""
@@ -259,14 +252,6 @@ class ContourReviewWidget:
     def _on_clear(self, _):
         self.state.clear()
         self.refresh()
-
-    def show(self) -> None:
-        from IPython.display import display
-
-        display(self.box)
-
-    def _repr_mimebundle_(self, **kwargs):
-        return self.box._repr_mimebundle_(**kwargs)
 
 
 def review_contours(run, model: str = "cross_modality", postprocess: str = "lcc",

@@ -987,16 +987,12 @@ def read_dicom_case(folder, structures: Sequence[str] = PAROTIDS,
     if rtstruct is not None:
         rt_path = Path(rtstruct)
         candidates = [(rt_path, _read_rtstruct_dataset(rt_path))]
-    else:
-        if not scan.rtstructs and contours == "optional":
-            series = _choose_series(scan, series_uid, modality)
-            image = _series_image(scan, series, "keep" if oblique == "resample" else oblique)
-            if oblique == "resample" and not _is_axial(np.array(image.GetDirection()).reshape(3, 3)):
-                image = _resample_axial(image)
-            return Case(patient_id=folder.name, image=image, structures={}, source=folder)
-        if not scan.rtstructs:
-            raise NoContoursError(f"{folder}: no RTSTRUCT file found")
+    elif scan.rtstructs:
         candidates = [(p, _read_rtstruct_dataset(p)) for p in scan.rtstructs]
+    elif contours == "optional":
+        candidates = []  # an unannotated patient: the series alone
+    else:
+        raise NoContoursError(f"{folder}: no RTSTRUCT file found")
     if series_uid is None and modality is None and len(scan.series) > 1 and len(candidates) == 1:
         referenced = _referenced_series(candidates[0][1]) & set(scan.series)
         if len(referenced) == 1:
@@ -1009,9 +1005,9 @@ def read_dicom_case(folder, structures: Sequence[str] = PAROTIDS,
                                 f"{series.uid} among {', '.join(p.name for p, _ in candidates)}; "
                                 "pass rtstruct= to choose one")
         candidates = matching
-    rt_path, ds = candidates[0]
     native = _series_image(scan, series, "keep" if oblique == "resample" else oblique)
-    masks = _rtstruct_masks(ds, rt_path, native, structures, aliases)
+    masks = _rtstruct_masks(candidates[0][1], candidates[0][0], native, structures, aliases) \
+        if candidates else {}
     image = native
     if oblique == "resample" and not _is_axial(np.array(native.GetDirection()).reshape(3, 3)):
         image = _resample_axial(native)

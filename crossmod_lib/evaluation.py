@@ -206,7 +206,7 @@ def evaluate_index(index: pd.DataFrame, root: str | Path, progress: bool = False
     root = Path(root)
     rows = []
     cached = (None, None)  # one reference image in memory: rows are visited reference by reference
-    index = index[[not pd.isna(v) and str(v) != "" for v in index["reference"]]]  # unannotated: nothing to compare
+    index = index[_has_reference(index["reference"])]  # unannotated: nothing to compare
     order = index.sort_values(["reference", "model"]).itertuples(index=False)
     if progress:
         from tqdm.auto import tqdm
@@ -234,8 +234,7 @@ def evaluate_index(index: pd.DataFrame, root: str | Path, progress: bool = False
 def annotation_counts(index: pd.DataFrame, modality: str = "MR") -> tuple[int, int]:
     """(patients with manual contours, patients predicted) of one cohort in a prediction index."""
     patients = index[index["modality"] == modality].drop_duplicates("patient")
-    annotated = sum(not pd.isna(v) and str(v) != "" for v in patients["reference"])
-    return int(annotated), int(len(patients))
+    return int(_has_reference(patients["reference"]).sum()), int(len(patients))
 
 
 def annotation_sentence(index: pd.DataFrame) -> str:
@@ -538,6 +537,23 @@ def interobserver_per_patient(interobserver: pd.DataFrame) -> pd.DataFrame:
     return interobserver.groupby("patient", sort=True)[values].mean().reset_index()
 
 
+def _labels_on(image: sitk.Image, path: Path, patient: str) -> np.ndarray:
+    """A label file as an array, refused when it is not on the MR's grid."""
+    from .io import grid_differences, read_image
+
+    label_image = read_image(path)
+    differences = grid_differences(label_image, image)
+    if differences:
+        raise CrossmodError(f"{path}: not on the grid of MR {patient}: " + "; ".join(differences))
+    return sitk.GetArrayFromImage(label_image)
+
+
+def _has_reference(references: pd.Series) -> pd.Series:
+    """Which prediction-index rows have manual contours (an unannotated MR patient has none)."""
+    return pd.Series([not pd.isna(v) and str(v) != "" for v in references], index=references.index,
+                     dtype=bool)
+
+
 def contour_examples(run, metrics: pd.DataFrame, model: str = "cross_modality", n: int = 4,
                      postprocess: str = "lcc") -> list[dict]:
     """Fig. 7 data: up to ``n`` *typical* MR patients of one method with both contours.
@@ -546,7 +562,6 @@ def contour_examples(run, metrics: pd.DataFrame, model: str = "cross_modality", 
     median DSC, in order of that DSC. Each item: patient, dsc, image (the MR, SimpleITK),
     reference and prediction (label arrays [z, y, x] on the image's grid).
     """
-    from .io import grid_differences, read_image
     from .preparation import cohort_sources
 
     table = per_patient(metrics, postprocess)
@@ -567,14 +582,9 @@ def contour_examples(run, metrics: pd.DataFrame, model: str = "cross_modality", 
                                 "not found")
         image = source.read(items[patient]).image
         row = index.loc[patient]
-        labels = {}
-        for key, path in (("reference", run.root / row["reference"]),
-                          ("prediction", run.root / row[POSTPROCESSING[postprocess]])):
-            label_image = read_image(path)
-            differences = grid_differences(label_image, image)
-            if differences:
-                raise CrossmodError(f"{path}: not on the grid of MR {patient}: " + "; ".join(differences))
-            labels[key] = sitk.GetArrayFromImage(label_image)
+        labels = {key: _labels_on(image, path, patient) for key, path in (
+            ("reference", run.root / row["reference"]),
+            ("prediction", run.root / row[POSTPROCESSING[postprocess]]))}
         examples.append({"patient": patient, "dsc": float(dsc), "image": image, **labels})
     return examples
 
@@ -588,7 +598,6 @@ def prediction_gallery(run, model: str = "cross_modality", patients=None,
     prediction, and reference: the manual labels, or None for an unannotated patient), in the
     index's patient order.
     """
-    from .io import grid_differences, read_image
     from .preparation import cohort_sources
 
     if postprocess not in POSTPROCESSING:
@@ -613,15 +622,9 @@ def prediction_gallery(run, model: str = "cross_modality", patients=None,
             raise CrossmodError(f"MR cohort {source.root}: patient {row.patient!r} of the predictions "
                                 "not found")
         image = source.read(items[row.patient]).image
-        labels = {"reference": None}
-        paths = [("prediction", run.root / getattr(row, POSTPROCESSING[postprocess]))]
-        if row.reference:
-            paths.append(("reference", run.root / row.reference))
-        for key, path in paths:
-            label_image = read_image(path)
-            differences = grid_differences(label_image, image)
-            if differences:
-                raise CrossmodError(f"{path}: not on the grid of MR {row.patient}: " + "; ".join(differences))
-            labels[key] = sitk.GetArrayFromImage(label_image)
+        labels = {"prediction": _labels_on(image, run.root / getattr(row, POSTPROCESSING[postprocess]),
+                                           row.patient),
+                  "reference": _labels_on(image, run.root / row.reference, row.patient)
+                  if row.reference else None}
         examples.append({"patient": row.patient, "image": image, **labels})
     return examples

@@ -225,6 +225,21 @@ def find_image(folder: Path, stem: str) -> Path | None:
     return None
 
 
+def image_files(folder: Path) -> list[Path]:
+    """The image files (:data:`IMAGE_SUFFIXES`) directly in ``folder``, sorted."""
+    return sorted(p for p in Path(folder).iterdir()
+                  if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES))
+
+
+def image_stem(path: Path) -> str:
+    """A patient id from an image file's name: the name without its image suffix."""
+    name = path.name
+    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
 def read_case(folder: str | Path, structures=PAROTIDS, structures_dir: str = "structures") -> Case:
     """Read ``img.*`` and ``<structures_dir>/<name>.*`` from a case folder.
 

@@ -26,7 +26,8 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .errors import CrossmodError
-from .io import IMAGE_SUFFIXES, PAROTIDS, Case, find_image, list_cases, read_case, read_header, read_image
+from .io import (IMAGE_SUFFIXES, PAROTIDS, Case, find_image, image_files, image_stem, list_cases,
+                 read_case, read_header, read_image)
 from .slices import read_slices, write_slices
 
 # ----------------------------------------------------------------------------------------------
@@ -503,9 +504,7 @@ class CohortSource:
             from .dicom import read_dicom_case
 
             return read_dicom_case(item, contours=self.contours)
-        if self.dataset in ("phantom", SIMULATED_MR):
-            return datasets.read_pddca_case(item, contours=self.contours)
-        if datasets.COHORT_LAYOUTS.get(self.dataset) == "pddca":
+        if self.dataset == SIMULATED_MR or datasets.COHORT_LAYOUTS.get(self.dataset) == "pddca":
             return datasets.read_pddca_case(item, contours=self.contours)
         return datasets.read_dataset_case(self.dataset, item)
 
@@ -529,14 +528,6 @@ SIMULATED_MR = "simulated_mr"
 #: A folder of image files (NIfTI, NRRD, MHA), one per patient and without contours: MR only.
 IMAGES = "images"
 
-
-def image_stem(path: Path) -> str:
-    """A patient id from an image file's name: the name without its image suffix."""
-    name = path.name
-    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
 
 
 def _simulated_mr_folder(run, spec: dict, ct: CohortSource,
@@ -677,8 +668,7 @@ def cohort_sources(run, progress: bool = True) -> dict[str, CohortSource]:
             elif not root.is_dir():
                 raise CrossmodError(f"{root}: folder of data.{side} not found")
             elif dataset == IMAGES:
-                files = sorted(p for p in root.iterdir() if p.is_file()
-                               and p.name.lower().endswith(IMAGE_SUFFIXES))
+                files = image_files(root)
                 if not files:
                     raise CrossmodError(f"{root}: no image files ({', '.join(IMAGE_SUFFIXES)}) "
                                         f"(data.{side}, dataset {IMAGES})")

@@ -516,7 +516,29 @@ def static_gallery(state_or_table, n: int = 12, columns: int = 3, size: float = 
 # Widget
 
 
-class ReviewWidget:
+class _WidgetFrame:
+    """What the review widgets share: previous / next over their state, and display of ``box``
+    (a subclass sets ``state``, ``box`` and ``refresh``)."""
+
+    def _on_previous(self, _):
+        self.state.previous()
+        self.refresh()
+
+    def _on_next(self, _):
+        self.state.next()
+        self.refresh()
+
+    def show(self) -> None:
+        """Display the widget in the notebook."""
+        from IPython.display import display
+
+        display(self.box)
+
+    def _repr_mimebundle_(self, **kwargs):
+        return self.box._repr_mimebundle_(**kwargs)
+
+
+class ReviewWidget(_WidgetFrame):
     """ipywidgets front end of a :class:`ReviewState`: sort, filter, browse, accept / reject / undo.
 
     Every decision is written to ``review.json`` at once; re-run the cleaning
@@ -595,14 +617,6 @@ class ReviewWidget:
             self.state.go(change["new"])
             self.refresh()
 
-    def _on_previous(self, _):
-        self.state.previous()
-        self.refresh()
-
-    def _on_next(self, _):
-        self.state.next()
-        self.refresh()
-
     def _decide(self, action):
         before = self.state.current
         if before is None:
@@ -624,15 +638,6 @@ class ReviewWidget:
     def _on_undo(self, _):
         self.state.undo()
         self.refresh()
-
-    def show(self) -> None:
-        """Display the widget in the notebook."""
-        from IPython.display import display
-
-        display(self.box)
-
-    def _repr_mimebundle_(self, **kwargs):
-        return self.box._repr_mimebundle_(**kwargs)
 
 
 def _live_kernel() -> bool:
