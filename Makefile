@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 PROFILE ?= demo
 STAMP  := $(VENV)/.installed
 
-.PHONY: book test smoke install clean distclean check-dicom
+.PHONY: book test smoke install clean distclean check-dicom full-tiny
 
 install: $(STAMP)
 
@@ -27,6 +27,13 @@ smoke: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The full profile's code path on the CPU (paper networks, 1 mm pixels, 256 x 256 crops) on a tiny
+# phantom cohort with a handful of iterations, every notebook executed: the GPU run of `full` can then
+# only fail for GPU reasons. Not part of make test (it takes minutes on 2 cores).
+full-tiny: $(STAMP)
+	rm -rf runs/full-tiny
+	$(BIN)/crossmod run --profile full-tiny --run-dir runs/full-tiny
 
 # The DICOM outputs of crossmod predict (RTSTRUCT, SEG) through the DICOM validator dciodvfy and
 # read back by a second library (highdicom, pydicom + matplotlib). make test skips the validator

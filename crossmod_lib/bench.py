@@ -311,7 +311,7 @@ def save_benchmark(result: dict, run, options: dict | None = None) -> Path:
     this machine. ``run``: a :class:`~crossmod_lib.runs.RunFolder` or the run folder's path.
     A later save of the same benchmark replaces the file. Returns the path."""
     from .errors import CrossmodError
-    from .runs import provenance
+    from .runs import RunFolder, provenance
 
     name = result.get("name") if isinstance(result, dict) else None
     if not name or not str(name).replace("_", "").isalnum():
@@ -323,7 +323,7 @@ def save_benchmark(result: dict, run, options: dict | None = None) -> Path:
               "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "options": _plain(options or {}), "provenance": _plain(provenance()),
               "result": _plain(result)}
-    path = root / "metrics" / f"bench_{name}.json"
+    path = RunFolder.bench_result(name).at(root)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(record, indent=2))
@@ -358,10 +358,11 @@ def load_benchmarks(run) -> dict[str, dict]:
     """The benchmarks saved in a run folder (:func:`save_benchmark`), name → record, sorted by
     name; {} when there are none. A file that is not such a record: one-line CrossmodError."""
     from .errors import CrossmodError
+    from .runs import RunFolder
 
     root = Path(run) if isinstance(run, (str, os.PathLike)) else Path(run.root)
     records = {}
-    for path in sorted((root / "metrics").glob("bench_*.json")):
+    for path in sorted(RunFolder.bench_result("*").at(root).parent.glob(RunFolder.bench_result("*").name)):
         try:
             record = json.loads(path.read_text())
         except (OSError, ValueError) as exc:

@@ -79,6 +79,7 @@ from .errors import CrossmodError
 from .metrics import dice
 from .preparation import head_mask
 from .slices import read_slices
+from .runs import RunFolder
 
 __all__ = [
     "DECISION_COLUMNS",
@@ -122,7 +123,7 @@ DECISION_COLUMNS = [
     "cached", "nmi_before", "nmi_after", "max_displacement_mm", "folded_fraction", "rotation_deg",
     "translation_mm",
     "outline_dice_after", "accepted_auto", "reason", "manual_decision", "manual_time", "decided_by",
-    "accepted_final", "image_source",
+    "accepted_final", "drop_kind", "image_source",
 ]
 
 # Registration statuses: what happened to the registration itself (the QC decision is separate).
@@ -652,7 +653,8 @@ def _context():
 
 
 def _crash_info(reason: str) -> dict:
-    return {"status": STATUS_ERROR, "accepted": False, "time_s": 0.0, "reason": reason}
+    # transient: a crashed or timed-out worker says nothing about the slice; never cached
+    return {"status": STATUS_ERROR, "accepted": False, "time_s": 0.0, "reason": reason, "transient": True}
 
 
 def register_many(tasks: list, workers: int, timeout_s: float, progress: bool = True,
@@ -845,7 +847,7 @@ def _manual_decisions(decisions_override, out_dir: Path) -> dict:
     from .review_file import load_review, normalise_decisions
 
     if decisions_override is None:
-        path = out_dir / "review.json"
+        path = out_dir / RunFolder.review.in_folder
         return load_review(path) if path.is_file() else {}
     if decisions_override is False:
         return {}
@@ -881,7 +883,7 @@ def outline_table(syn: dict, ct: dict, settings: dict) -> pd.DataFrame:
 def registered_images(out_dir, syn: dict, ct: dict, settings: dict) -> dict[int, np.ndarray]:
     """Registered synthetic MR slices available from an earlier :func:`clean` (its cache), by row."""
     s = cleaning_settings(settings)
-    cache = _read_cache(Path(out_dir) / "registration_cache.npz")
+    cache = _read_cache(Path(out_dir) / RunFolder.registration_cache.in_folder)
     if not cache:
         return {}
     maps = elastix_parameter_maps(s)
@@ -960,7 +962,7 @@ def clean(synthetic_path, ct_path, out_dir, profile: dict, decisions_override=No
 
     registered: dict = {}
     maps = elastix_parameter_maps(settings)
-    cache_path = out_dir / "registration_cache.npz"
+    cache_path = out_dir / RunFolder.registration_cache.in_folder
     cache = _read_cache(cache_path) if (use_cache and settings["register"]) else {}
     new_cache: dict = {}
     if settings["register"]:
@@ -977,8 +979,7 @@ def clean(synthetic_path, ct_path, out_dir, profile: dict, decisions_override=No
                              desc="register synthetic MR")
         for (i, key), (warped, info) in done.items():
             registered[i] = (warped, info, False)
-            if not info.get("reason", "").startswith("registration error: worker process crashed") and \
-                    "timed out" not in info.get("reason", ""):
+            if not info.get("transient"):
                 new_cache[key] = (warped, info)
 
     records = []
@@ -1010,15 +1011,17 @@ def clean(synthetic_path, ct_path, out_dir, profile: dict, decisions_override=No
                 outline_dice_after=info.get("outline_dice_after", math.nan),
             )
         if not qc_pass[i]:
-            auto, reason = False, f"outline Dice {qc[i]:.3f} < {threshold:g}"
+            auto, reason, auto_kind = False, f"outline Dice {qc[i]:.3f} < {threshold:g}", "outline"
             if not rec["registration_status"]:
                 rec["registration_status"] = STATUS_NOT_RUN if settings["register"] else STATUS_DISABLED
         elif not settings["register"]:
-            auto, reason = True, "ok"
+            auto, reason, auto_kind = True, "ok", ""
             rec["registration_status"] = STATUS_DISABLED
         else:
             info = registered[i][1]
             auto, reason = bool(info["accepted"]), info["reason"]
+            # a registration that ran but failed its outline check after is "outline after"
+            auto_kind = "" if auto else (info["status"] if info["status"] != STATUS_OK else "outline after")
         usable = warped is not None and rec["registration_status"] == STATUS_OK
         decision = manual_decision[i]
         final = auto if not decision else decision == "accept"
@@ -1026,6 +1029,7 @@ def clean(synthetic_path, ct_path, out_dir, profile: dict, decisions_override=No
             accepted_auto=auto, reason=reason, manual_decision=decision,
             manual_time=(manual_rows[i] or {}).get("time", ""),
             decided_by="manual" if decision else "auto", accepted_final=final,
+            drop_kind="" if final else ("by hand" if decision == "reject" else auto_kind),
             image_source=("registered" if usable else "unregistered") if final else "",
         )
         records.append(rec)
@@ -1059,13 +1063,13 @@ def clean(synthetic_path, ct_path, out_dir, profile: dict, decisions_override=No
 
     outputs = _Outputs(out_dir)
     try:
-        outputs.text("decisions.csv", table.to_csv(index=False, float_format="%.6g"))
-        outputs.npz("training_slices.npz", **training)
-        outputs.npz("examples.npz", **examples)
-        outputs.text("summary.json", json.dumps(summary, indent=2, default=_json_default))
+        outputs.text(RunFolder.decisions.in_folder, table.to_csv(index=False, float_format="%.6g"))
+        outputs.npz(RunFolder.training_slices.in_folder, **training)
+        outputs.npz(RunFolder.cleaning_examples.in_folder, **examples)
+        outputs.text(RunFolder.cleaning_summary.in_folder, json.dumps(summary, indent=2, default=_json_default))
         if settings["register"]:
-            outputs.text("elastix/rigid.txt", parameter_file_text(maps["rigid"]))
-            outputs.text("elastix/bspline.txt", parameter_file_text(maps["bspline"]))
+            outputs.text(RunFolder.elastix_rigid.in_folder, parameter_file_text(maps["rigid"]))
+            outputs.text(RunFolder.elastix_bspline.in_folder, parameter_file_text(maps["bspline"]))
             if use_cache:
                 _stage_cache(outputs, new_cache, (h, w))
         outputs.commit()
@@ -1073,7 +1077,7 @@ def clean(synthetic_path, ct_path, out_dir, profile: dict, decisions_override=No
         outputs.discard()
         raise
     if not settings["register"]:
-        for name in ("elastix/rigid.txt", "elastix/bspline.txt"):
+        for name in (RunFolder.elastix_rigid.in_folder, RunFolder.elastix_bspline.in_folder):
             (out_dir / name).unlink(missing_ok=True)
     return table
 
@@ -1103,13 +1107,12 @@ def _stage_cache(outputs: _Outputs, cache: dict, shape) -> None:
         if image is not None and image.shape == tuple(shape):
             warped[j], has[j] = image, True
         infos.append(json.dumps(info, default=_json_default))
-    outputs.npz("registration_cache.npz", digest=np.array(keys, dtype=str), warped=warped,
+    outputs.npz(RunFolder.registration_cache.in_folder, digest=np.array(keys, dtype=str), warped=warped,
                 has_image=has, info=np.array(infos, dtype=str))
 
 
 def _run_paths(run):
-    synthetic = run.require("synthetic", "synthetic_mr.npz") / "synthetic_mr.npz"
-    ct = run.require("prepared", "ct_slices.npz") / "ct_slices.npz"
+    synthetic, ct = run.inputs("synthetic_mr", "ct_slices")
     return synthetic, ct, run.stage("cleaned")
 
 
@@ -1119,9 +1122,15 @@ def clean_run(run, decisions_override=None, progress: bool = True) -> pd.DataFra
     return clean(synthetic, ct, out, run.profile, decisions_override=decisions_override, progress=progress)
 
 
+def run(run, progress: bool = False) -> pd.DataFrame:
+    """Stage 3 (section 2.D) over a run folder: :func:`clean_run` with the reviewer's decisions
+    (``cleaned/review.json``) where there are any. Returns the decisions table."""
+    return clean_run(run, progress=progress)
+
+
 def _cleaned_dir(run_or_dir) -> Path:
     if hasattr(run_or_dir, "require"):
-        return run_or_dir.require("cleaned", "decisions.csv")
+        return run_or_dir.inputs("decisions").parent
     path = Path(run_or_dir)
     return path.parent if path.is_file() else path
 
@@ -1129,7 +1138,7 @@ def _cleaned_dir(run_or_dir) -> Path:
 def load_decisions(run_or_dir) -> pd.DataFrame:
     """The decisions table of a run (or of a ``cleaned/`` folder, or of a decisions.csv file)."""
     path = Path(run_or_dir) if not hasattr(run_or_dir, "require") else None
-    csv = path if (path is not None and path.suffix == ".csv") else _cleaned_dir(run_or_dir) / "decisions.csv"
+    csv = path if (path is not None and path.suffix == ".csv") else _cleaned_dir(run_or_dir) / RunFolder.decisions.in_folder
     if not csv.is_file():
         raise CrossmodError(f"{csv}: decisions table not found (run the cleaning step first)")
     try:
@@ -1248,6 +1257,9 @@ def drop_kind(table: pd.DataFrame) -> pd.Series:
     the registration's status; "outline after": the outline Dice after registration; "by hand": a
     manual rejection (whatever the automatic decision was).
     """
+    if "drop_kind" in table:  # written by clean() as it decided
+        return table["drop_kind"].fillna("").astype(str).rename("drop_kind")
+    # a decisions table from before the column existed: derive it from the other columns
     final = table["accepted_final"].astype(bool).to_numpy()
     manual = table["manual_decision"].fillna("").astype(str).to_numpy() if "manual_decision" in table else None
     status = table["registration_status"].fillna("").astype(str).to_numpy()
@@ -1415,7 +1427,7 @@ def _example_arrays(table, rows, ct, syn, registered) -> dict:
 
 def load_examples(run_or_dir) -> dict:
     """The example slices kept by :func:`clean` (``cleaned/examples.npz``) as arrays."""
-    path = _cleaned_dir(run_or_dir) / "examples.npz"
+    path = _cleaned_dir(run_or_dir) / RunFolder.cleaning_examples.in_folder
     return _load_npz(path, "cleaning examples", ("ct", "synthetic", "row"))
 
 
@@ -1500,11 +1512,11 @@ def export_nnunet(run_or_paths, dest, dataset_name: str = "Dataset501_CrossmodSy
     from .datasets import write_nnunet_dataset
 
     if hasattr(run_or_paths, "require"):
-        path = run_or_paths.require("cleaned", "training_slices.npz") / "training_slices.npz"
+        path = run_or_paths.inputs("training_slices")
     else:
         path = Path(run_or_paths)
         if path.suffix != ".npz":
-            path = path / "training_slices.npz"
+            path = path / RunFolder.training_slices.in_folder
     arrays = _load_npz(path, "cleaned training slices", ("image", "labels", "patient", "slice_index"))
     if len(arrays["image"]) == 0:
         raise CrossmodError(f"{path}: no accepted slices to export")

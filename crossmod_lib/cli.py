@@ -58,6 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run only notebook N (repeatable); default: all, in order")
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("pipeline", help="run pipeline stages through the library, no notebooks",
+                       description="Run the pipeline's stages (all, or --stage NAME) through the "
+                                   "library alone, without papermill: preparation, cyclegan, "
+                                   "cleaning, segmentation, evaluation, contour_quality, timing. "
+                                   "Each reads the earlier stages' files in the run folder.")
+    _add_profile(p)
+    _add_run_dir(p)
+    p.add_argument("--stage", action="append", metavar="NAME",
+                   help="run only this stage (repeatable; run in pipeline order); default: all")
+    p.set_defaults(func=cmd_pipeline)
+
     p = sub.add_parser("book", help="run the notebooks and build the HTML book",
                        description="Execute every notebook for a profile, then build the book "
                                    "with Jupyter Book into _build/html/.")
@@ -229,6 +240,16 @@ def cmd_run(args) -> int:
 
     run = RunFolder.open(args.profile, args.run_dir)
     run_notebooks(run, args.stage)
+    return 0
+
+
+def cmd_pipeline(args) -> int:
+    from .pipeline import run_stages, stage_order
+    from .runs import RunFolder
+
+    names = stage_order(args.stage)  # an unknown name stops before the run folder is made
+    run = RunFolder.open(args.profile, args.run_dir)
+    run_stages(run, names)
     return 0
 
 
@@ -447,9 +468,11 @@ def cmd_record(args) -> int:
 
     out = args.out
     if out is None:
-        profile_file = args.run_dir / "profile.yaml"
+        from .runs import RunFolder
+
+        profile_file = RunFolder.settings_file.at(args.run_dir)
         if not profile_file.is_file():
-            raise CrossmodError(f"{args.run_dir}: no profile.yaml (not a run folder)")
+            raise CrossmodError(f"{args.run_dir}: no {profile_file.name} (not a run folder)")
         name = (yaml.safe_load(profile_file.read_text()) or {}).get("name") or args.run_dir.name
         out = record.default_folder() / name
     info = record.record_run(args.run_dir, out, note=args.note)

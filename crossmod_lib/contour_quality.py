@@ -61,18 +61,13 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
+from .defaults import section_defaults
 from .errors import CrossmodError
 from .io import PAROTIDS
 
-#: Thresholds of the rules (see the module docstring); a profile's ``contour_quality`` section,
-#: where present, overrides them.
-DEFAULTS = {
-    "short_ratio": 0.75,   # short: area below this fraction of the expected area ...
-    "short_deficit": 0.2,  # ... and short by at least this fraction of the gland's largest slice area
-    "fit_tau": 0.99,       # expectile of the quadratic fit of the expected area (upper side)
-    "volume_z": 3.5,       # volume outlier: |robust z| above this
-    "min_cohort": 8,       # volume outliers need at least this many glands
-}
+#: Thresholds of the rules (see the module docstring): the ``contour_quality`` block of
+#: ``profiles/full.yaml``, where each is explained; a profile's own section overrides them.
+DEFAULTS = section_defaults("contour_quality")
 
 RULES = ("missing", "short")
 
@@ -463,17 +458,15 @@ def assess_run(run, settings: dict | None = None, progress: bool = False) -> dic
     settings = settings_from(run.profile, **(settings or {}))
     source = cohort_sources(run, progress=False)["CT"]
     report = assess_cohort(source, settings, progress=progress)
-    affected = affected_slices(report, run.root / "prepared" / "ct_slices.npz",
-                               run.root / "cleaned" / "training_slices.npz")
-    metrics = run.stage("metrics")
-    _write_csv(report.glands, metrics / "contour_quality_glands.csv")
-    _write_csv(report.profiles, metrics / "contour_quality_slices.csv")
+    affected = affected_slices(report, run.ct_slices, run.training_slices)
+    _write_csv(report.glands, run.output("contour_quality_glands"))
+    _write_csv(report.profiles, run.output("contour_quality_slices"))
     defects = accuracy = None
     if source.dataset == "phantom":
-        defects = phantom_defects(run.root / "raw" / "phantom" / "phantom.json",
+        defects = phantom_defects(run.phantom_record,
                                   patients=report.glands["patient"].unique())
         accuracy = detection_accuracy(report, defects)
-        _write_csv(accuracy, metrics / "contour_quality_detection.csv")
+        _write_csv(accuracy, run.output("contour_quality_detection"))
     return {"report": report, "affected": affected, "defects": defects, "accuracy": accuracy,
             "source": source}
 
@@ -481,6 +474,12 @@ def assess_run(run, settings: dict | None = None, progress: bool = False) -> dic
 def _window(hu: np.ndarray, level: float, width: float) -> np.ndarray:
     lo = level - width / 2.0
     return np.clip((hu.astype(np.float32) - lo) / width, 0.0, 1.0)
+
+
+def run(run, progress: bool = False) -> dict:
+    """Stage 6 (beyond the paper) over a run folder: :func:`assess_run` with the profile's
+    settings; writes ``metrics/contour_quality_*.csv``."""
+    return assess_run(run, progress=progress)
 
 
 def figure9_examples(run, assessed: dict, n: int = 3, margin_mm: float = 15.0) -> list[dict]:

@@ -34,7 +34,6 @@ from .errors import CrossmodError
 from .review import _WidgetFrame
 
 FORMAT = "crossmod-contour-review/1"
-REVIEW_NAME = "contour_review.json"
 DECISIONS = ("accept", "flag")
 
 
@@ -106,7 +105,7 @@ class ContourReviewState:
         demand; decisions in ``predictions/contour_review.json``."""
         from .evaluation import prediction_gallery, read_prediction_index
 
-        index = read_prediction_index(run.root / "predictions" / "index.csv")
+        index = read_prediction_index(run.prediction_index)
         rows = index[(index["model"] == model) & (index["modality"] == "MR")]
         if unannotated_only:
             rows = rows[rows["reference"] == ""]
@@ -116,7 +115,7 @@ class ContourReviewState:
         def loader(patient):
             return prediction_gallery(run, model, [patient], postprocess, unannotated_only=False)[0]
 
-        return cls(model, table, loader, run.root / "predictions" / REVIEW_NAME)
+        return cls(model, table, loader, run.contour_review)
 
     # -- browsing
     @property

@@ -47,6 +47,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import CrossmodError
+from .runs import RunFolder
 
 QUALITY_COLUMNS = ("seed", "budget", "parotid_ratio", "real_parotid_ratio", "outline_dice_median",
                    "outline_dice_share", "histogram_w1", "kid", "kid_sd", "real_kid")
@@ -297,18 +298,17 @@ def run_point(point, trunk_dir: Path, baseline_from: Path | None, models, log=pr
     seconds = {}
     settings = cyclegan.settings_from_profile(point.profile)
     head_threshold = point.profile["preprocessing"]["head_threshold"]
-    prepared = point.require("prepared", "ct_slices.npz", "mr_slices.npz")
-    folder = point.stage("synthetic") / "cyclegan"
+    ct_slices, mr_slices = point.inputs("ct_slices", "mr_slices")
+    folder = point.output("cyclegan_dir")
     t0 = time.perf_counter()
     if not (folder / cyclegan.SUMMARY_NAME).is_file():
         cyclegan.branch(trunk_dir, folder, settings, head_threshold)
-    summary = cyclegan.train(prepared / "ct_slices.npz", prepared / "mr_slices.npz", folder, settings,
+    summary = cyclegan.train(ct_slices, mr_slices, folder, settings,
                              head_threshold, resume=True, progress=False)
     seconds["cyclegan_decay"] = time.perf_counter() - t0
     seconds["cyclegan_total"] = summary["seconds_total"]
     t0 = time.perf_counter()
-    cyclegan.synthesise(folder / cyclegan.CHECKPOINT_NAME, prepared / "ct_slices.npz",
-                        point.root / "synthetic" / "synthetic_mr.npz", settings)
+    cyclegan.synthesise(folder / cyclegan.CHECKPOINT_NAME, ct_slices, point.synthetic_mr, settings)
     seconds["synthesis"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     decisions = cleaning.clean_run(point, progress=False)
@@ -367,7 +367,7 @@ def carried_points(profile: dict, recorded) -> dict:
     import yaml
 
     recorded = Path(recorded)
-    runs_path, profile_path = recorded / "metrics" / "convergence_runs.json", recorded / "profile.yaml"
+    runs_path, profile_path = RunFolder.convergence_runs.at(recorded), RunFolder.settings_file.at(recorded)
     if not runs_path.is_file() or not profile_path.is_file():
         raise CrossmodError(f"{recorded}: not a recorded study (no metrics/convergence_runs.json "
                             "and profile.yaml)")
@@ -391,18 +391,18 @@ def carried_points(profile: dict, recorded) -> dict:
     return {key: {**point, "carried_from": str(recorded)} for key, point in info.get("points", {}).items()}
 
 
-def _requality(runs_info: dict, study_dir: Path, prepared: Path, profile: dict, log=print) -> None:
+def _requality(runs_info: dict, study_dir: Path, base, profile: dict, log=print) -> None:
     """Recompute, from the stored synthetic slices, the quality of the points measured under an
     older :data:`QUALITY_DEFINITION` (a carried point without its folder keeps its numbers)."""
     for key, point in sorted(runs_info["points"].items()):
         if point.get("quality", {}).get("definition") == QUALITY_DEFINITION:
             continue
-        synthetic = study_dir / key / "synthetic" / "synthetic_mr.npz"
+        synthetic = RunFolder.synthetic_mr.at(study_dir / key)
         if not synthetic.is_file():
             continue
         log(f"{key}: synthesis quality recomputed (definition {QUALITY_DEFINITION})")
         point["quality"] = synthesis_quality(
-            synthetic, prepared / "ct_slices.npz", prepared / "mr_slices.npz",
+            synthetic, base.ct_slices, base.mr_slices,
             profile["preprocessing"]["head_threshold"], profile["cleaning"]["outline_dice_threshold"],
             seed=point["seed"])
 
@@ -422,17 +422,14 @@ def run_study(profile: dict, study_dir, log=print, progress: bool = False,
     """
     from . import cyclegan, preparation
     from .config import save_profile
-    from .runs import RunFolder
-
     from .runs import git_commit
 
     study = study_settings(profile)
     code_commit = git_commit()  # the code this process runs, whatever HEAD does meanwhile
     study_dir = Path(study_dir).absolute()
     study_dir.mkdir(parents=True, exist_ok=True)
-    save_profile(profile, study_dir / "profile.yaml")
-    metrics_dir = study_dir / "metrics"
-    runs_path = metrics_dir / "convergence_runs.json"
+    save_profile(profile, RunFolder.settings_file.at(study_dir))
+    runs_path = RunFolder.convergence_runs.at(study_dir)
     runs_info = json.loads(runs_path.read_text()) if runs_path.is_file() else {"points": {}}
     runs_info["study"] = study
     if carry_on is not None:
@@ -441,12 +438,12 @@ def run_study(profile: dict, study_dir, log=print, progress: bool = False,
 
     base = RunFolder.open(profile, study_dir / "base")
     prepared = base.root / "prepared"
-    if (prepared / "ct_slices.npz").is_file():
-        _requality(runs_info, study_dir, prepared, profile, log)
+    if base.ct_slices.is_file():
+        _requality(runs_info, study_dir, base, profile, log)
     elif not new_points:
         raise CrossmodError(f"{study_dir}: no prepared slices (base/prepared/): nothing to bring "
                             "up to date without running the study")
-    if not (base.root / "prepared" / "ct_slices.npz").is_file():
+    if not base.ct_slices.is_file():
         log("preparing the cohorts (stage 1) ...")
         t0 = time.perf_counter()
         preparation.prepare_run(base, progress=progress)
@@ -457,7 +454,7 @@ def run_study(profile: dict, study_dir, log=print, progress: bool = False,
     ipe = study["iterations_per_epoch"]
     from .slices import read_slices
 
-    n_ct = len(read_slices(prepared / "ct_slices.npz", "prepared CT slices", ("image",))["image"])
+    n_ct = len(read_slices(base.ct_slices, "prepared CT slices", ("image",))["image"])
     batch = cyclegan.settings_from_profile(profile)["batch_size"]
     if ipe > -(-n_ct // batch):
         raise CrossmodError(f"convergence.iterations_per_epoch {ipe}: more than an epoch of the "
@@ -475,8 +472,8 @@ def run_study(profile: dict, study_dir, log=print, progress: bool = False,
 
     def write_tables():
         points, quality_table = tables()
-        _atomic_csv(points, metrics_dir / "convergence.csv")
-        _atomic_csv(quality_table, metrics_dir / "convergence_quality.csv")
+        _atomic_csv(points, RunFolder.convergence.at(study_dir))
+        _atomic_csv(quality_table, RunFolder.convergence_quality.at(study_dir))
         tmp = runs_path.with_name(f".{runs_path.name}.tmp")
         tmp.write_text(json.dumps(runs_info, indent=1))
         os.replace(tmp, runs_path)
@@ -501,7 +498,7 @@ def run_study(profile: dict, study_dir, log=print, progress: bool = False,
             k = budget // (2 * ipe)
             log(f"seed {seed}, budget {budget} iterations: trunk to {k * ipe} ...")
             t0 = time.perf_counter()
-            cyclegan.train(prepared / "ct_slices.npz", prepared / "mr_slices.npz", trunk_dir,
+            cyclegan.train(base.ct_slices, base.mr_slices, trunk_dir,
                            trunk_settings, head_threshold, resume=True, progress=progress,
                            max_iterations=k * ipe)
             trunk_seconds = time.perf_counter() - t0
@@ -511,8 +508,7 @@ def run_study(profile: dict, study_dir, log=print, progress: bool = False,
             started = _provenance(code_commit)
             outcome = run_point(point, trunk_dir, first_point, study["models"], log=log)
             outcome["seconds"]["trunk_this_point"] = trunk_seconds
-            quality = synthesis_quality(point.root / "synthetic" / "synthetic_mr.npz",
-                                        prepared / "ct_slices.npz", prepared / "mr_slices.npz",
+            quality = synthesis_quality(point.synthetic_mr, base.ct_slices, base.mr_slices,
                                         head_threshold, outline_threshold, seed=seed)
             runs_info["points"][key] = {
                 "seed": seed, "budget": budget, **started,

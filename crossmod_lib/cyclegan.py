@@ -78,7 +78,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .defaults import section_defaults
 from .errors import CrossmodError
+from .runs import TrainingFiles, write_json
 from .slices import read_slices, write_slices
 
 __all__ = [
@@ -89,40 +91,18 @@ __all__ = [
     "settings_from_profile", "soft_head_mask", "synthesise", "train", "training_flops_per_image",
 ]
 
-# The paper's settings; ``crossmod_lib/profiles/full.yaml`` (block ``cyclegan``) holds the same
-# values with a comment on each. ``head_threshold`` comes from ``preprocessing.head_threshold``.
-DEFAULT_SETTINGS: dict = {
-    "ngf": 64,
-    "ndf": 64,
-    "n_blocks": 9,
-    "epochs_constant": 100,
-    "epochs_decay": 100,
-    "max_iterations_per_epoch": None,
-    "batch_size": 1,
-    "lr": 2e-4,
-    "beta1": 0.5,
-    "beta2": 0.999,
-    "lambda_adv": 1.0,
-    "lambda_cycle": 10.0,
-    "lambda_identity": 0.5,
-    "lambda_geo": 10.0,
-    "geometric_loss": True,
-    "mask_temperature": 5.0,
-    "pool_size": 50,
-    "init_gain": 0.02,
-    "bf16": True,
-    "channels_last": True,
-    "compile": False,
-    "deterministic": True,
-    "cpu_threads": 0,
-    "seed": None,
-    "ablation_iterations_per_epoch": None,
-    "translator": "cyclegan",
-    "lambda_nce": None,
-    "nce_patches": 256,
-    "nce_temperature": 0.07,
-    "nce_features": 256,
-}
+# The paper's settings are the ``cyclegan`` block of ``crossmod_lib/profiles/full.yaml`` (with a
+# comment on each), the one place they are written: ``DEFAULT_SETTINGS`` reads it on first use (None
+# on a bare GPU machine without PyYAML, where the JSON config comes complete), so importing this
+# module needs only torch and numpy. ``head_threshold`` comes from ``preprocessing.head_threshold``.
+
+
+def __getattr__(name: str):
+    if name == "DEFAULT_SETTINGS":
+        return section_defaults("cyclegan")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 TRANSLATORS = ("cyclegan", "cut", "fastcut")
 DEFAULT_SEED = 2021
 DEFAULT_HEAD_THRESHOLD = 20.0
@@ -143,10 +123,10 @@ LOSS_TERMS = (
     "geo_CT", "geo_MR", "D_MR", "D_CT",
 )
 
-CHECKPOINT_NAME = "checkpoint.pt"
-LOSSES_NAME = "losses.csv"
-SUMMARY_NAME = "summary.json"
-SETTINGS_NAME = "settings.json"
+CHECKPOINT_NAME = TrainingFiles.CHECKPOINT
+LOSSES_NAME = TrainingFiles.LOSSES
+SUMMARY_NAME = TrainingFiles.SUMMARY
+SETTINGS_NAME = TrainingFiles.SETTINGS
 _LOG_EVERY = 20          # iterations between moving logged losses off the GPU (one sync)
 _FILL_CHECK_EVERY = 8    # hole-filling iterations between convergence checks
 _HEAD_CLIP = 10.0        # head logits are clipped here inside the hole fill (see soft_head_mask)
@@ -178,10 +158,12 @@ def check_settings(settings: dict, source: str = "cyclegan settings") -> dict:
     """
     if not isinstance(settings, dict):
         raise CrossmodError(f"{source}: the cyclegan settings must be a mapping")
-    unknown = sorted(set(settings) - set(DEFAULT_SETTINGS) - {"head_threshold"})
+    defaults = section_defaults("cyclegan")
+    known = defaults if defaults is not None else settings  # no PyYAML: the config as given
+    unknown = sorted(set(settings) - set(known) - {"head_threshold"})
     if unknown:
         raise _setting_error(source, unknown[0], "is unknown")
-    s = {**DEFAULT_SETTINGS, **settings}
+    s = {**known, **settings}
     if s["seed"] is None:
         s["seed"] = DEFAULT_SEED
 
@@ -1583,6 +1565,59 @@ def example_grid(checkpoint, ct_npz, mr_npz, ct_indices, mr_indices=None,
             "mr": mr_images, "synthetic_ct": synthetic_ct, "reconstructed_mr": reconstructed_mr,
             "ct_indices": ct_indices, "mr_indices": mr_indices}
     return {k: v for k, v in grid.items() if v is not None}
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage (needs the whole library; the functions above need only torch and numpy)
+
+
+ABLATION_ARMS = (("with geometric loss", True, "ablation_geo_dir"),
+                 ("without geometric loss", False, "ablation_nogeo_dir"))
+
+
+def run(run, progress: bool = False) -> dict:
+    """Stage 2 (section 2.C) over a run folder: train the translator on ``prepared/`` (resuming a
+    stopped run), synthesise an MR for every CT slice, measure the parotid contrast and the
+    geometric-loss ablation (two shorter runs, with and without it).
+
+    Writes ``synthetic/`` (the training folders, ``synthetic_mr.npz``, ``synthesis.json``) and
+    ``metrics/cyclegan_parotid_contrast.csv``, ``metrics/cyclegan_ablation.csv``. Returns
+    ``summary`` (the main training), ``synthesis``, ``contrast`` and ``ablation`` (tables) and
+    ``outline_dice`` (arm -> each CT slice's outline Dice, the main run's last).
+    """
+    import pandas as pd
+
+    from .cleaning import outline_dice
+
+    settings = settings_from_profile(run.profile)
+    head_threshold = run.profile["preprocessing"]["head_threshold"]
+    ct_npz, mr_npz = run.inputs("ct_slices", "mr_slices")
+    summary = train(ct_npz, mr_npz, run.output("cyclegan_dir"), settings, head_threshold, resume=True,
+                    progress=progress)
+    synthesis = synthesise(run.cyclegan_dir / CHECKPOINT_NAME, ct_npz, run.output("synthetic_mr"),
+                           settings)
+    write_json(synthesis, run.output("synthesis"))  # chapter 7 reads the synthesis time
+    contrast = pd.DataFrame(parotid_contrast(run.synthetic_mr, mr_npz)).set_index("images")
+    contrast.to_csv(run.output("parotid_contrast"))
+
+    ct_masks = read_slices(ct_npz, "prepared CT slices", ("head_mask",))["head_mask"]
+    dice = {}
+    for name, use_geo, folder_name in ABLATION_ARMS:
+        arm = ablation_settings(settings, geometric_loss=use_geo)
+        folder = run.output(folder_name)
+        train(ct_npz, mr_npz, folder, arm, head_threshold, resume=True, progress=progress)
+        synthesise(folder / CHECKPOINT_NAME, ct_npz, folder / TrainingFiles.SYNTHETIC, arm)
+        arm_images = read_slices(folder / TrainingFiles.SYNTHETIC, f"{name} synthetic MR", ("image",))
+        dice[name] = outline_dice(arm_images["image"], ct_masks, head_threshold)
+    main_images = read_slices(run.synthetic_mr, "synthetic MR", ("image",))["image"]
+    dice["main run"] = outline_dice(main_images, ct_masks, head_threshold)
+    threshold = run.profile["cleaning"]["outline_dice_threshold"]
+    ablation = pd.DataFrame({name: {"median outline Dice": np.median(d), "mean": np.mean(d),
+                                    f"share ≥ {threshold}": np.mean(d >= threshold), "slices": len(d)}
+                             for name, d in dice.items()}).T
+    ablation.to_csv(run.output("ablation"))
+    return {"summary": summary, "synthesis": synthesis, "contrast": contrast, "ablation": ablation,
+            "outline_dice": dice}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -90,6 +90,7 @@ from pydicom.valuerep import format_number_as_ds
 
 from .errors import CrossmodError, NoContoursError
 from .io import PAROTIDS, Case, _one_line, grid_differences
+from .runs import PredictionFiles
 
 __all__ = [
     "DEFAULT_ALIASES",
@@ -1296,7 +1297,7 @@ def write_case_dicom(case, folder, *, series_description: str = "T2w (simulated)
         for name, mask in case.structures.items():
             masks[name] = sitk.Resample(sitk.Cast(mask > 0, sitk.sitkUInt8), series,
                                         sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-        write_rtstruct(masks, series, tmp / "RS.dcm")
+        write_rtstruct(masks, series, tmp / PredictionFiles.RTSTRUCT_IN_SERIES)
     return Path(folder)
 
 

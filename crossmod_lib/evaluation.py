@@ -257,9 +257,9 @@ def evaluate_predictions(run, progress: bool = False) -> pd.DataFrame:
     Reads ``predictions/index.csv`` (chapter 4) and the label maps it names; see
     :func:`evaluate_index` for the table. The CSV is written atomically.
     """
-    index = read_prediction_index(run.require("predictions", "index.csv") / "index.csv")
+    index = read_prediction_index(run.inputs("prediction_index"))
     metrics = evaluate_index(index, run.root, progress=progress)
-    out = run.stage("metrics") / "segmentation.csv"
+    out = run.output("segmentation_metrics")
     tmp = out.with_name(f".{out.name}.tmp")
     metrics.to_csv(tmp, index=False)
     tmp.replace(out)
@@ -399,7 +399,7 @@ def postprocessing_effect(metrics: pd.DataFrame) -> pd.DataFrame:
 def read_interobserver(run) -> pd.DataFrame | None:
     """Chapter 1's ``metrics/interobserver_mr.csv`` (None where the MR cohort has no second
     observer, so chapter 1 wrote none)."""
-    path = run.root / "metrics" / "interobserver_mr.csv"
+    path = run.interobserver_mr
     if not path.is_file():
         return None
     try:
@@ -571,7 +571,7 @@ def contour_examples(run, metrics: pd.DataFrame, model: str = "cross_modality", 
     median = table["dsc"].median()
     chosen = table.iloc[np.argsort(np.abs(table["dsc"].to_numpy() - median), kind="stable")[:n]]
     chosen = chosen.sort_values("dsc")
-    index = read_prediction_index(run.root / "predictions" / "index.csv")
+    index = read_prediction_index(run.prediction_index)
     index = index[index["model"] == model].set_index("patient")
     source = cohort_sources(run, progress=False)["MR"]
     items = dict(zip(source.patient_ids(), source.items))
@@ -602,10 +602,10 @@ def prediction_gallery(run, model: str = "cross_modality", patients=None,
 
     if postprocess not in POSTPROCESSING:
         raise CrossmodError(f"postprocess={postprocess!r}: one of {sorted(POSTPROCESSING)}")
-    index = read_prediction_index(run.root / "predictions" / "index.csv")
+    index = read_prediction_index(run.prediction_index)
     rows = index[(index["model"] == model) & (index["modality"] == "MR")]
     if rows.empty:
-        raise CrossmodError(f"{run.root / 'predictions' / 'index.csv'}: no MR predictions of model {model!r}")
+        raise CrossmodError(f"{run.prediction_index}: no MR predictions of model {model!r}")
     if unannotated_only:
         rows = rows[rows["reference"] == ""]
     if patients is not None:
@@ -628,3 +628,46 @@ def prediction_gallery(run, model: str = "cross_modality", patients=None,
                   if row.reference else None}
         examples.append({"patient": row.patient, "image": image, **labels})
     return examples
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage
+
+POSTPROCESS_TITLES = {"lcc": "largest 3D component per gland", "raw": "the network's raw output"}
+INTEROBSERVER_TITLE = "Interobserver variability (this run's MR)"
+
+
+def main_postprocess(profile: dict) -> tuple[str, str]:
+    """(the post-processing of the main results, the other one) for a profile."""
+    main = "lcc" if profile["segmentation"]["postprocess_lcc"] else "raw"
+    return main, ("raw" if main == "lcc" else "lcc")
+
+
+def run(run, progress: bool = False) -> dict:
+    """Stage 5 (section 2.G) over a run folder: the metrics of every prediction against the
+    manual contours, Table II under both post-processings and, where MR patients were scored,
+    the rank tests of cross-modality learning against the other methods.
+
+    Writes ``metrics/segmentation.csv``, ``metrics/table_2_lcc.csv``, ``metrics/table_2_raw.csv``
+    and ``metrics/segmentation_tests.csv`` (removed when nothing could be tested). Returns
+    ``metrics``, ``index``, ``interobserver``, ``tables`` (post-processing -> Table II),
+    ``mr_scored`` and ``tests`` (or None).
+    """
+    metrics = evaluate_predictions(run, progress=progress)
+    index = read_prediction_index(run.prediction_index)
+    interobserver = read_interobserver(run)
+    tables = {}
+    for postprocess in main_postprocess(run.profile):
+        tables[postprocess] = table_ii(metrics, interobserver, postprocess=postprocess,
+                                       interobserver_title=INTEROBSERVER_TITLE)
+        tables[postprocess].to_csv(run.output(f"table_2_{postprocess}"))
+    mr_scored = "cross_modality" in set(metrics.loc[metrics["modality"] == "MR", "model"])
+    tests = None
+    if mr_scored:
+        tests = paired_tests(metrics, reference="cross_modality",
+                             postprocess=main_postprocess(run.profile)[0])
+        tests.to_csv(run.output("segmentation_tests"), index=False)
+    else:
+        run.segmentation_tests.unlink(missing_ok=True)
+    return {"metrics": metrics, "index": index, "interobserver": interobserver, "tables": tables,
+            "mr_scored": mr_scored, "tests": tests}

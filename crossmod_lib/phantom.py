@@ -55,6 +55,7 @@ from crossmod_lib import __version__
 from crossmod_lib.errors import CrossmodError
 from crossmod_lib.io import staged_folder
 from crossmod_lib.parallel import run_tasks
+from crossmod_lib.runs import RawFiles
 
 PHANTOM_VERSION = "1.0"
 
@@ -1242,5 +1243,5 @@ def write_phantom(out_dir, *, seed: int = 2021, n_ct: int = 3, n_mr: int = 3,
             "ct": ct_infos,
             "mr": mr_infos,
         }
-        (tmp / "phantom.json").write_text(json.dumps(summary, indent=1))
+        (tmp / RawFiles.PHANTOM).write_text(json.dumps(summary, indent=1))
     return summary

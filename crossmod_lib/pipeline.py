@@ -37,6 +37,45 @@ def notebooks(root: Path | None = None) -> list[tuple[int, Path]]:
     return found
 
 
+# The pipeline's stages in order: name -> (module whose run(run) does it, its notebook's number).
+# Each reads only earlier stages' artefacts (crossmod_lib.runs.RunFolder names them all).
+STAGES = {
+    "preparation": ("preparation", 1),
+    "cyclegan": ("cyclegan", 2),
+    "cleaning": ("cleaning", 3),
+    "segmentation": ("segmentation", 4),
+    "evaluation": ("evaluation", 5),
+    "contour_quality": ("contour_quality", 6),
+    "timing": ("timing", 7),
+}
+
+
+def stage_order(names=None) -> list[str]:
+    """The named stages (default: all) in pipeline order; an unknown name is a one-line error."""
+    names = list(STAGES) if not names else list(names)
+    unknown = [n for n in names if n not in STAGES]
+    if unknown:
+        raise CrossmodError(f"unknown stage {', '.join(map(repr, unknown))}; one of {', '.join(STAGES)}")
+    return [n for n in STAGES if n in names]
+
+
+def run_stages(run: RunFolder, names=None, log=print) -> dict[str, float]:
+    """Run pipeline stages through the library alone, without the notebooks (all, or ``names``,
+    always in pipeline order). Returns the wall seconds of each. The book is still built by
+    executing the notebooks (:func:`run_notebooks`), which call the same functions."""
+    import importlib
+
+    seconds = {}
+    for name in stage_order(names):
+        module = importlib.import_module(f"crossmod_lib.{STAGES[name][0]}")
+        log(f"[{name}] (profile {run.profile['name']}) ...")
+        started = time.perf_counter()
+        module.run(run)
+        seconds[name] = time.perf_counter() - started
+        log(f"[{name}] done in {seconds[name]:.1f} s")
+    return seconds
+
+
 def _kernel_environment() -> None:
     # The "python3" kernel spec launches `python` from PATH; put this interpreter's folder first so
     # the notebooks run in the same environment as crossmod itself (e.g. the project's .venv).
@@ -66,12 +105,12 @@ def run_notebooks(run: RunFolder, stages: list[int] | None = None, log=print,
             )
         available = [(n, p) for n, p in available if n in stages]
     _kernel_environment()
-    out_dir = run.stage("notebooks")
+    run.stage("notebooks")  # the executed notebooks and timings.json go here
     timing.read_timings(run)  # a damaged timings.json stops the run before any work, not after
     device = timing.device_info()
     executed = []
     for number, source in available:
-        target = out_dir / f"{source.stem}.ipynb"
+        target = run.executed_notebook(source.stem)
         notebook = jupytext.read(source)
         notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
                                            "language": "python"}
@@ -90,7 +129,7 @@ def run_notebooks(run: RunFolder, stages: list[int] | None = None, log=print,
             papermill.execute_notebook(
                 notebook, str(target),
                 parameters={"profile": run.profile["name"], "run_dir": str(run.root),
-                            "profile_path": str(run.root / "profile.yaml")},
+                            "profile_path": str(run.settings_file)},
                 cwd=str(run.root), kernel_name="python3", progress_bar=False,
                 report_mode=False, log_output=False,
             )
@@ -122,10 +161,10 @@ def build_book(run: RunFolder, out_dir: str | Path | None = None, log=print,
     root = project_root()
     out_dir = Path(out_dir).resolve() if out_dir else root
     missing = [src.stem for _, src in notebooks(root)
-               if not (run.root / "notebooks" / f"{src.stem}.ipynb").is_file()]
+               if not run.executed_notebook(src.stem).is_file()]
     if missing:
         raise CrossmodError(
-            f"{run.root / 'notebooks'}: executed notebooks missing ({', '.join(missing)}); "
+            f"{run.executed_notebooks}: executed notebooks missing ({', '.join(missing)}); "
             f"run them first (crossmod run --profile {run.profile['name']})"
         )
     source = out_dir / "_build" / "source"
@@ -137,7 +176,7 @@ def build_book(run: RunFolder, out_dir: str | Path | None = None, log=print,
     executed_dir = source / "book" / "_executed"
     executed_dir.mkdir(parents=True)
     for _, notebook in notebooks(root):
-        shutil.copy2(run.root / "notebooks" / f"{notebook.stem}.ipynb", executed_dir)
+        shutil.copy2(run.executed_notebook(notebook.stem), executed_dir)
     jupyter_book = Path(sys.executable).parent / "jupyter-book"
     command = [str(jupyter_book) if jupyter_book.exists() else "jupyter-book", "build",
                str(source), "--config", str(source / "_config.yml"),

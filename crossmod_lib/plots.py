@@ -457,3 +457,241 @@ def convergence_curves(points, quality, models=("cross_modality", "domain_random
         ax.set_xticks(budgets, [f"{b:,}" for b in budgets])
         ax.xaxis.set_minor_locator(plt.NullLocator())
     return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# The chapters' figures (the notebooks call these and show the result)
+
+
+def save(fig, run, name: str, dpi: int = 120) -> None:
+    """Save a figure as ``<run>/figures/<name>`` (a :class:`crossmod_lib.runs.Figures` name)."""
+    fig.savefig(run.figure(name), dpi=dpi, bbox_inches="tight")
+
+
+def intensity_histograms(named_slices: dict):
+    """Chapter 1: per modality, the 0-255 intensities inside the head outline, one line per patient.
+
+    ``named_slices``: title -> prepared slices (``image``, ``head_mask``, ``patient``)."""
+    fig, axes = plt.subplots(1, len(named_slices), figsize=(5 * len(named_slices), 3.2),
+                             constrained_layout=True, squeeze=False)
+    for ax, (name, slices) in zip(axes[0], named_slices.items()):
+        for patient in np.unique(slices["patient"]):
+            own = slices["patient"] == patient
+            values = slices["image"][own][slices["head_mask"][own]]
+            ax.hist(values, bins=64, range=(0, 255), histtype="step", density=True, label=patient)
+        ax.set_title(f"{name}: intensities inside the head outline, per patient", fontsize=9)
+        ax.set_xlabel("intensity (0-255)")
+    axes[0, -1].legend(fontsize=6, ncol=2)
+    return fig
+
+
+def loss_curves(losses, terms, window: int | None = None):
+    """Chapter 2: the CycleGAN's loss terms (running means), generator terms left, discriminator
+    terms (names starting ``D_``) right. ``losses``: the training's losses.csv as a DataFrame."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.4), constrained_layout=True)
+    window = window or max(1, len(losses) // 30)
+    for term in terms:
+        target = axes[1] if term.startswith("D_") else axes[0]
+        target.plot(losses["iteration"], losses[term].rolling(window, min_periods=1).mean(), label=term)
+    axes[0].set_title("generator terms (running mean)", fontsize=9)
+    axes[1].set_title("discriminator terms (running mean)", fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("iteration")
+        ax.legend(fontsize=7)
+    return fig
+
+
+def image_grid(grid: dict, columns):
+    """Chapter 2: rows of 0-255 images, one column per ``(key, title)`` of ``columns`` present
+    in ``grid`` (e.g. CT | synthetic MR | reconstructed CT | MR | synthetic CT | reconstructed MR)."""
+    columns = [(key, title) for key, title in columns if key in grid]
+    rows = len(grid[columns[0][0]]) if columns else 0
+    fig, axes = plt.subplots(max(rows, 1), max(len(columns), 1),
+                             figsize=(2 * max(len(columns), 1), 2.1 * max(rows, 1)), squeeze=False,
+                             constrained_layout=True)
+    for r in range(rows):
+        for c, (key, title) in enumerate(columns):
+            axes[r, c].imshow(grid[key][r], cmap="gray", vmin=0, vmax=255)
+            axes[r, c].set_axis_off()
+            if r == 0:
+                axes[r, c].set_title(title, fontsize=9)
+    return fig
+
+
+def outline_dice_histograms(distributions: dict, threshold: float):
+    """Chapter 2's ablation: the head-outline Dice of each arm's synthetic MR against the source
+    CT, one histogram per arm, with the cleaning threshold dashed."""
+    fig, ax = plt.subplots(figsize=(7, 3.2), constrained_layout=True)
+    for name, values in distributions.items():
+        ax.hist(values, bins=np.linspace(0, 1, 41), histtype="step", label=name, linewidth=1.5)
+    ax.axvline(threshold, color="k", linestyle="--", linewidth=1)
+    ax.set_xlabel("head-outline Dice, synthetic MR vs source CT")
+    ax.set_ylabel("slices")
+    ax.legend(fontsize=8)
+    return fig
+
+
+KEPT_COLOUR, DROPPED_COLOUR = "#2ca02c", "#d62728"
+
+
+def cleaning_examples(selected: list[dict], rejected: list[dict]):
+    """Fig. 6: source CT (top) over synthetic MR (bottom), framed green when kept, red when
+    rejected; items as :func:`crossmod_lib.cleaning.figure6_examples`. None when there are none."""
+    pairs = [(item, True) for item in selected] + [(item, False) for item in rejected]
+    if not pairs:
+        return None
+    lines = max(item["caption"].count("\n") + 1 for item, _ in pairs)
+    fig, axes = plt.subplots(2, len(pairs), figsize=(2.2 * len(pairs), 4.4 + 0.16 * lines), squeeze=False,
+                             constrained_layout=True)
+    for k, (item, kept) in enumerate(pairs):
+        dice = f"outline Dice {item['dice']:.3f}"
+        for r, (image, title) in enumerate(((item["ct"], f"CT\n{item['caption']}"),
+                                            (item["synthetic"], f"synthetic MR\n{dice}"))):
+            ax = axes[r, k]
+            ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_edgecolor(KEPT_COLOUR if kept else DROPPED_COLOUR)
+                spine.set_linewidth(3)
+            ax.set_title(title, fontsize=6.5, color="#1b5e20" if kept else "#b71c1c")
+    return fig
+
+
+def cleaning_checks(decisions, threshold: float, max_displacement_mm: float):
+    """Chapter 3: the outline Dice before (grey) and after (blue) registration with the threshold,
+    and the largest displacement inside the head with the divergence limit."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3), constrained_layout=True)
+    bins = np.linspace(min(0.5, float(decisions["outline_dice"].min())), 1, 51)
+    axes[0].hist(decisions["outline_dice"], bins=bins, color="#777777", label="before registration")
+    after = decisions["outline_dice_after"].dropna()
+    if len(after):
+        axes[0].hist(after, bins=bins, color="#1f77b4", alpha=0.6, label="after registration")
+    axes[0].axvline(threshold, color=DROPPED_COLOUR, linestyle="--", label=f"threshold {threshold}")
+    axes[0].set_xlabel("head-outline Dice, synthetic MR vs source CT")
+    axes[0].set_ylabel("slices")
+    axes[0].legend(fontsize=7)
+    shift = decisions["max_displacement_mm"].dropna()
+    if len(shift):
+        top = max(float(shift.max()), max_displacement_mm) * 1.05
+        axes[1].hist(shift, bins=np.linspace(0, top, 41), color="#777777")
+    axes[1].axvline(max_displacement_mm, color=DROPPED_COLOUR, linestyle="--",
+                    label=f"limit {max_displacement_mm:g} mm")
+    axes[1].set_xlabel("largest displacement inside the head (mm)")
+    axes[1].set_ylabel("slices")
+    axes[1].legend(fontsize=7)
+    return fig
+
+
+DROP_COLUMNS = (("dropped_outline", DROPPED_COLOUR, "outline check"),
+                ("dropped_registration", "#ff7f0e", "registration checks"),
+                ("dropped_by_hand", "#9467bd", "by hand"))
+
+
+def dropped_by_position(by_position):
+    """Chapter 3: the dropped fraction per cranio-caudal position bin, stacked by reason;
+    ``by_position`` as :func:`crossmod_lib.cleaning.counts_by_position`."""
+    fig, ax = plt.subplots(figsize=(7, 2.8), constrained_layout=True)
+    x = np.arange(len(by_position))
+    share = by_position[[c for c, _, _ in DROP_COLUMNS]].div(
+        by_position["slices"].where(by_position["slices"] > 0), axis=0).fillna(0)
+    bottom = np.zeros(len(x))
+    for column, colour, label in DROP_COLUMNS:
+        ax.bar(x, share[column], bottom=bottom, color=colour, label=label)
+        bottom += share[column].to_numpy()
+    ax.set_xticks(x, [label.replace(" (", "\n(") for label in by_position.index], fontsize=7)
+    ax.set_ylabel("dropped fraction")
+    ax.set_ylim(0, max(0.05, float(bottom.max()) * 1.2 if len(bottom) else 0.05))
+    ax.set_xlabel("position in the patient's slice range (inferior → superior)")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def registration_examples(items: list[dict], head_threshold: float):
+    """Chapter 3: registered synthetic MR with its head outline before (yellow) and after (cyan)
+    registration and the CT's parotid contours; items as :func:`crossmod_lib.cleaning.figure6_examples`
+    with a registered image. None when there are none."""
+    from .preparation import head_mask
+
+    if not items:
+        return None
+    fig, axes = plt.subplots(1, len(items), figsize=(2.6 * len(items), 3.4), squeeze=False,
+                             constrained_layout=True)
+    for ax, item in zip(axes[0], items):
+        ax.imshow(item["registered"], cmap="gray", vmin=0, vmax=255)
+        ax.contour(head_mask(item["synthetic"], head_threshold), levels=[0.5], colors=["#ffd92f"],
+                   linewidths=0.8)
+        ax.contour(head_mask(item["registered"], head_threshold), levels=[0.5], colors=["#17becf"],
+                   linewidths=0.8)
+        for value, colour in ((1, STRUCTURE_COLOURS["Parotid_L"]), (2, STRUCTURE_COLOURS["Parotid_R"])):
+            if (item["labels"] == value).any():
+                ax.contour(item["labels"] == value, levels=[0.5], colors=[colour], linewidths=1)
+        ax.set_title(f"{item['caption']}\nmoved ≤ {item['max_displacement_mm']:.1f} mm, "
+                     f"folded {item['folded_fraction']:.1%}", fontsize=6.5)
+        ax.set_axis_off()
+    return fig
+
+
+def unet_training_curves(logs):
+    """Chapter 4: training (solid) and validation (dashed) loss, and validation Dice, per model;
+    ``logs`` as :func:`crossmod_lib.segmentation.training_logs`."""
+    import seaborn as sns
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    sns.lineplot(data=logs, x="epoch", y="train_loss", hue="model", ax=axes[0], legend=False)
+    sns.lineplot(data=logs, x="epoch", y="val_loss", hue="model", ax=axes[0], linestyle="--", legend=False)
+    axes[0].set(ylabel="soft Dice loss", title="training (solid) and validation (dashed) loss")
+    sns.lineplot(data=logs, x="epoch", y="val_dice", hue="model", ax=axes[1])
+    axes[1].set(ylabel="validation Dice", title="validation Dice (2D, own validation patients)", ylim=(0, 1))
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def prediction_panels(example: dict, ncols: int = 4):
+    """Chapter 4: one MR slice around the parotids per method, manual contour blue, automatic red;
+    ``example`` as :func:`crossmod_lib.segmentation.prediction_examples`."""
+    methods = list(example["predictions"])
+    ncols = max(1, min(ncols, len(methods)))
+    nrows = max(1, int(np.ceil(len(methods) / ncols)))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 3.4 * nrows), squeeze=False)
+    rows_mm, cols_mm = example["spacing"]
+    image = example["image"]
+    y0, y1, x0, x1 = example["box"]  # the parotid region: 6 cm around the contours
+    for ax, method in zip(axes.flat, methods):
+        ax.imshow(image[y0:y1, x0:x1], cmap="gray", aspect=rows_mm / cols_mm)
+        for labels, colour in ((example["reference"], "tab:blue"), (example["predictions"][method], "tab:red")):
+            if labels is None:
+                continue
+            for value in (1, 2):
+                mask = (labels[y0:y1, x0:x1] == value).astype(float)
+                if mask.any():
+                    ax.contour(mask, levels=[0.5], colors=colour, linewidths=1.0)
+        ax.set_title(example["titles"][method], fontsize=8)
+        ax.axis("off")
+    for ax in axes.flat[len(methods):]:
+        ax.axis("off")
+    fig.suptitle(f"MR patient {example['patient']}, slice {example['slice']}: "
+                 + ("manual (blue), automatic (red)" if example["annotated"]
+                    else "automatic (red); this patient has no manual contours"), fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def step_times(measured, title: str):
+    """Chapter 7: every measured time on a log axis, whole notebooks grey, steps inside them blue;
+    ``measured`` with columns stage, step, seconds. None when nothing took time."""
+    plotted = measured[measured["seconds"] > 0]
+    if not len(plotted):
+        return None
+    fig, ax = plt.subplots(figsize=(8, 0.26 * len(plotted) + 1.0), constrained_layout=True)
+    labels = [stage.removeprefix("notebook ") + " (whole notebook)" if stage.startswith("notebook")
+              else step for stage, step in zip(plotted["stage"], plotted["step"])]
+    colours = ["#999999" if s.startswith("notebook") else "#1f77b4" for s in plotted["stage"]]
+    ax.barh(range(len(plotted)), plotted["seconds"], color=colours)
+    ax.set_yticks(range(len(plotted)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("seconds (log scale); grey: whole notebooks, blue: steps inside them")
+    ax.set_title(title, fontsize=9)
+    return fig

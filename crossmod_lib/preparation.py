@@ -29,6 +29,7 @@ from .errors import CrossmodError
 from .io import (IMAGE_SUFFIXES, PAROTIDS, Case, find_image, image_files, image_stem, list_cases,
                  read_case, read_header, read_image)
 from .slices import read_slices, write_slices
+from .runs import RawFiles, RunFolder
 
 # ----------------------------------------------------------------------------------------------
 # Table I: acquisition parameters from the headers
@@ -425,12 +426,12 @@ def prepare_cohort(cohort, modality: str, settings: dict, out_dir: str | Path,
             raise CrossmodError(f"{case.source or case.patient_id}: no parotid structures "
                                 f"(expected {', '.join(PAROTIDS)})")
         prepared.append(prepare_case(case, modality, settings, coverage_mm, cohort.observer2(item)))
-    stem = modality.lower()
-    save_slices(prepared, out_dir / f"{stem}_slices.npz")
+    slices_file, cases_file = RunFolder.prepared(modality)
+    save_slices(prepared, out_dir / slices_file.in_folder)
     table = pd.DataFrame([c.info for c in prepared])
-    tmp = out_dir / f".{stem}_cases.csv.tmp"
+    tmp = out_dir / f".{cases_file.in_folder}.tmp"
     table.to_csv(tmp, index=False)
-    tmp.replace(out_dir / f"{stem}_cases.csv")
+    tmp.replace(out_dir / cases_file.in_folder)
     return table
 
 
@@ -451,9 +452,8 @@ def _phantom_folder(run, progress: bool = True) -> Path:
 
     from . import phantom
 
-    folder = run.root / "raw" / "phantom"
+    folder, record = run.raw_phantom, run.phantom_record
     wanted = phantom_arguments(run.profile)
-    record = folder / "phantom.json"
     current = json.loads(record.read_text()).get("arguments") if record.is_file() else None
     comparable = {k: v for k, v in wanted.items() if k != "workers"}
     if current is None or {k: (tuple(v) if isinstance(v, list) else v)
@@ -563,8 +563,8 @@ def _simulated_mr_folder(run, spec: dict, ct: CohortSource,
     settings = simulation.SimulationSettings.from_dict(options, "data.mr_simulation")
     record = {"patients": [str(Path(f).resolve()) for f in folders]}
     wanted = simulation.cohort_arguments(source, run.profile["seed"], settings, record)
-    folder = run.root / "raw" / SIMULATED_MR
-    summary = folder / "simulation.json"
+    folder = run.raw_simulated_mr
+    summary = folder / RawFiles.SIMULATION
     current = None
     if summary.is_file():
         try:
@@ -591,8 +591,8 @@ def _simulated_dicom_folder(run, nrrd_folder: Path, arguments: dict, progress: b
     from .dicom import write_case_dicom
     from .io import staged_folder
 
-    folder = run.root / "raw" / f"{SIMULATED_MR}_dicom"
-    stamp = folder / "export.json"
+    folder = run.raw_simulated_mr_dicom
+    stamp = folder / RawFiles.EXPORT
     try:
         current = json.loads(stamp.read_text()).get("arguments") if stamp.is_file() else None
     except (OSError, ValueError):
@@ -602,7 +602,7 @@ def _simulated_dicom_folder(run, nrrd_folder: Path, arguments: dict, progress: b
         with staged_folder(folder) as tmp:
             for item in tqdm(cases, desc="MR as DICOM", unit="patient", disable=not progress):
                 write_case_dicom(read_case(item), tmp / Path(item).name)
-            (tmp / "export.json").write_text(json.dumps({"arguments": arguments}, indent=1))
+            (tmp / RawFiles.EXPORT).write_text(json.dumps({"arguments": arguments}, indent=1))
     return folder
 
 
@@ -713,3 +713,52 @@ def real_data_sources(run) -> dict:
     if (root / "deepmind-tcia-hn").is_dir():
         found["deepmind"] = root / "deepmind-tcia-hn"
     return found
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage
+
+
+@dataclass
+class PreparationResult:
+    """What :func:`run` produced (also on disk: ``prepared/``, ``metrics/table_1.csv``, ...)."""
+
+    cohorts: dict            # modality -> CohortSource
+    table_1: pd.DataFrame    # imaging parameters per cohort
+    coverage_mm: float       # the MR's median cranio-caudal coverage (cuts the CT's range)
+    cases: dict              # modality -> per-case table (as prepare_cohort)
+    interobserver: pd.DataFrame | None          # MR second observer, per patient and gland
+    real: dict                                  # real_data_sources: openkbp / deepmind or None
+    interobserver_deepmind: pd.DataFrame | None  # DeepMind oncologist vs radiographer
+
+
+def run(run, progress: bool = False) -> PreparationResult:
+    """Stage 1 (section 2.A) over a run folder: open the cohorts (generating the phantom or the
+    simulated MR where the profile asks for them), measure Table I and the interobserver
+    variability, prepare both cohorts' slices (MR first: its coverage cuts the CT's range).
+
+    Writes ``prepared/`` (slices and case tables) and ``metrics/table_1.csv``,
+    ``metrics/interobserver_mr.csv`` (where the MR has a second observer) and
+    ``metrics/interobserver_deepmind.csv`` (where the data root holds the DeepMind set).
+    """
+    from . import evaluation
+
+    cohorts = cohort_sources(run, progress=progress)
+    table_1 = acquisition_table({f"T2w {cohorts['MR'].title}": cohorts["MR"],
+                                 cohorts["CT"].title: cohorts["CT"]})
+    table_1.to_csv(run.output("table_1"))
+    inter = None
+    if cohorts["MR"].items and cohorts["MR"].observer2(cohorts["MR"].items[0]) is not None:
+        inter = evaluation.interobserver(cohorts["MR"].root)
+        inter.to_csv(run.output("interobserver_mr"), index=False)
+    else:
+        run.interobserver_mr.unlink(missing_ok=True)  # a stale table from another cohort would be read
+    prepared = prepare_run(run, cohorts, progress=progress)
+    real = real_data_sources(run)
+    deepmind = None
+    if real.get("deepmind") is not None:
+        deepmind = evaluation.interobserver_deepmind(real["deepmind"], progress=progress)
+        deepmind.to_csv(run.output("interobserver_deepmind"), index=False)
+    return PreparationResult(cohorts=cohorts, table_1=table_1, coverage_mm=prepared["coverage_mm"],
+                             cases={"MR": prepared["MR"], "CT": prepared["CT"]}, interobserver=inter,
+                             real=real, interobserver_deepmind=deepmind)

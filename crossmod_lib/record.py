@@ -24,21 +24,21 @@ import pandas as pd
 
 from .errors import CrossmodError
 from .io import staged_folder
-from .runs import provenance
+from .runs import Figures, RunFolder, provenance
 
 FORMAT = "crossmod-record-1"
 
 # What a record holds, relative to the run folder. Metric tables and JSON summaries are small;
 # the figures are the ones the recorded-runs chapter shows (paper Figs 6-8 and the synthesis).
-RECORDED_GLOBS = ("profile.yaml", "metrics/*.csv", "metrics/*.json", "cleaned/summary.json",
-                  "synthetic/synthesis.json", "synthetic/cyclegan/summary.json",
-                  "notebooks/timings.json")
-RECORDED_FIGURES = ("cyclegan_examples.png", "fig6_cleaning_examples.png", "cleaning_by_position.png",
-                    "fig8_boxplots.png", "fig7_contours.png", "computation_time.png")
+RECORDED_GLOBS = (RunFolder.settings_file.relpath, "metrics/*.csv", "metrics/*.json",
+                  RunFolder.cleaning_summary.relpath, RunFolder.synthesis.relpath,
+                  RunFolder.cyclegan_summary.relpath, RunFolder.timings.relpath)
+RECORDED_FIGURES = (Figures.CYCLEGAN_EXAMPLES, Figures.CLEANING_EXAMPLES, Figures.CLEANING_BY_POSITION,
+                    Figures.BOXPLOTS, Figures.CONTOURS, Figures.COMPUTATION_TIME)
 MAX_BYTES = 8 * 1024 * 1024  # a record is committed to git: refuse anything bigger
 
 
-STUDY_RUNS = "metrics/convergence_runs.json"  # crossmod_lib.convergence: one entry per study point
+STUDY_RUNS = RunFolder.convergence_runs.relpath  # crossmod_lib.convergence: one entry per study point
 
 
 def study_provenance(path: Path) -> dict:
@@ -113,28 +113,29 @@ def record_run(run_dir: str | Path, out_dir: str | Path, figures=RECORDED_FIGURE
     if kind == "study":
         # A study folder (crossmod study ...): no notebooks; each point's provenance is in the
         # study's own JSON, written by the library as the point finished.
-        if not (run_dir / "profile.yaml").is_file():
-            raise CrossmodError(f"{run_dir}: no profile.yaml; not a study folder")
+        if not RunFolder.settings_file.at(run_dir).is_file():
+            raise CrossmodError(f"{run_dir}: no {RunFolder.settings_file.relpath}; not a study folder")
         chapters = study_provenance(study)
         if not chapters:
             raise CrossmodError(f"{study}: no finished study point to record")
     else:
-        for needed in ("profile.yaml", "metrics/table_2_lcc.csv"):
+        for needed in (RunFolder.settings_file.relpath, RunFolder.table_2_lcc.relpath):
             if not (run_dir / needed).is_file():
                 raise CrossmodError(f"{run_dir}: no {needed}; record a run that finished chapter 5")
-        notebooks_dir = run_dir / "notebooks"
+        notebooks_dir = RunFolder.timings.at(run_dir).parent
         chapters = {p.stem: notebook_provenance(p)
                     for p in sorted(notebooks_dir.glob("[0-9][0-9]_*.ipynb"))}
         if not chapters:
             raise CrossmodError(f"{notebooks_dir}: no executed notebooks")
         timings = {}
-        if (notebooks_dir / "timings.json").is_file():
-            timings = json.loads((notebooks_dir / "timings.json").read_text()).get("notebooks", {})
+        if RunFolder.timings.at(run_dir).is_file():
+            timings = json.loads(RunFolder.timings.at(run_dir).read_text()).get("notebooks", {})
         for stem, info in chapters.items():
             if stem in timings:
                 info["seconds"] = timings[stem].get("seconds")
     sources = sorted({p for pattern in RECORDED_GLOBS for p in run_dir.glob(pattern) if p.is_file()})
-    sources += [run_dir / "figures" / name for name in figures if (run_dir / "figures" / name).is_file()]
+    figures_dir = run_dir / "figures"
+    sources += [figures_dir / name for name in figures if (figures_dir / name).is_file()]
     size = sum(p.stat().st_size for p in sources)
     if size > MAX_BYTES:
         raise CrossmodError(f"{run_dir}: the record would be {size / 2**20:.1f} MiB "
@@ -142,11 +143,11 @@ def record_run(run_dir: str | Path, out_dir: str | Path, figures=RECORDED_FIGURE
     import yaml
 
     try:
-        profile = yaml.safe_load((run_dir / "profile.yaml").read_text()) or {}
+        profile = yaml.safe_load(RunFolder.settings_file.at(run_dir).read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
-        raise CrossmodError(f"{run_dir / 'profile.yaml'}: unreadable ({exc})") from None
+        raise CrossmodError(f"{RunFolder.settings_file.at(run_dir)}: unreadable ({exc})") from None
     if not isinstance(profile, dict):
-        raise CrossmodError(f"{run_dir / 'profile.yaml'}: not a profile (a mapping of settings)")
+        raise CrossmodError(f"{RunFolder.settings_file.at(run_dir)}: not a profile (a mapping of settings)")
 
     with staged_folder(out_dir) as tmp:
         files = {}
@@ -169,7 +170,7 @@ def record_run(run_dir: str | Path, out_dir: str | Path, figures=RECORDED_FIGURE
             "recorded": {**recorded, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},
             "files": files,
         }
-        (tmp / "record.json").write_text(json.dumps(info, indent=1))
+        RunFolder.record_file.at(tmp).write_text(json.dumps(info, indent=1))
     return info
 
 
@@ -184,8 +185,10 @@ class Record:
     def name(self) -> str:
         return self.info.get("profile") or self.root.name
 
-    def path(self, relative: str) -> Path | None:
-        """The recorded file, or None when the record does not hold it."""
+    def path(self, relative) -> Path | None:
+        """The recorded file (a path relative to the run, or a :class:`~crossmod_lib.runs.Artefact`),
+        or None when the record does not hold it."""
+        relative = getattr(relative, "relpath", relative)
         return self.root / relative if relative in self.info["files"] else None
 
     def table(self, relative: str) -> pd.DataFrame | None:
@@ -198,7 +201,7 @@ class Record:
 
     def cleaning_counts(self) -> str | None:
         """The recorded run's cleaning outcome in one sentence (chapters 3 and 9), or None."""
-        c = self.json("cleaned/summary.json")
+        c = self.json(RunFolder.cleaning_summary)
         if c is None:
             return None
         return (f"{c['accepted_final']} of {c['slices']} synthetic slices kept "
@@ -217,7 +220,7 @@ class Record:
 def read_record(folder: str | Path) -> Record:
     """Read and verify ``folder/record.json``: every listed file present with its sha256."""
     folder = Path(folder)
-    where = folder / "record.json"
+    where = RunFolder.record_file.at(folder)
     try:
         info = json.loads(where.read_text())
     except FileNotFoundError:
@@ -243,7 +246,7 @@ def recorded_runs(root: str | Path | None = None) -> list[Record]:
     root = Path(root) if root else default_folder()
     if not root.is_dir():
         return []
-    return [read_record(p) for p in sorted(root.iterdir()) if (p / "record.json").is_file()]
+    return [read_record(p) for p in sorted(root.iterdir()) if RunFolder.record_file.at(p).is_file()]
 
 
 def with_rejected_slices(records: list[Record]) -> list[Record]:
@@ -255,7 +258,7 @@ def with_rejected_slices(records: list[Record]) -> list[Record]:
     """
     chosen = []
     for rec in records:
-        summary = rec.json("cleaned/summary.json") or {}
-        if summary.get("rejected_final", 0) > 0 and rec.path("figures/fig6_cleaning_examples.png"):
+        summary = rec.json(RunFolder.cleaning_summary) or {}
+        if summary.get("rejected_final", 0) > 0 and rec.path(Figures.relpath(Figures.CLEANING_EXAMPLES)):
             chosen.append(rec)
     return chosen

@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import CrossmodError
+from .runs import RunFolder
 from .review_file import (  # noqa: F401 (re-exported: the review file is part of the review API)
     FORMAT, _decision_value, _key_text, _now, _plain, load_review, normalise_decisions, save_review,
 )
@@ -111,7 +112,7 @@ class ReviewState:
         syn, ct = cleaning.load_inputs(synthetic_path, ct_path)
         cleaned_dir = Path(cleaned_dir)
         table = None
-        csv = cleaned_dir / "decisions.csv"
+        csv = cleaned_dir / RunFolder.decisions.in_folder
         if csv.is_file():
             candidate = cleaning.load_decisions(csv)
             same = len(candidate) == len(ct["image"]) and np.array_equal(
@@ -125,14 +126,13 @@ class ReviewState:
             "head_mask": ct["head_mask"].astype(bool),
             "registered": cleaning.registered_images(cleaned_dir, syn, ct, settings),
         }
-        return cls(table, cleaned_dir / "review.json", images=images,
+        return cls(table, cleaned_dir / RunFolder.review.in_folder, images=images,
                    threshold=settings["outline_dice_threshold"], head_threshold=settings["head_threshold"], **kw)
 
     @classmethod
     def from_run(cls, run, **kw) -> ReviewState:
         """A state over a run: ``synthetic/synthetic_mr.npz`` + ``prepared/ct_slices.npz``, ``cleaned/``."""
-        synthetic = run.require("synthetic", "synthetic_mr.npz") / "synthetic_mr.npz"
-        ct = run.require("prepared", "ct_slices.npz") / "ct_slices.npz"
+        synthetic, ct = run.inputs("synthetic_mr", "ct_slices")
         return cls.from_paths(synthetic, ct, run.stage("cleaned"), run.profile, **kw)
 
     # -- decisions ----------------------------------------------------------------------------

@@ -1,21 +1,8 @@
-"""Paper sections 2.E-2.G: the 2D U-Net that contours the parotids, its training and inference.
+"""Paper section 2.E: training the 2D U-Net that contours the parotids, the six models of the
+comparison, and the run-level stage (train every model, then contour every test patient).
 
-The network (Fig. 5)
-    A 2D U-Net with ``levels`` resolution levels (paper: 5), ``base_features`` features at the
-    first level doubling at each level down to the bottleneck (paper: 64 -> 1024). Each level has
-    two 3 x 3 convolutions (zero padding 1, so the output has the input's size), each followed by
-    a normalisation and a ReLU; 2 x 2 max pooling goes down, a 2 x 2 transposed convolution
-    (stride 2) goes up, and the skip connection is concatenated before the level's two convolutions
-    on the way up. A 1 x 1 convolution gives three classes: background, Parotid_L, Parotid_R.
-    Inputs whose size is not a multiple of 2^(levels-1) are zero-padded inside and cropped back.
-
-    Normalisation (``norm``, the paper does not state it; Ronneberger's original had none):
-    ``batch`` by default. Batch normalisation lets the small learning rate of the paper (5e-5)
-    train the 31 M-parameter network within its 100 epochs, and keeps the short CPU budgets of
-    the demo profile meaningful. Instance normalisation (``instance``) is available but not the
-    default: normalising every slice's own intensities removes part of the CT/MR contrast
-    difference, which would blur the comparison with the *naive* baseline (the CT network applied
-    to MR as it is). ``none`` gives the original U-Net (convolutions then carry a bias).
+The network and its settings are in :mod:`crossmod_lib.unet`; predicting a volume in
+:mod:`crossmod_lib.inference`.
 
 The loss
     Soft (multi-class) Dice over the two parotid classes only: per class c,
@@ -62,14 +49,6 @@ Augmentation (``augment``, off as in the paper)
     +-7 deg, scale +-7 %, shift +-4 %). No flips: a left-right flip would turn a left parotid
     into a right one under a "left" label.
 
-Inference (section 2.G)
-    A whole MR volume is preprocessed exactly as the training slices
-    (:func:`crossmod_lib.preparation.prepare_case`, modality MR), predicted slice by slice in
-    batches, stacked in 3D, put back into the resampled grid (undoing the crop) and resampled
-    onto the native MR grid with a label interpolator (``interpolation``: ``label_linear``, the
-    default, or ``nearest``). Optionally (``postprocess_lcc``) only the largest 3D connected
-    component of each side is kept; :func:`predict_label_maps` gives both versions.
-
 Baselines (:func:`model_recipes`, :func:`train_model`), all trained by :func:`train_unet`
     ``cross_modality``: the paper; registered synthetic MR (``cleaned/training_slices.npz``) with
     the CT labels, 80/20 patient split; tested on every real MR patient.
@@ -92,337 +71,40 @@ Baselines (:func:`model_recipes`, :func:`train_model`), all trained by :func:`tr
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import io as _io
 import json
 import math
-import os
 import shutil
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .errors import CrossmodError
+# The network, its settings and checkpoints (crossmod_lib.unet) and inference on whole volumes
+# (crossmod_lib.inference) are their own modules; their names are kept here too, so
+# ``segmentation.X`` stays the one place a notebook or script reaches the U-Net from.
+from .inference import (  # noqa: F401
+    bench_inference, largest_components, masks_from_labels, predict_case,
+    predict_label_maps, predict_labels, predict_path, predict_slices)
+from .runs import PredictionFiles, RunFolder, TrainingFiles
+from .unet import (  # noqa: F401
+    CHECKPOINT_FORMAT, CLASSES, STRUCTURES, UNet, _atomic_text, _autocast, _plain, _to_input,
+    architecture_table, build_model, count_parameters, flops_per_slice, load_checkpoint, load_model,
+    resolve_device, save_checkpoint, segmentation_config, training_seed)
 from .slices import annotated_patients, read_slices
 
 if TYPE_CHECKING:  # pandas is imported where it is used: training needs torch + numpy only
     import pandas as pd
 
-CLASSES = ("background", "Parotid_L", "Parotid_R")
-STRUCTURES = CLASSES[1:]
-CHECKPOINT_FORMAT = "crossmod-unet-1"
 KINDS = ("cross_modality", "ct_only", "naive", "mr_oracle", "domain_random", "few_shot")
 LOG_COLUMNS = ("epoch", "train_loss", "val_loss", "val_dice", "val_dice_L", "val_dice_R", "lr",
                "seconds", "improved")
-
-#: The paper's settings (full profile); a profile's ``segmentation`` block overrides them.
-DEFAULTS: dict = {
-    "base_features": 64,
-    "levels": 5,
-    "norm": "batch",
-    "batch_size": 8,
-    "learning_rate": 5.0e-5,
-    "epochs": 100,
-    "min_lr": 1.0e-7,
-    "lr_factor": 0.5,
-    "lr_patience": 5,
-    "patience": 10,
-    "min_delta": 0.01,
-    "val_fraction": 0.2,
-    "dice_background": False,
-    "dice_smooth": 1.0,
-    "max_steps_per_epoch": None,
-    "augment": False,
-    "amp": True,
-    "device": "auto",
-    "cpu_threads": 0,
-    "inference_batch": 32,
-    "postprocess_lcc": True,
-    "interpolation": "label_linear",
-    "ct_test_fraction": 0.2,
-    "oracle_folds": 5,
-    "few_shot_k": [1, 3, 5],
-    "few_shot_epochs": 100,
-    "few_shot_lr": 5.0e-5,
-    "dr_bands": [8, 70, 125, 200],
-    "dr_monotone_prob": 0.5,
-    "seed": None,
-}
-
-_NORMS = ("batch", "instance", "none")
-
-
-# ----------------------------------------------------------------------------------------------
-# Settings
-
-
-def segmentation_config(settings: dict | None) -> dict:
-    """The segmentation settings with defaults: ``settings`` is a profile (its ``segmentation``
-    block is used), the block itself, or None (the paper's values). Bad values: one-line error."""
-    if not settings:
-        block = {}
-    elif "segmentation" in settings:
-        block = settings["segmentation"] or {}
-    elif set(settings) & set(DEFAULTS):
-        block = settings
-    else:
-        block = {}
-    if not isinstance(block, dict):
-        raise CrossmodError("segmentation: must be a mapping of settings")
-    unknown = sorted(k for k in block if k not in DEFAULTS)
-    if unknown:
-        raise CrossmodError(f"segmentation: unknown setting(s) {', '.join(unknown)}")
-    cfg = copy.deepcopy(DEFAULTS)
-    cfg.update(copy.deepcopy(block))
-    _check_config(cfg)
-    return cfg
-
-
-def _check_config(cfg: dict) -> None:
-    def need(ok, message):
-        if not ok:
-            raise CrossmodError(f"segmentation.{message}")
-
-    need(isinstance(cfg["base_features"], int) and cfg["base_features"] >= 1,
-         f"base_features must be a positive integer, got {cfg['base_features']!r}")
-    need(isinstance(cfg["levels"], int) and 1 <= cfg["levels"] <= 8,
-         f"levels must be an integer in 1..8, got {cfg['levels']!r}")
-    need(cfg["norm"] in _NORMS, f"norm must be one of {', '.join(_NORMS)}, got {cfg['norm']!r}")
-    need(isinstance(cfg["batch_size"], int) and cfg["batch_size"] >= 1,
-         f"batch_size must be a positive integer, got {cfg['batch_size']!r}")
-    need(cfg["learning_rate"] > 0, "learning_rate must be > 0")
-    need(isinstance(cfg["epochs"], int) and cfg["epochs"] >= 1, "epochs must be an integer >= 1")
-    need(0 <= cfg["min_lr"] <= cfg["learning_rate"], "min_lr must be in [0, learning_rate]")
-    need(0 < cfg["lr_factor"] < 1, "lr_factor must be in (0, 1)")
-    need(cfg["lr_patience"] >= 1 and cfg["patience"] >= 1, "lr_patience and patience must be >= 1")
-    need(0 <= cfg["min_delta"] < 1, "min_delta must be in [0, 1) (a relative improvement)")
-    need(0 <= cfg["val_fraction"] < 1, "val_fraction must be in [0, 1)")
-    need(cfg["max_steps_per_epoch"] is None or cfg["max_steps_per_epoch"] >= 1,
-         "max_steps_per_epoch must be null or >= 1")
-    need(cfg["interpolation"] in ("label_linear", "nearest"),
-         "interpolation must be label_linear or nearest")
-    need(0 <= cfg["ct_test_fraction"] < 1, "ct_test_fraction must be in [0, 1)")
-    need(isinstance(cfg["oracle_folds"], int) and cfg["oracle_folds"] >= 2,
-         "oracle_folds must be an integer >= 2")
-    need(all(isinstance(k, int) and k >= 1 for k in cfg["few_shot_k"]),
-         "few_shot_k must be a list of positive integers")
-    need(isinstance(cfg["few_shot_epochs"], int) and cfg["few_shot_epochs"] >= 1,
-         "few_shot_epochs must be an integer >= 1")
-    need(cfg["few_shot_lr"] > 0, "few_shot_lr must be > 0")
-    bands = list(cfg["dr_bands"])
-    need(len(bands) >= 1 and bands == sorted(bands) and all(0 < b < 255 for b in bands),
-         "dr_bands must be increasing intensities in (0, 255)")
-    need(0 <= cfg["dr_monotone_prob"] <= 1, "dr_monotone_prob must be in [0, 1]")
-    need(cfg["seed"] is None or (isinstance(cfg["seed"], int) and not isinstance(cfg["seed"], bool)),
-         f"seed must be null (the profile's seed) or an integer, got {cfg['seed']!r}")
-    need(isinstance(cfg["cpu_threads"], int) and cfg["cpu_threads"] >= 0,
-         "cpu_threads must be an integer >= 0 (0: torch's default)")
-    need(cfg["device"] in ("auto", "cpu", "cuda") or str(cfg["device"]).startswith("cuda:"),
-         "device must be auto, cpu or cuda[:N]")
-
-
-def training_seed(settings) -> int:
-    """The U-Net's seed (splits, initialisation, batch order): ``segmentation.seed``, or the
-    profile's top-level ``seed`` when that is null (the convergence study varies the first only,
-    so the data, e.g. a simulated MR cohort keyed on the profile's seed, stays the same)."""
-    if not isinstance(settings, dict):
-        return 0
-    own = segmentation_config(settings)["seed"]
-    if own is not None:
-        return int(own)
-    return int(settings["seed"]) if settings.get("seed") is not None else 0
-
-
-def resolve_device(device=None) -> torch.device:
-    """``auto``/None: the GPU when there is one, else the CPU."""
-    if isinstance(device, torch.device):
-        return device
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise CrossmodError(f"segmentation.device: {device!r} asked for, but no CUDA GPU is available")
-    return torch.device(device)
-
-
-# ----------------------------------------------------------------------------------------------
-# The network (Fig. 5)
-
-
-def _norm(kind: str, channels: int) -> nn.Module:
-    if kind == "batch":
-        return nn.BatchNorm2d(channels)
-    if kind == "instance":
-        return nn.InstanceNorm2d(channels, affine=True)
-    return nn.Identity()
-
-
-class DoubleConv(nn.Sequential):
-    """Two 3 x 3 convolutions (padding 1), each followed by the normalisation and a ReLU."""
-
-    def __init__(self, in_channels: int, out_channels: int, norm: str = "batch"):
-        bias = norm == "none"
-        super().__init__(
-            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=bias),
-            _norm(norm, out_channels),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=bias),
-            _norm(norm, out_channels),
-            nn.ReLU(inplace=True),
-        )
-
-
-class UNet(nn.Module):
-    """The 2D U-Net of Fig. 5: ``levels`` levels of ``base_features * 2**i`` features."""
-
-    def __init__(self, base_features: int = 64, levels: int = 5, in_channels: int = 1,
-                 classes: int = 3, norm: str = "batch", background_bias: float = 4.0):
-        super().__init__()
-        if norm not in _NORMS:
-            raise CrossmodError(f"segmentation.norm must be one of {', '.join(_NORMS)}, got {norm!r}")
-        self.arch = {"base_features": int(base_features), "levels": int(levels),
-                     "in_channels": int(in_channels), "classes": int(classes), "norm": str(norm)}
-        self.features = [base_features * 2**i for i in range(levels)]
-        channels = [in_channels] + self.features
-        self.encoders = nn.ModuleList(
-            DoubleConv(channels[i], channels[i + 1], norm) for i in range(levels)
-        )
-        self.pool = nn.MaxPool2d(2)
-        self.ups = nn.ModuleList(
-            nn.ConvTranspose2d(self.features[i + 1], self.features[i], 2, stride=2)
-            for i in reversed(range(levels - 1))
-        )
-        self.decoders = nn.ModuleList(
-            DoubleConv(2 * self.features[i], self.features[i], norm)
-            for i in reversed(range(levels - 1))
-        )
-        self.head = nn.Conv2d(self.features[0], classes, 1)
-        with torch.no_grad():  # start from the class prior: (almost) everything is background
-            self.head.bias.zero_()
-            self.head.bias[0] = background_bias
-        self.meta: dict = {}
-
-    @property
-    def multiple(self) -> int:
-        """Input sizes that are a multiple of this need no internal padding."""
-        return 2 ** (len(self.features) - 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        m = self.multiple
-        pad_h, pad_w = (-h) % m, (-w) % m
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h))
-        skips = []
-        for i, encoder in enumerate(self.encoders):
-            x = encoder(x)
-            if i < len(self.encoders) - 1:
-                skips.append(x)
-                x = self.pool(x)
-        for up, decoder, skip in zip(self.ups, self.decoders, reversed(skips)):
-            x = decoder(torch.cat([skip, up(x)], dim=1))
-        x = self.head(x)
-        return x[..., :h, :w] if (pad_h or pad_w) else x
-
-
-def build_model(settings=None, **overrides) -> UNet:
-    """A U-Net with the profile's width, depth and normalisation (``overrides`` win)."""
-    cfg = segmentation_config(settings)
-    arch = {"base_features": cfg["base_features"], "levels": cfg["levels"], "norm": cfg["norm"]}
-    arch.update(overrides)
-    return UNet(**arch)
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Trainable parameters."""
-    return int(sum(p.numel() for p in model.parameters() if p.requires_grad))
-
-
-def _layers(base: int, levels: int, size: int, in_channels: int = 1, classes: int = 3,
-            norm: str = "batch"):
-    """(stage, level, resolution, in, out, params, MACs) of every block, analytically."""
-    bias = norm == "none"
-    norm_params = 0 if norm == "none" else 2  # weight and bias per channel
-    feats = [base * 2**i for i in range(levels)]
-    size = int(math.ceil(size / 2 ** (levels - 1)) * 2 ** (levels - 1))
-
-    def double(cin, cout, res):
-        params = cin * cout * 9 + cout * cout * 9 + 2 * cout * (int(bias) + norm_params)
-        macs = res * res * 9 * (cin * cout + cout * cout)
-        return params, macs
-
-    rows = []
-    cin = in_channels
-    for i, f in enumerate(feats):
-        res = size // 2**i
-        params, macs = double(cin, f, res)
-        stage = "bottleneck" if i == levels - 1 else "encoder"
-        rows.append((stage, i + 1, res, cin, f, params, macs))
-        cin = f
-    for i in reversed(range(levels - 1)):
-        res = size // 2**i
-        up_params = feats[i + 1] * feats[i] * 4 + feats[i]
-        up_macs = res * res * feats[i + 1] * feats[i]  # each output pixel: one 1 x 1 tap of 2 x 2
-        rows.append(("up-conv", i + 1, res, feats[i + 1], feats[i], up_params, up_macs))
-        params, macs = double(2 * feats[i], feats[i], res)
-        rows.append(("decoder", i + 1, res, 2 * feats[i], feats[i], params, macs))
-    rows.append(("output 1x1", 1, size, feats[0], classes, feats[0] * classes + classes,
-                 size * size * feats[0] * classes))
-    return rows
-
-
-def _arch_from(settings_or_model) -> dict:
-    if isinstance(settings_or_model, UNet):
-        return dict(settings_or_model.arch)
-    cfg = segmentation_config(settings_or_model)
-    return {"base_features": cfg["base_features"], "levels": cfg["levels"], "norm": cfg["norm"],
-            "in_channels": 1, "classes": len(CLASSES)}
-
-
-def _size_from(settings, size):
-    if size is not None:
-        return int(size)
-    if isinstance(settings, dict) and "preprocessing" in settings:
-        return int(settings["preprocessing"]["crop"])
-    raise CrossmodError("size: give the slice size (pixels) or a profile with preprocessing.crop")
-
-
-def flops_per_slice(settings_or_model, size: int | None = None) -> float:
-    """Floating-point operations (2 x multiply-adds of the convolutions) of one forward pass on a
-    ``size`` x ``size`` slice; normalisations, ReLUs and pooling are not counted."""
-    arch = _arch_from(settings_or_model)
-    size = _size_from(settings_or_model if isinstance(settings_or_model, dict) else None, size)
-    rows = _layers(arch["base_features"], arch["levels"], size, arch["in_channels"],
-                   arch["classes"], arch["norm"])
-    return float(2 * sum(r[6] for r in rows))
-
-
-def architecture_table(settings, size: int | None = None):
-    """Fig. 5 as a table (pandas DataFrame): one row per block with its resolution, input and
-    output features, parameters and GFLOPs per slice of ``size`` (default: the profile's crop)."""
-    import pandas as pd
-
-    arch = _arch_from(settings)
-    size = _size_from(settings if isinstance(settings, dict) else None, size)
-    rows = _layers(arch["base_features"], arch["levels"], size, arch["in_channels"],
-                   arch["classes"], arch["norm"])
-    table = pd.DataFrame(
-        [{"block": stage, "level": level, "resolution": f"{res}x{res}", "in features": cin,
-          "out features": cout, "parameters": params, "GFLOPs": 2 * macs / 1e9}
-         for stage, level, res, cin, cout, params, macs in rows]
-    )
-    total = {"block": "total", "level": None, "resolution": "", "in features": None,
-             "out features": None, "parameters": int(table["parameters"].sum()),
-             "GFLOPs": float(table["GFLOPs"].sum())}
-    return pd.concat([table, pd.DataFrame([total])], ignore_index=True)
-
 
 # ----------------------------------------------------------------------------------------------
 # Loss and metrics
@@ -676,87 +358,6 @@ def augment_batch(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator,
     return x, y
 
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def save_checkpoint(obj: dict, path: str | Path) -> Path:
-    """``torch.save`` to a temporary file in the same folder, then ``os.replace``: a reader never
-    sees half a checkpoint, an interrupted write leaves the previous one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
-def load_checkpoint(path: str | Path, device="cpu") -> dict:
-    """Read a checkpoint with ``weights_only=True`` (tensors and plain values only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CrossmodError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 (pickle/zip errors of many types)
-        # torch's own reasons ("pop from empty list", "Invalid argument") say little: name the
-        # likely cause first, keep theirs for the curious
-        reason = " ".join(str(exc).split())[:160] or type(exc).__name__
-        raise CrossmodError(f"{path}: cannot read checkpoint: not a PyTorch checkpoint, or a "
-                            f"truncated or corrupt one ({reason})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise CrossmodError(f"{path}: not a crossmod U-Net checkpoint (format {CHECKPOINT_FORMAT})")
-    return ckpt
-
-
-def load_model(path: str | Path, device="cpu") -> UNet:
-    """The U-Net of a checkpoint (``best.pt``/``last.pt``), in eval mode; its training metadata
-    (kind, preprocessing, patients) is in ``model.meta``."""
-    ckpt = load_checkpoint(path, device)
-    arch, weights = ckpt.get("arch"), ckpt.get("model")
-    if not isinstance(arch, dict) or not isinstance(weights, dict):
-        raise CrossmodError(f"{path}: incomplete checkpoint (no "
-                            f"{'architecture' if not isinstance(arch, dict) else 'weights'})")
-    try:
-        model = UNet(**arch)
-    except Exception as exc:  # noqa: BLE001 (unknown keys, impossible sizes: TypeError, ValueError, ...)
-        reason = " ".join(str(exc).split())[:160] or type(exc).__name__
-        raise CrossmodError(f"{path}: the recorded architecture cannot be built ({reason})") from None
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as exc:
-        raise CrossmodError(f"{path}: weights do not fit the recorded architecture "
-                            f"({' '.join(str(exc).split())[:160]})") from None
-    model.meta = dict(ckpt.get("meta") or {})
-    return model.to(device).eval()
-
-
-def _plain(value):
-    """JSON-like Python values (what weights_only loading and JSON accept)."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return [_plain(v) for v in value.tolist()]
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def _atomic_text(text: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _write_log(history: list[dict], path: Path) -> None:
     buffer = _io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=LOG_COLUMNS, extrasaction="ignore")
@@ -804,18 +405,6 @@ def _as_arrays(data) -> tuple[dict, str]:
 def _select(arrays: dict, patients) -> np.ndarray:
     wanted = {str(p) for p in patients}
     return np.flatnonzero(np.isin(np.asarray(arrays["patient"]).astype(str), list(wanted)))
-
-
-def _to_input(images: np.ndarray, device: torch.device, channels_last: bool) -> torch.Tensor:
-    x = torch.from_numpy(np.ascontiguousarray(images)).to(device=device, dtype=torch.float32)
-    x = (x / 255.0).unsqueeze(1)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
-def _autocast(device: torch.device, enabled: bool):
-    if device.type == "cuda" and enabled:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
 
 
 @torch.no_grad()
@@ -947,7 +536,7 @@ def train_unet(data, out_dir: str | Path, settings=None, *, seed: int | None = N
     epoch = 0
     best_epoch, best_val = None, math.inf
     done = False
-    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    last_path, best_path = out_dir / TrainingFiles.LAST, out_dir / TrainingFiles.BEST
 
     if resume and last_path.is_file():
         state = load_checkpoint(last_path)
@@ -1037,7 +626,7 @@ def train_unet(data, out_dir: str | Path, settings=None, *, seed: int | None = N
                                           "val_dice": val["dice"]}}, best_path)
             done = decision["stop"] or epoch >= max_epochs
             save_checkpoint(checkpoint_state(), last_path)
-            _write_log(history, out_dir / "log.csv")
+            _write_log(history, out_dir / TrainingFiles.LOG)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['train_loss']:.3f}", val=f"{val['loss']:.3f}",
@@ -1056,7 +645,7 @@ def train_unet(data, out_dir: str | Path, settings=None, *, seed: int | None = N
         "seconds_training": round(sum(r["seconds"] for r in history), 2),
         "device": str(device), **run_meta,
     }
-    _atomic_text(json.dumps(_plain(summary), indent=2), out_dir / "summary.json")
+    _atomic_text(json.dumps(_plain(summary), indent=2), out_dir / TrainingFiles.SUMMARY)
     return summary
 
 
@@ -1073,12 +662,12 @@ def model_recipes(profile: dict) -> list[dict]:
     """
     cfg = segmentation_config(profile)
     recipes = [
-        {"name": "cross_modality", "kind": "cross_modality", "data": "cleaned/training_slices.npz",
+        {"name": "cross_modality", "kind": "cross_modality", "data": RunFolder.training_slices.relpath,
          "init_from": None, "options": {}, "test": "MR",
          "title": "Cross-modality (synthetic MR, CT labels)",
          "description": "the paper: registered synthetic MR from the CycleGAN with the CT labels, "
                         "80/20 patient split; tested on every real MR patient"},
-        {"name": "ct_only", "kind": "ct_only", "data": "prepared/ct_slices.npz", "init_from": None,
+        {"name": "ct_only", "kind": "ct_only", "data": RunFolder.ct_slices.relpath, "init_from": None,
          "options": {}, "test": "CT", "title": "CT only (CT → CT)",
          "description": f"the paper's benchmark: CT with CT labels, {cfg['ct_test_fraction']:.0%} "
                         "of the CT patients held out for testing, the rest split 80/20"},
@@ -1088,21 +677,21 @@ def model_recipes(profile: dict) -> list[dict]:
     ]
     for fold in range(cfg["oracle_folds"]):
         recipes.append(
-            {"name": f"mr_oracle_fold{fold}", "kind": "mr_oracle", "data": "prepared/mr_slices.npz",
+            {"name": f"mr_oracle_fold{fold}", "kind": "mr_oracle", "data": RunFolder.mr_slices.relpath,
              "init_from": None, "options": {"fold": fold}, "test": "MR",
              "title": f"MR oracle (fold {fold + 1}/{cfg['oracle_folds']})",
              "description": "real MR with real MR labels, patient-level "
                             f"{cfg['oracle_folds']}-fold cross-validation: tested on the fold's "
                             "patients, trained (80/20) on the others"})
     recipes.append(
-        {"name": "domain_random", "kind": "domain_random", "data": "prepared/ct_slices.npz",
+        {"name": "domain_random", "kind": "domain_random", "data": RunFolder.ct_slices.relpath,
          "init_from": None, "options": {}, "test": "MR", "title": "Domain randomisation (CT)",
          "description": "CT with CT labels, random monotone and non-monotone intensities per "
                         "tissue class, blur, bias and noise (SynthSeg idea); tested on every real "
                         "MR patient"})
     for k in cfg["few_shot_k"]:
         recipes.append(
-            {"name": f"few_shot_k{k}", "kind": "few_shot", "data": "prepared/mr_slices.npz",
+            {"name": f"few_shot_k{k}", "kind": "few_shot", "data": RunFolder.mr_slices.relpath,
              "init_from": "cross_modality", "options": {"k": int(k)}, "test": "MR",
              "title": f"Few-shot (cross-modality + {k} MR patient{'s' if k > 1 else ''})",
              "description": f"the cross-modality network fine-tuned on {k} real MR patients' "
@@ -1138,7 +727,7 @@ def usable_recipes(run, recipes=None) -> tuple[list[dict], dict[str, str]]:
     recipes = model_recipes(run.profile) if recipes is None else list(recipes)
     if not any(r["kind"] in MR_LABEL_KINDS for r in recipes):
         return recipes, {}
-    path = run.root / "prepared" / "mr_slices.npz"
+    path = run.mr_slices
     if not path.is_file():  # nothing prepared yet: the caller's own checks say what is missing
         return recipes, {}
     arrays = read_slices(path, "prepared MR slices", ("image", "patient"))
@@ -1183,10 +772,10 @@ def train_model(kind: str, data, out_dir: str | Path, settings: dict, init=None,
         ckpt = load_checkpoint(init)
         ckpt["meta"] = {**ckpt.get("meta", {}), **meta, "model_from": str(init),
                         "test_modality": "MR", "test_patients": None}
-        save_checkpoint(ckpt, out_dir / "best.pt")
-        summary = {"out_dir": str(out_dir), "best": str(out_dir / "best.pt"), "trained": False,
+        save_checkpoint(ckpt, out_dir / TrainingFiles.BEST)
+        summary = {"out_dir": str(out_dir), "best": str(out_dir / TrainingFiles.BEST), "trained": False,
                    "epochs_run": 0, "seconds": 0.0, **_plain(ckpt["meta"])}
-        _atomic_text(json.dumps(_plain(summary), indent=2), out_dir / "summary.json")
+        _atomic_text(json.dumps(_plain(summary), indent=2), out_dir / TrainingFiles.SUMMARY)
         return summary
 
     arrays, _ = _as_arrays(data)
@@ -1237,322 +826,11 @@ def train_recipe(recipe: dict, run_root: str | Path, settings: dict, **kwargs) -
     """:func:`train_model` for one entry of :func:`model_recipes` inside a run folder
     (``<run>/model/<name>/``; ``init_from`` is ``<run>/model/<init_from>/best.pt``)."""
     run_root = Path(run_root)
-    init = run_root / "model" / recipe["init_from"] / "best.pt" if recipe["init_from"] else None
+    model_root = RunFolder.model_root.at(run_root)
+    init = model_root / recipe["init_from"] / TrainingFiles.BEST if recipe["init_from"] else None
     data = run_root / recipe["data"] if recipe["data"] else None
-    return train_model(recipe["kind"], data, run_root / "model" / recipe["name"], settings,
+    return train_model(recipe["kind"], data, model_root / recipe["name"], settings,
                        init=init, name=recipe["name"], **recipe["options"], **kwargs)
-
-
-# ----------------------------------------------------------------------------------------------
-# Inference (SimpleITK/scipy imported inside the functions)
-
-
-@torch.no_grad()
-def predict_slices(model: UNet, images: np.ndarray, batch_size: int = 32, device=None,
-                   probabilities: bool = False, amp: bool = True) -> np.ndarray:
-    """Labels (uint8 [N,H,W], argmax) or class probabilities (float32 [N,3,H,W]) of uint8 slices."""
-    device = resolve_device(device) if device is not None else next(model.parameters()).device
-    model.eval()
-    images = np.asarray(images)
-    single = images.ndim == 2
-    images = images[None] if single else images
-    channels_last = device.type == "cuda"
-    outputs = []
-    for start in range(0, len(images), batch_size):
-        x = _to_input(images[start:start + batch_size], device, channels_last)
-        with _autocast(device, amp):
-            logits = model(x)
-        logits = logits.float()
-        if probabilities:
-            outputs.append(torch.softmax(logits, 1).cpu().numpy())
-        else:
-            outputs.append(logits.argmax(1).to(torch.uint8).cpu().numpy())
-    out = np.concatenate(outputs) if outputs else np.zeros((0,) + images.shape[1:], np.uint8)
-    return out[0] if single else out
-
-
-def largest_components(labels: np.ndarray, classes=(1, 2)) -> np.ndarray:
-    """Keep, per class, only the largest connected component (3D, 26-connectivity)."""
-    from scipy import ndimage
-
-    out = np.array(labels, copy=True)
-    structure = np.ones((3,) * labels.ndim, dtype=bool)
-    for value in classes:
-        mask = labels == value
-        components, count = ndimage.label(mask, structure=structure)
-        if count <= 1:
-            continue
-        sizes = np.bincount(components.ravel())
-        sizes[0] = 0
-        out[mask & (components != int(np.argmax(sizes)))] = 0
-    return out
-
-
-def _model_and_preprocessing(model, settings, device):
-    if isinstance(model, (str, Path)):
-        model = load_model(model, resolve_device(device) if device is not None else "cpu")
-    if not isinstance(model, nn.Module):
-        raise CrossmodError(f"model: expected a U-Net or a checkpoint path, got {type(model).__name__}")
-    given = settings.get("preprocessing") if isinstance(settings, dict) else None
-    recorded = getattr(model, "meta", {}).get("preprocessing")
-    if recorded is None and given is None:
-        raise CrossmodError("preprocessing: the model records no preprocessing settings; give a "
-                            "profile with a preprocessing block")
-    if recorded is not None and given is not None:
-        keys = ("pixel_mm", "crop", "mr_upper_percentile", "ct_window", "head_threshold")
-        differ = [k for k in keys if recorded.get(k) != given.get(k)]
-        if differ:
-            warnings.warn(f"the model was trained with other preprocessing ({', '.join(differ)}); "
-                          "using the model's", stacklevel=3)
-    return model, dict(recorded if recorded is not None else given)
-
-
-def _uncrop(pred: np.ndarray, info: dict, slice_index: np.ndarray) -> np.ndarray:
-    """Put crop-grid predictions back into the resampled volume [z, y, x] (undo crop_slices)."""
-    nx, ny, nz = (int(v) for v in info["resampled_size"].split("x"))
-    full = np.zeros((nz, ny, nx), dtype=np.uint8)
-    y0, x0 = int(info["crop_row"]), int(info["crop_col"])
-    crop = pred.shape[-1]
-    ys, ye = max(y0, 0), min(y0 + crop, ny)
-    xs, xe = max(x0, 0), min(x0 + crop, nx)
-    if ys < ye and xs < xe:
-        full[slice_index, ys:ye, xs:xe] = pred[:, ys - y0:ye - y0, xs - x0:xe - x0]
-    return full
-
-
-def _to_native(volume: np.ndarray, info: dict, reference, interpolation: str):
-    """The resampled-grid label volume on the native grid of ``reference`` (SimpleITK image)."""
-    import SimpleITK as sitk
-
-    image = sitk.GetImageFromArray(volume)
-    image.SetOrigin([float(v) for v in info["resampled_origin"].split(";")])
-    image.SetSpacing([float(info["pixel_mm"]), float(info["pixel_mm"]), float(info["slice_mm"])])
-    image.SetDirection(reference.GetDirection())
-    interpolator = sitk.sitkLabelLinear if interpolation == "label_linear" else sitk.sitkNearestNeighbor
-    return sitk.Resample(image, reference, sitk.Transform(), interpolator, 0, sitk.sitkUInt8)
-
-
-def predict_label_maps(model, case, settings=None, *, modality: str = "MR", device=None,
-                       timings: dict | None = None) -> dict:
-    """One forward pass, both post-processings: ``{"raw": label image, "lcc": label image}`` on
-    the native grid of ``case.image`` (0 background, 1 Parotid_L, 2 Parotid_R)."""
-    return _predict(model, case, settings, modality=modality, device=device, timings=timings,
-                    which=("raw", "lcc"))
-
-
-def _predict(model, case, settings, *, modality, device, timings, which):
-    import SimpleITK as sitk
-
-    from .preparation import prepare_case
-
-    cfg = segmentation_config(settings)
-    model, pre = _model_and_preprocessing(model, settings, device)
-    if modality == "CT":
-        pre["cc_rule"] = "none"
-    pre.setdefault("cc_rule", "none")
-    pre.setdefault("cc_margin_mm", 0.0)
-    pre.setdefault("min_head_area_cm2", 0.0)  # checkpoints trained before the setting existed
-    t0 = time.perf_counter()
-    prepared = prepare_case(case, modality, pre)
-    t1 = time.perf_counter()
-    pred = predict_slices(model, prepared.image, int(cfg["inference_batch"]), amp=bool(cfg["amp"]))
-    t2 = time.perf_counter()
-    out = {}
-    for key in which:
-        crop_pred = largest_components(pred) if key == "lcc" else pred
-        volume = _uncrop(crop_pred, prepared.info, prepared.slice_index)
-        image = _to_native(volume, prepared.info, case.image, cfg["interpolation"])
-        image.CopyInformation(case.image)
-        out[key] = sitk.Cast(image, sitk.sitkUInt8)
-    t3 = time.perf_counter()
-    if timings is not None:
-        timings.update({"preprocess": t1 - t0, "predict": t2 - t1, "postprocess": t3 - t2})
-    return out
-
-
-def predict_labels(model, case, settings=None, *, postprocess: bool | None = None,
-                   modality: str = "MR", device=None, timings: dict | None = None):
-    """The label image (uint8 0/1/2) of ``case`` on its native grid. ``model``: a U-Net or a
-    checkpoint path; ``postprocess``: keep the largest component per side (default: the
-    profile's ``postprocess_lcc``)."""
-    if postprocess is None:
-        postprocess = bool(segmentation_config(settings)["postprocess_lcc"])
-    key = "lcc" if postprocess else "raw"
-    return _predict(model, case, settings, modality=modality, device=device, timings=timings,
-                    which=(key,))[key]
-
-
-def masks_from_labels(label_image) -> dict:
-    """``{"Parotid_L": mask, "Parotid_R": mask}`` (uint8 0/1 images on the label image's grid)."""
-    import SimpleITK as sitk
-
-    masks = {}
-    for value, name in enumerate(STRUCTURES, start=1):
-        mask = sitk.Cast(label_image == value, sitk.sitkUInt8)
-        mask.CopyInformation(label_image)
-        masks[name] = mask
-    return masks
-
-
-def predict_case(model, case, settings=None, *, postprocess: bool | None = None,
-                 modality: str = "MR", device=None) -> dict:
-    """Parotid masks of one case on its native grid: ``{"Parotid_L": image, "Parotid_R": image}``
-    (uint8 0/1). ``model``: a U-Net or a checkpoint path; ``settings``: the profile (its
-    preprocessing is used when the checkpoint records none)."""
-    return masks_from_labels(predict_labels(model, case, settings, postprocess=postprocess,
-                                            modality=modality, device=device))
-
-
-def _case_name(case) -> str:
-    import re
-
-    from .io import IMAGE_SUFFIXES
-
-    name = str(case.patient_id)
-    for suffix in IMAGE_SUFFIXES + (".dcm",):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    if name == "img" and case.source is not None:
-        name = Path(case.source).parent.name
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "case"
-    return name
-
-
-def _cases_at(path: Path):
-    """(case, seconds to read it, problem) for what ``path`` holds: whatever
-    :func:`crossmod_lib.datasets.read_any` reads, or else a folder of such folders (one patient
-    each, read one at a time). In a folder of patients, one that cannot be read gives
-    (None, 0, "<folder>: <why>") and the others are still read; a single patient's error is raised."""
-    from .datasets import read_any
-
-    t0 = time.perf_counter()
-    try:
-        cases = read_any(path)
-    except CrossmodError:
-        subfolders = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")) \
-            if path.is_dir() else []
-        if not subfolders:
-            raise
-        for folder in subfolders:
-            t1 = time.perf_counter()
-            try:
-                found = read_any(folder)
-            except CrossmodError as exc:
-                yield None, 0.0, (folder.name, " ".join(str(exc).split()))
-                continue
-            for case in found:
-                yield case, (time.perf_counter() - t1) / len(found), None
-        return
-    for case in cases:
-        yield case, (time.perf_counter() - t0) / len(cases), None
-
-
-#: What ``crossmod predict`` can write per patient (several at once, as TotalSegmentator's
-#: output types): the label volume, a DICOM RTSTRUCT and a DICOM SEG (the last two: DICOM input).
-OUTPUT_TYPES = ("nifti", "rtstruct", "seg")
-
-
-def predict_path(model_path, input_path, output_dir, settings: dict | None = None,
-                 rtstruct: bool = False, *, postprocess: bool | None = None, device=None,
-                 progress: bool = False, outputs=("nifti",)) -> list[dict]:
-    """Contour the parotids of the MR(s) at ``input_path`` and write the results.
-
-    ``model_path``: a checkpoint (``best.pt``; its recorded preprocessing is used) or a loaded
-    model. ``input_path``: an image file (NIfTI, NRRD, MHA), a DICOM series folder, any layout
-    :func:`crossmod_lib.datasets.read_any` reads, or a folder of such folders (one per patient).
-    ``settings``: the profile; its ``segmentation`` block gives the inference options
-    (``postprocess_lcc``, ``interpolation``, ``inference_batch``) and its ``preprocessing`` is used
-    only when the checkpoint records none. ``postprocess`` overrides ``postprocess_lcc``.
-
-    Per case, ``<output_dir>/<patient>_labels.nii.gz`` (0 background, 1 Parotid_L, 2 Parotid_R on
-    the source grid) and, with ``rtstruct=True`` or ``"rtstruct"`` in ``outputs`` (DICOM input
-    only), ``<output_dir>/<patient>_RTSTRUCT.dcm`` referencing the series; ``"seg"`` in
-    ``outputs`` adds ``<patient>_SEG.dcm``, a DICOM Segmentation of the series (highdicom).
-    ``outputs`` is any of :data:`OUTPUT_TYPES`. Returns one row per case: patient, labels,
-    rtstruct, seg (paths or None), seconds and the seconds of each step (read, preprocess,
-    predict, postprocess, write). In a folder of patients, one that cannot be read (or, for DICOM
-    outputs, is not a DICOM series) gets a row with ``problem`` (one line) and no files, and the
-    others are still contoured.
-    """
-    import SimpleITK as sitk
-
-    from .io import write_image
-
-    input_path, output_dir = Path(input_path), Path(output_dir)
-    outputs = set(outputs) | ({"rtstruct"} if rtstruct else set())
-    unknown = sorted(outputs - set(OUTPUT_TYPES))
-    if unknown or not outputs:
-        raise CrossmodError(f"output types {', '.join(unknown) or '(none)'}: choose from "
-                            f"{', '.join(OUTPUT_TYPES)}")
-    if not input_path.exists():
-        raise CrossmodError(f"{input_path}: no such file or folder")
-    if output_dir.exists() and not output_dir.is_dir():
-        raise CrossmodError(f"{output_dir}: the output folder is a file")
-    dicom_outputs = sorted(outputs & {"rtstruct", "seg"})
-    model, _ = _model_and_preprocessing(model_path, settings, device)
-    rows = []
-    used: set = set()
-    iterator = _cases_at(input_path)
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(iterator, desc="predict", unit="case")
-    # Folders this call creates: removed again if it fails before writing anything into them,
-    # so a failed run leaves the file system as it was (the files themselves are written atomically).
-    created = [p for p in (output_dir, *output_dir.parents) if not p.exists()]
-    try:
-        for case, t_read, problem in iterator:
-            if problem is not None:
-                rows.append({"patient": problem[0], "labels": None, "rtstruct": None, "seg": None,
-                             "seconds": 0.0, "problem": problem[1]})
-                continue
-            t0 = time.perf_counter()
-            if dicom_outputs and not case.image.HasMetaDataKey("SOPInstanceUIDs"):
-                message = (f"{case.source or input_path}: {' and '.join(dicom_outputs)} output "
-                           "needs a DICOM image series as input")
-                if case.source is None or Path(case.source) == input_path:
-                    raise CrossmodError(message)
-                rows.append({"patient": _case_name(case), "labels": None, "rtstruct": None,
-                             "seg": None, "seconds": 0.0, "problem": message})
-                continue
-            timings: dict = {"read": t_read}
-            labels = predict_labels(model, case, settings, postprocess=postprocess, device=device,
-                                    timings=timings)
-            t1 = time.perf_counter()
-            name = base = _case_name(case)
-            copy_number = 1
-            while name in used:
-                copy_number += 1
-                name = f"{base}_{copy_number}"
-            used.add(name)
-            label_path = rt_path = seg_path = None
-            if "nifti" in outputs:
-                label_path = output_dir / f"{name}_labels.nii.gz"
-                write_image(sitk.Cast(labels, sitk.sitkUInt8), label_path)
-            if "rtstruct" in outputs:
-                from .dicom import write_rtstruct
-
-                rt_path = write_rtstruct(masks_from_labels(labels), case.image,
-                                         output_dir / f"{name}_RTSTRUCT.dcm")
-            if "seg" in outputs:
-                from .dicom import write_seg
-
-                seg_path = write_seg(masks_from_labels(labels), case.image, case.source,
-                                     output_dir / f"{name}_SEG.dcm")
-            timings["write"] = time.perf_counter() - t1
-            rows.append({"patient": name, "labels": str(label_path) if label_path else None,
-                         "rtstruct": str(rt_path) if rt_path else None,
-                         "seg": str(seg_path) if seg_path else None,
-                         "seconds": t_read + time.perf_counter() - t0, "problem": None, **timings})
-    except BaseException:
-        for folder in created:  # deepest first; stops at the first one that is not empty
-            try:
-                folder.rmdir()
-            except OSError:
-                break
-        raise
-    return rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1587,24 +865,24 @@ def train_run(run, *, kinds=None, progress: bool = False, resume: bool = True, d
     for name, reason in skipped.items():
         if log:
             log(f"not training {name}: {reason}")
-        shutil.rmtree(run.root / "model" / name, ignore_errors=True)  # a stale model would be predicted
+        shutil.rmtree(run.model_dir(name), ignore_errors=True)  # a stale model would be predicted
     for recipe in recipes:
-        out_dir = run.root / "model" / recipe["name"]
-        summary_path, stamp_path = out_dir / "summary.json", out_dir / "inputs.json"
+        out_dir = run.model_dir(recipe["name"])
+        summary_path, stamp_path = out_dir / TrainingFiles.SUMMARY, out_dir / TrainingFiles.INPUTS
         # What the model is a function of: settings, training data and starting checkpoint. A
         # re-run of an earlier stage changes the data, so the model is trained again from scratch.
         inputs = {"settings": settings_text,
                   "data": _file_digest(run.root / recipe["data"]) if recipe["data"] else None,
-                  "init": _file_digest(run.root / "model" / recipe["init_from"] / "best.pt")
+                  "init": _file_digest(run.model_dir(recipe["init_from"]) / TrainingFiles.BEST)
                   if recipe["init_from"] else None}
         stamp = json.loads(stamp_path.read_text()) if stamp_path.is_file() else None
         summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-        if stamp != inputs or summary is None or not (out_dir / "best.pt").is_file():
+        if stamp != inputs or summary is None or not (out_dir / TrainingFiles.BEST).is_file():
             if log:
                 log(f"training {recipe['name']} ...")
             continuing = resume and stamp == inputs  # an interrupted run of the same inputs
             if not continuing:
-                for stale in ("last.pt", "best.pt", "summary.json", "log.csv"):
+                for stale in (TrainingFiles.LAST, TrainingFiles.BEST, TrainingFiles.SUMMARY, TrainingFiles.LOG):
                     (out_dir / stale).unlink(missing_ok=True)
             _atomic_text(json.dumps(inputs), stamp_path)
             summary = train_recipe(recipe, run.root, profile, resume=continuing, device=device,
@@ -1678,9 +956,9 @@ def predict_run(run, *, progress: bool = False, device=None, models=None) -> pd.
             raise CrossmodError(f"predict_run: no model recipe named {', '.join(unknown)}")
         recipes = [r for r in recipes if r["name"] in set(models)]
     recipes, skipped = usable_recipes(run, recipes)  # too few manual MR contours to train them
-    missing = [r["name"] for r in recipes if not (run.root / "model" / r["name"] / "best.pt").is_file()]
+    missing = [r["name"] for r in recipes if not (run.model_dir(r["name"]) / TrainingFiles.BEST).is_file()]
     if missing:
-        raise CrossmodError(f"{run.root / 'model'}: no trained model for {', '.join(missing)}; "
+        raise CrossmodError(f"{run.model_root}: no trained model for {', '.join(missing)}; "
                             "run chapter 4 (train_run) first")
     sources = cohort_sources(run, progress=False)
     items = {modality: dict(zip(source.patient_ids(), source.items))
@@ -1697,7 +975,7 @@ def predict_run(run, *, progress: bool = False, device=None, models=None) -> pd.
             t0 = time.perf_counter()
             case = sources[modality].read(items[modality][patient])
             read_s = time.perf_counter() - t0
-            reference = out_root / "reference" / modality / f"{patient}_labels.nii.gz"
+            reference = run.prediction_references / modality / PredictionFiles.labels(patient)
             if case.structures:
                 write_label_map(case.structures, case.image, reference)
             else:  # an unannotated patient: predicted, not evaluated
@@ -1710,7 +988,7 @@ def predict_run(run, *, progress: bool = False, device=None, models=None) -> pd.
     rows = []
     tasks = []
     for recipe in recipes:
-        summary = json.loads((run.root / "model" / recipe["name"] / "summary.json").read_text())
+        summary = json.loads((run.model_dir(recipe["name"]) / TrainingFiles.SUMMARY).read_text())
         patients = summary.get("test_patients") or list(items[recipe["test"]])
         tasks += [(recipe, patient) for patient in patients]
     # Visit patients in order so that each is read once and all its models run together.
@@ -1724,7 +1002,7 @@ def predict_run(run, *, progress: bool = False, device=None, models=None) -> pd.
     for recipe, patient in iterator:
         case, read_s, reference = case_of(recipe["test"], patient)
         if recipe["name"] not in models:
-            models[recipe["name"]] = load_model(run.root / "model" / recipe["name"] / "best.pt",
+            models[recipe["name"]] = load_model(run.model_dir(recipe["name"]) / TrainingFiles.BEST,
                                                 resolve_device(device) if device else "cpu")
         method = _method_name(recipe)
         t0 = time.perf_counter()
@@ -1732,8 +1010,8 @@ def predict_run(run, *, progress: bool = False, device=None, models=None) -> pd.
         maps = predict_label_maps(models[recipe["name"]], case, profile, modality=recipe["test"],
                                   device=device, timings=steps)
         paths = {}
-        for key, suffix in (("raw", ""), ("lcc", "_lcc")):
-            path = out_root / method / f"{patient}_labels{suffix}.nii.gz"
+        for key in ("raw", "lcc"):
+            path = out_root / method / PredictionFiles.labels(patient, key)
             write_image(sitk.Cast(maps[key], sitk.sitkUInt8), path)
             paths[key] = path
         seconds = read_s + time.perf_counter() - t0
@@ -1753,17 +1031,28 @@ def predict_run(run, *, progress: bool = False, device=None, models=None) -> pd.
         common &= set(group["patient"])
     index["common"] = (index["modality"] == "MR") & index["patient"].isin(common)
     index = index.sort_values(["modality", "model", "patient"]).reset_index(drop=True)
-    tmp = out_root / "index.csv.tmp"
+    tmp = run.prediction_index.with_name(f".{run.prediction_index.name}.tmp")
     index.to_csv(tmp, index=False)
-    tmp.replace(out_root / "index.csv")
+    tmp.replace(run.prediction_index)
     mr_patients = mr.drop_duplicates("patient")
     write_json({"models": sorted(index["model"].unique()), "common_mr_patients": sorted(common),
                 "postprocess_lcc": bool(segmentation_config(profile)["postprocess_lcc"]),
                 "mr_patients": int(len(mr_patients)),
                 "mr_patients_annotated": int((mr_patients["reference"] != "").sum()),
                 "skipped_models": skipped},
-               out_root / "summary.json")
+               run.prediction_summary)
     return index
+
+
+def run(run, *, progress: bool = False, device=None, log=None) -> dict:
+    """Stage 4 (sections 2.E and 2.G's inference) over a run folder: train every model of
+    :func:`model_recipes` that is not trained on the same inputs yet (:func:`train_run`), then
+    contour every test patient with each (:func:`predict_run`). Writes ``model/`` and
+    ``predictions/``; returns ``trained`` (one row per model) and ``index`` (one per prediction).
+    """
+    trained = train_run(run, progress=progress, device=device, log=log)
+    index = predict_run(run, progress=progress, device=device)
+    return {"trained": trained, "index": index}
 
 
 def training_logs(run) -> pd.DataFrame:
@@ -1772,7 +1061,7 @@ def training_logs(run) -> pd.DataFrame:
 
     frames = []
     for recipe in model_recipes(run.profile):
-        path = run.root / "model" / recipe["name"] / "log.csv"
+        path = run.model_dir(recipe["name"]) / TrainingFiles.LOG
         if path.is_file() and path.stat().st_size:
             frame = pd.read_csv(path)
             frame.insert(0, "model", recipe["name"])
@@ -1798,7 +1087,7 @@ def prediction_examples(run, patient: str | None = None, models=None) -> dict:
     from .evaluation import read_prediction_index
     from .preparation import cohort_sources
 
-    index_path = run.require("predictions", "index.csv") / "index.csv"
+    index_path = run.inputs("prediction_index")
     index = read_prediction_index(index_path)
     mr = index[index["modality"] == "MR"]
     if mr.empty:
@@ -1842,79 +1131,6 @@ def prediction_examples(run, patient: str | None = None, models=None) -> dict:
     return {"patient": patient, "slice": z, "image": image[z], "spacing": (spacing[1], spacing[0]),
             "reference": reference[z], "annotated": annotated, "predictions": predictions,
             "titles": titles, "box": tuple(int(v) for v in box)}
-
-
-def _bench_volume(n_slices: int, matrix: int, pixel_mm: float, slice_mm: float, seed: int = 0):
-    """A T2w-like MR head volume of Table I's size (ellipse head, two bright glands, noise)."""
-    rng = np.random.default_rng(seed)
-    half = matrix * pixel_mm / 2
-    coords = (np.arange(matrix) + 0.5) * pixel_mm - half
-    yy, xx = np.meshgrid(coords, coords, indexing="ij")
-    head = (yy / 95.0) ** 2 + (xx / 75.0) ** 2 < 1
-    gland_l = ((yy - 10) / 18.0) ** 2 + ((xx - 45) / 12.0) ** 2 < 1
-    gland_r = ((yy - 10) / 18.0) ** 2 + ((xx + 45) / 12.0) ** 2 < 1
-    plane = np.where(head, 300.0, 5.0)
-    plane[gland_l | gland_r] = 520.0
-    volume = np.repeat(plane[None], n_slices, axis=0)
-    volume = np.abs(volume + rng.normal(0, 15.0, volume.shape))
-    return volume.astype(np.float32), (pixel_mm, pixel_mm, slice_mm), (-half, -half, 0.0)
-
-
-def bench_inference(settings: dict, model_path=None, *, n_slices: int = 30, matrix: int = 512,
-                    pixel_mm: float = 0.5, slice_mm: float = 4.0, repeats: int = 3,
-                    device: str = "cpu", workdir: str | Path | None = None,
-                    target_s: float = 5.0) -> dict:
-    """Seconds per MR patient end to end (read NIfTI -> preprocess -> predict -> write NIfTI), as
-    section 2.F times it (paper: 0.86 +- 0.02 s on a V100), on a Table-I-sized synthetic MR
-    (``matrix``^2 x ``n_slices``, 0.5 x 0.5 x 4 mm) with the profile's network and preprocessing
-    (random weights unless ``model_path``: the time does not depend on them). The first run is a
-    warm-up and not counted."""
-    import tempfile
-
-    import SimpleITK as sitk
-
-    from .io import write_image
-
-    cfg = segmentation_config(settings)
-    dev = resolve_device(device)
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        tmp = Path(tmp)
-        if model_path is None:
-            torch.manual_seed(0)
-            model = build_model(settings)
-            model_path = save_checkpoint(
-                {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "arch": model.arch,
-                 "config": _plain(cfg),
-                 "meta": {"kind": "benchmark", "preprocessing": _plain(settings["preprocessing"])}},
-                tmp / "bench.pt")
-        volume, spacing, origin = _bench_volume(n_slices, matrix, pixel_mm, slice_mm)
-        image = sitk.GetImageFromArray(volume)
-        image.SetSpacing(spacing)
-        image.SetOrigin(origin)
-        source = tmp / "bench_mr.nii.gz"
-        write_image(image, source)
-        runs = []
-        for repeat in range(repeats + 1):
-            t0 = time.perf_counter()
-            rows = predict_path(model_path, source, tmp / "out", settings, device=dev)
-            total = time.perf_counter() - t0
-            if repeat:
-                runs.append({"total": total, **{k: rows[0][k] for k in
-                                                ("read", "preprocess", "predict", "postprocess",
-                                                 "write")}})
-        model = load_model(model_path)
-    totals = np.array([r["total"] for r in runs])
-    size = int(settings["preprocessing"]["crop"])
-    return {
-        "profile": settings.get("name"), "device": str(dev), "threads": torch.get_num_threads(),
-        "volume": f"{matrix}x{matrix}x{n_slices}", "slice_size": size,
-        "base_features": model.arch["base_features"], "levels": model.arch["levels"],
-        "parameters": count_parameters(model),
-        "gflops_per_patient": flops_per_slice(model, size) * n_slices / 1e9,
-        "seconds_mean": float(totals.mean()), "seconds_sd": float(totals.std(ddof=1)) if len(totals) > 1 else 0.0,
-        "stages": {k: float(np.mean([r[k] for r in runs])) for k in runs[0] if k != "total"},
-        "target_s": target_s, "meets_target": bool(totals.mean() <= target_s),
-    }
 
 
 # ----------------------------------------------------------------------------------------------

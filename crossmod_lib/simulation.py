@@ -101,6 +101,7 @@ from crossmod_lib import __version__
 from crossmod_lib.errors import CrossmodError
 from crossmod_lib.io import PAROTIDS, Case, staged_folder, write_image
 from crossmod_lib.parallel import run_tasks
+from crossmod_lib.runs import RawFiles
 from crossmod_lib.phantom import (
     MR_SUBSLICES,
     MR_TE_RANGE,
@@ -781,5 +782,5 @@ def write_simulated_cohort(out_dir, dataset: str, folders, *, seed: int,
             "structures": list(PAROTIDS),
             "patients": sorted(infos, key=lambda i: names.index(i["patient_id"])),
         }
-        (tmp / "simulation.json").write_text(json.dumps(summary, indent=1))
+        (tmp / RawFiles.SIMULATION).write_text(json.dumps(summary, indent=1))
     return summary

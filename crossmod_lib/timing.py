@@ -48,8 +48,9 @@ import numpy as np
 import pandas as pd
 
 from .errors import CrossmodError
+from .runs import RunFolder, TrainingFiles
 
-TIMINGS_NAME = "timings.json"
+TIMINGS_NAME = RunFolder.timings.name
 TIMINGS_FORMAT = "crossmod-timings-1"
 COLUMNS = ("stage", "step", "seconds", "per_unit_s", "per_unit_sd_s", "unit", "n", "device", "source",
            "note")
@@ -169,7 +170,7 @@ def _root(run_or_root) -> Path:
 
 def _timings_path(run_or_root) -> Path:
     root = _root(run_or_root)
-    return root / "notebooks" / TIMINGS_NAME
+    return RunFolder.timings.at(root)
 
 
 def read_timings(run_or_root) -> dict:
@@ -296,17 +297,17 @@ CYCLEGAN_FOLDERS = {"cyclegan": "CycleGAN training",
 
 def _cyclegan_rows(root: Path, info: dict | None) -> list[dict]:
     rows = []
-    synthetic = root / "synthetic"
-    folders = sorted(p.parent for p in synthetic.glob("*/summary.json")) if synthetic.is_dir() else []
+    synthetic = RunFolder.synthesis.at(root).parent
+    folders = sorted(p.parent for p in synthetic.glob(f"*/{TrainingFiles.SUMMARY}")) if synthetic.is_dir() else []
     for folder in sorted(folders, key=lambda p: (p.name != "cyclegan", p.name)):
-        summary = _read_json(folder / "summary.json")
+        summary = _read_json(folder / TrainingFiles.SUMMARY)
         if "seconds_total" not in summary:
             continue
         batch = int(summary.get("batch_size") or 1) * int(summary.get("world_size") or 1)
         images = int(summary.get("iteration") or 0) * batch
         per = sd = math.nan
         n = images
-        losses = folder / "losses.csv"
+        losses = folder / TrainingFiles.LOSSES
         if losses.is_file():
             table = _read_csv(losses, ("iteration", "seconds"))
             elapsed = table.sort_values("iteration")["seconds"].to_numpy(float)
@@ -319,10 +320,10 @@ def _cyclegan_rows(root: Path, info: dict | None) -> list[dict]:
                          CYCLEGAN_FOLDERS.get(folder.name, f"CycleGAN training ({folder.name})"),
                          summary["seconds_total"], per, sd, "image-iteration", n,
                          describe_device(info, summary.get("device")),
-                         str(folder.relative_to(root) / "summary.json"),
+                         str(folder.relative_to(root) / TrainingFiles.SUMMARY),
                          f"{summary.get('iteration')} iterations of batch {batch}"
                          + ("" if summary.get("completed", True) else " (training not finished)")))
-    path = synthetic / "synthesis.json"
+    path = RunFolder.synthesis.at(root)
     if path.is_file():
         summary = _read_json(path)
         if "seconds" in summary:
@@ -330,12 +331,12 @@ def _cyclegan_rows(root: Path, info: dict | None) -> list[dict]:
             rows.append(_row("2 synthetic MR (CycleGAN)", "synthesis of every CT slice",
                              summary["seconds"], summary["seconds"] / slices if slices else math.nan,
                              math.nan, "slice", slices, describe_device(info, summary.get("device")),
-                             "synthetic/synthesis.json"))
+                             RunFolder.synthesis.relpath))
     return rows
 
 
 def _cleaning_rows(root: Path, info: dict | None) -> list[dict]:
-    path = root / "cleaned" / "decisions.csv"
+    path = RunFolder.decisions.at(root)
     if not path.is_file():
         return []
     table = _read_csv(path, ("registration_time_s",))
@@ -352,29 +353,29 @@ def _cleaning_rows(root: Path, info: dict | None) -> list[dict]:
     mean, sd, n = _mean_sd(timed["registration_time_s"])
     rows.append(_row("3 cleaning and registration", "elastix registration, wall time",
                      float(pd.to_numeric(timed["registration_time_s"]).sum()), mean, sd, "slice", n,
-                     device, "cleaned/decisions.csv", note))
+                     device, RunFolder.decisions.relpath, note))
     if "registration_cpu_s" in timed.columns:
         mean, sd, n = _mean_sd(pd.to_numeric(timed["registration_cpu_s"], errors="coerce"))
         if n:
             rows.append(_row("3 cleaning and registration", "elastix registration, CPU time",
                              float(pd.to_numeric(timed["registration_cpu_s"], errors="coerce").sum()),
-                             mean, sd, "slice", n, device, "cleaned/decisions.csv", note))
+                             mean, sd, "slice", n, device, RunFolder.decisions.relpath, note))
     return rows
 
 
 def _unet_rows(root: Path, info: dict | None) -> list[dict]:
     rows = []
-    model = root / "model"
+    model = RunFolder.model_root.at(root)
     if not model.is_dir():
         return rows
-    for summary_path in sorted(model.glob("*/summary.json"),
+    for summary_path in sorted(model.glob(f"*/{TrainingFiles.SUMMARY}"),
                                key=lambda p: (p.parent.name != "cross_modality", p.parent.name)):
         summary = _read_json(summary_path)
         if summary.get("trained") is False or not summary.get("epochs_run"):
             continue                               # e.g. naive: the CT network reused, not trained
         per = sd = math.nan
         n = int(summary["epochs_run"])
-        log = summary_path.parent / "log.csv"
+        log = summary_path.parent / TrainingFiles.LOG
         if log.is_file():
             per, sd, n = _mean_sd(_read_csv(log, ("epoch", "seconds"))["seconds"])
         name = summary.get("name") or summary_path.parent.name
@@ -388,14 +389,14 @@ MODEL_COLUMNS = ("model", "name", "method")
 
 
 def _inference_rows(root: Path, info: dict | None) -> list[dict]:
-    path = root / "predictions" / "index.csv"
+    path = RunFolder.prediction_index.at(root)
     if not path.is_file():
         return []
     table = _read_csv(path, ("seconds",))
     key = next((c for c in MODEL_COLUMNS if c in table.columns), None)
     groups = table.groupby(key, sort=False) if key else [("", table)]
     rows = []
-    summary_path = root / "predictions" / "summary.json"
+    summary_path = RunFolder.prediction_summary.at(root)
     summary_device = _read_json(summary_path).get("device") if summary_path.is_file() else None
     for name, group in groups:
         if "device" in group.columns:
@@ -407,7 +408,7 @@ def _inference_rows(root: Path, info: dict | None) -> list[dict]:
         seconds = pd.to_numeric(group["seconds"], errors="coerce")
         mean, sd, n = _mean_sd(seconds)
         rows.append(_row("5 inference", f"inference: {name}" if name else "inference", seconds.sum(),
-                         mean, sd, "patient", n, device, "predictions/index.csv"))
+                         mean, sd, "patient", n, device, RunFolder.prediction_index.relpath))
     return rows
 
 
@@ -418,7 +419,7 @@ def _notebook_rows(root: Path) -> list[dict]:
         status = entry.get("status")
         rows.append(_row(f"notebook {stem}", "whole notebook, wall time", entry.get("seconds"),
                          device=describe_device(entry.get("device")), n=1,
-                         source=f"notebooks/{TIMINGS_NAME}",
+                         source=RunFolder.timings.relpath,
                          note="" if status == "ok" else f"status: {status}"))
     return sorted(rows, key=lambda r: r["stage"])
 
@@ -530,7 +531,7 @@ def _profile_of(run_or_root) -> dict:
         return profile
     from .config import load_profile
 
-    path = Path(run_or_root) / "profile.yaml"
+    path = RunFolder.settings_file.at(run_or_root)
     if not path.is_file():
         raise CrossmodError(f"{path}: missing; the run folder has no profile snapshot")
     return load_profile(path)
@@ -539,7 +540,7 @@ def _profile_of(run_or_root) -> dict:
 def _paper_ct_slices(root: Path) -> tuple[float, str]:
     """CT slices per CycleGAN epoch at the paper's scale: 202 patients x the mean CT slices per
     patient this run kept (same cranio-caudal rule), with how it was obtained."""
-    path = root / "prepared" / "ct_cases.csv"
+    path = RunFolder.ct_cases.at(root)
     if path.is_file():
         cases = _read_csv(path, ("slices_kept",))
         per_patient = float(pd.to_numeric(cases["slices_kept"]).mean())
@@ -632,7 +633,7 @@ def extrapolate(run_or_root, table: pd.DataFrame | None = None,
     # CycleGAN: training FLOPs per CT image-iteration of the run's networks over the measured time.
     gan = work["CycleGAN training"]
     main = _first(table, "CycleGAN training")
-    summary_path = root / "synthetic" / "cyclegan" / "summary.json"
+    summary_path = RunFolder.cyclegan_summary.at(root)
     if main is not None and summary_path.is_file():
         summary = _read_json(summary_path)
         s = cyclegan.settings_from_profile(profile)
@@ -665,7 +666,7 @@ def extrapolate(run_or_root, table: pd.DataFrame | None = None,
     # U-Net training: FLOPs of one epoch of the run over its mean epoch time.
     unet_work = work["U-Net training"]
     unet = _first(table, "U-Net training: cross_modality")
-    unet_summary = root / "model" / "cross_modality" / "summary.json"
+    unet_summary = RunFolder.model_root.at(root) / "cross_modality" / TrainingFiles.SUMMARY
     if unet is not None and unet_summary.is_file() and math.isfinite(unet["per_unit_s"]):
         summary = _read_json(unet_summary)
         cfg = segmentation.segmentation_config(profile)
@@ -690,8 +691,8 @@ def extrapolate(run_or_root, table: pd.DataFrame | None = None,
     # are kept as measured.
     infer_work = work["Inference"]
     inference = _ours_for_paper(table)["Inference"]
-    index = root / "predictions" / "index.csv"
-    mr_cases = root / "prepared" / "mr_cases.csv"
+    index = RunFolder.prediction_index.at(root)
+    mr_cases = RunFolder.mr_cases.at(root)
     if inference is not None and index.is_file() and mr_cases.is_file():
         predictions = _read_csv(index, ("seconds",))
         key = next((c for c in MODEL_COLUMNS if c in predictions.columns), None)
@@ -748,3 +749,18 @@ def paper_flops() -> pd.DataFrame:
         {"network": "CycleGAN, one training iteration per CT image", "GFLOP": gan / 1e9},
         {"network": "U-Net, one forward pass per slice", "GFLOP": seg / 1e9},
     ]).set_index("network")
+
+
+def run(run) -> dict:
+    """Stage 7 over a run folder: every measured time (:func:`collect`), the benchmarks saved in
+    the run and in the repository (a run's own first), and the paper-scale estimates
+    (:func:`extrapolate`). Writes ``metrics/computation_steps.csv`` and
+    ``metrics/computation_estimates.csv``; returns ``measured``, ``recorded``, ``estimates``."""
+    from . import bench
+
+    measured = collect(run)
+    recorded = {**bench.recorded_benchmarks(), **bench.load_benchmarks(run)}
+    estimates = extrapolate(run, measured, recorded)
+    measured.to_csv(run.output("computation_steps"), index=False)
+    estimates.to_csv(run.output("computation_estimates"), index=False)
+    return {"measured": measured, "recorded": recorded, "estimates": estimates}

@@ -47,9 +47,11 @@ from crossmod_lib import evaluation, paper, plots, preparation, runs
 
 run = runs.RunFolder.open(profile_path or profile, run_dir or None)
 settings = run.profile["preprocessing"]
-figures = run.stage("figures")
 print(f"profile: {run.profile['name']} - {run.profile['description']}")
 print(f"run folder: {run.root}")
+print(f"pixel {settings['pixel_mm']} mm, crop {settings['crop']} px, "
+      f"CT window L{settings['ct_window']['level']}/W{settings['ct_window']['width']}, "
+      f"range rule {settings['cc_rule']}")
 
 # %% [markdown]
 # ## The cohorts
@@ -62,9 +64,14 @@ print(f"run folder: {run.root}")
 # real-anatomy tier: real shapes and manual contours, simulated MR contrast; see
 # `crossmod_lib.simulation`), or a folder of the user's own DICOM (image series + RTSTRUCT) or
 # nnU-Net/NIfTI data.
+#
+# The whole stage is one library call, `preparation.run(run)`: it opens the cohorts, measures
+# Table I and the interobserver variability, and prepares the slices (the cells below show what it
+# found and wrote).
 
 # %%
-cohorts = preparation.cohort_sources(run, progress=False)
+stage = preparation.run(run)
+cohorts = stage.cohorts
 for modality, source in cohorts.items():
     print(f"{modality}: {len(source.items)} patients from {source.dataset} ({source.root})")
 
@@ -74,10 +81,7 @@ for modality, source in cohorts.items():
 # tags stored with each image), not typed in. The paper's Table I is shown beside it.
 
 # %%
-table_1 = preparation.acquisition_table({f"T2w {cohorts['MR'].title}": cohorts["MR"],
-                                        cohorts["CT"].title: cohorts["CT"]})
-table_1.to_csv(run.stage("metrics") / "table_1.csv")
-display(table_1.join(paper.TABLE_I))
+display(stage.table_1.join(paper.TABLE_I))
 
 # %% [markdown]
 # ### Fig. 1: example views
@@ -93,7 +97,7 @@ fig = plots.figure_views([
     (f"T2w MR {mr_case.patient_id}", mr_case, (0.0, float(np.percentile(mr_values, 99.5)))),
     (f"CT {ct_case.patient_id}", ct_case, (40 - 175, 40 + 175)),
 ])
-fig.savefig(figures / "fig1_views.png", dpi=120, bbox_inches="tight")
+plots.save(fig, run, runs.Figures.VIEWS)
 plt.show()
 
 # %% [markdown]
@@ -115,10 +119,8 @@ plt.show()
 # the two are comparable in kind only.
 
 # %%
-if cohorts["MR"].observer2(cohorts["MR"].items[0]) is not None:
-    interobserver = evaluation.interobserver(cohorts["MR"].root)
-    interobserver.to_csv(run.stage("metrics") / "interobserver_mr.csv", index=False)
-    summary = evaluation.mean_sd_table(interobserver)
+if stage.interobserver is not None:
+    summary = evaluation.mean_sd_table(stage.interobserver)
     display(pd.concat({f"this run ({cohorts['MR'].title})": summary.drop(columns="n"),
                        "paper (real MR)": paper.INTEROBSERVER}, axis=0).fillna("n.a."))
 else:
@@ -135,12 +137,7 @@ else:
 # centred on the parotids.
 
 # %%
-print(f"pixel {settings['pixel_mm']} mm, crop {settings['crop']} px, "
-      f"CT window L{settings['ct_window']['level']}/W{settings['ct_window']['width']}, "
-      f"range rule {settings['cc_rule']}")
-prepared_dir = run.stage("prepared")
-prepared = preparation.prepare_run(run, cohorts)  # MR first: its coverage cuts the CT's range
-coverage_mm, mr_cases, ct_cases = prepared["coverage_mm"], prepared["MR"], prepared["CT"]
+coverage_mm, mr_cases, ct_cases = stage.coverage_mm, stage.cases["MR"], stage.cases["CT"]
 print(f"MR coverage (median over the MR cohort): {coverage_mm:.0f} mm")
 display(pd.concat([mr_cases, ct_cases])[
     ["patient", "modality", "slices_total", "slices_kept", "z_min_mm", "z_max_mm", "crop_row", "crop_col"]
@@ -152,15 +149,14 @@ display(pd.concat([mr_cases, ct_cases])[
 # (yellow; the same mask the CycleGAN's geometric loss and the cleaning step use) and parotid labels.
 
 # %%
-ct_slices = preparation.load_slices(prepared_dir / "ct_slices.npz")
-mr_slices = preparation.load_slices(prepared_dir / "mr_slices.npz")
-
+ct_slices = preparation.load_slices(run.ct_slices)
+mr_slices = preparation.load_slices(run.mr_slices)
 
 for name, slices in (("CT", ct_slices), ("MR", mr_slices)):
     chosen = preparation.parotid_level_slices(slices, count=6)
     fig = plots.slice_gallery(slices, chosen, titles=[f"{name} {slices['patient'][i]} z={slices['z_mm'][i]:.0f}"
                                                       for i in chosen])
-    fig.savefig(figures / f"prepared_{name.lower()}_slices.png", dpi=120, bbox_inches="tight")
+    plots.save(fig, run, runs.Figures.prepared_slices(name))
     plt.show()
 
 # %% [markdown]
@@ -171,16 +167,8 @@ for name, slices in (("CT", ct_slices), ("MR", mr_slices)):
 # order of magnitude between patients here).
 
 # %%
-fig, axes = plt.subplots(1, 2, figsize=(10, 3.2), constrained_layout=True)
-for ax, (name, slices) in zip(axes, (("CT", ct_slices), ("MR", mr_slices))):
-    for patient in np.unique(slices["patient"]):
-        own = slices["patient"] == patient
-        values = slices["image"][own][slices["head_mask"][own]]
-        ax.hist(values, bins=64, range=(0, 255), histtype="step", density=True, label=patient)
-    ax.set_title(f"{name}: intensities inside the head outline, per patient", fontsize=9)
-    ax.set_xlabel("intensity (0-255)")
-axes[1].legend(fontsize=6, ncol=2)
-fig.savefig(figures / "prepared_histograms.png", dpi=120, bbox_inches="tight")
+fig = plots.intensity_histograms({"CT": ct_slices, "MR": mr_slices})
+plots.save(fig, run, runs.Figures.PREPARED_HISTOGRAMS)
 plt.show()
 
 # %% [markdown]
@@ -196,13 +184,13 @@ plt.show()
 # at the bottom and the left parotid (red) on the image's right, as in every figure of this book.
 
 # %%
-real = preparation.real_data_sources(run)
+real = stage.real
 if real.get("openkbp") is not None:
     openkbp = real["openkbp"]
     display(preparation.acquisition_table({f"OpenKBP CT (first {len(openkbp.items)})": openkbp}))
     openkbp_case = openkbp.read(openkbp.items[0])
     fig = plots.figure_views([(f"OpenKBP CT {openkbp_case.patient_id}", openkbp_case, (40 - 175, 40 + 175))])
-    fig.savefig(figures / "fig1_openkbp.png", dpi=120, bbox_inches="tight")
+    plots.save(fig, run, runs.Figures.OPENKBP_VIEWS)
     plt.show()
 else:
     display(Markdown("*OpenKBP is not under the data root on this machine: section skipped.*"))
@@ -217,15 +205,14 @@ else:
 
 # %%
 deepmind_summary = None
-if real.get("deepmind") is not None:
-    deepmind = evaluation.interobserver_deepmind(real["deepmind"])
-    deepmind.to_csv(run.stage("metrics") / "interobserver_deepmind.csv", index=False)
+if stage.interobserver_deepmind is not None:
+    deepmind = stage.interobserver_deepmind
     columns = (("dsc", "DSC"), ("hd", "HD (mm)"), ("hd95", "HD95 (mm)"), ("msd", "MSD (mm)"))
     deepmind_summary = evaluation.mean_sd_table(deepmind, columns=columns)
     display(pd.concat({"DeepMind CT, oncologist vs radiographer": deepmind_summary.drop(columns="n"),
                        "paper, MR observers": paper.INTEROBSERVER}, axis=0).fillna("n.a."))
     fig = plots.metric_boxplots(deepmind, title="DeepMind parotid contours: oncologist vs radiographer, per scan")
-    fig.savefig(figures / "interobserver_deepmind.png", dpi=120, bbox_inches="tight")
+    plots.save(fig, run, runs.Figures.INTEROBSERVER_DEEPMIND)
     plt.show()
 else:
     display(Markdown("*The DeepMind contours are not under the data root on this machine: section skipped.*"))

@@ -42,14 +42,11 @@ import numpy as np
 import pandas as pd
 from IPython.display import Markdown, display
 
-from crossmod_lib import cleaning, cyclegan, preparation, runs
+from crossmod_lib import cyclegan, plots, preparation, runs
 
 run = runs.RunFolder.open(profile_path or profile, run_dir or None)
-prepared = run.require("prepared", "ct_slices.npz", "mr_slices.npz")
-synthetic_dir = run.stage("synthetic")
-figures = run.stage("figures")
+ct_npz, mr_npz = run.inputs("ct_slices", "mr_slices")
 settings = cyclegan.settings_from_profile(run.profile)
-head_threshold = run.profile["preprocessing"]["head_threshold"]
 print(f"profile {run.profile['name']}: ngf {settings['ngf']}, ndf {settings['ndf']}, "
       f"{settings['n_blocks']} residual blocks, batch {settings['batch_size']}, "
       f"{settings['epochs_constant']} + {settings['epochs_decay']} epochs")
@@ -104,26 +101,19 @@ display(pd.DataFrame(rows).set_index(["profile", "network"]))
 # Adam (learning rate 2·10⁻⁴, β₁ 0.5), constant for the first half of the epochs, then decaying
 # linearly to zero; each epoch visits the CT slices in a shuffled order, each paired with a randomly
 # drawn MR slice. A checkpoint is written after every epoch and a stopped run resumes exactly.
+#
+# The whole stage is one library call, `cyclegan.run(run)`: this training, the synthesis below,
+# the parotid contrast and the geometric-loss ablation; the cells below show what it produced.
 
 # %%
-summary = cyclegan.train(prepared / "ct_slices.npz", prepared / "mr_slices.npz",
-                         synthetic_dir / "cyclegan", settings, head_threshold, resume=True,
-                         progress=False)
+stage = cyclegan.run(run)
+summary, synthesis = stage["summary"], stage["synthesis"]
 print(f"{summary['iteration']} iterations ({summary['epochs_done']} epochs) in "
       f"{summary['seconds_total']:.0f} s on {summary['device']}")
-losses = pd.read_csv(synthetic_dir / "cyclegan" / "losses.csv")
+losses = pd.read_csv(run.cyclegan_dir / cyclegan.LOSSES_NAME)
 terms = [t for t in cyclegan.LOSS_TERMS if t in losses.columns and t != "G_total"]
-fig, axes = plt.subplots(1, 2, figsize=(11, 3.4), constrained_layout=True)
-window = max(1, len(losses) // 30)
-for term in terms:
-    target = axes[1] if term.startswith("D_") else axes[0]
-    target.plot(losses["iteration"], losses[term].rolling(window, min_periods=1).mean(), label=term)
-axes[0].set_title("generator terms (running mean)", fontsize=9)
-axes[1].set_title("discriminator terms (running mean)", fontsize=9)
-for ax in axes:
-    ax.set_xlabel("iteration")
-    ax.legend(fontsize=7)
-fig.savefig(figures / "cyclegan_losses.png", dpi=120, bbox_inches="tight")
+fig = plots.loss_curves(losses, terms)
+plots.save(fig, run, runs.Figures.CYCLEGAN_LOSSES)
 plt.show()
 
 # %% [markdown]
@@ -133,33 +123,19 @@ plt.show()
 # MR → synthetic CT → reconstructed MR (bottom rows) at the level of the parotids.
 
 # %%
-checkpoint = synthetic_dir / "cyclegan" / "checkpoint.pt"
-synthesis = cyclegan.synthesise(checkpoint, prepared / "ct_slices.npz",
-                                synthetic_dir / "synthetic_mr.npz", settings)
 print(f"{synthesis['slices']} synthetic MR slices in {synthesis['seconds']:.1f} s")
 
 # One parotid-level slice from each of the first four patients of each cohort.
-ct_slices = preparation.load_slices(prepared / "ct_slices.npz")
-runs.write_json(synthesis, synthetic_dir / "synthesis.json")  # chapter 7 reads the synthesis time
+ct_slices = preparation.load_slices(ct_npz)
 examples = preparation.parotid_level_slices(ct_slices, count=4)
-mr_examples = preparation.parotid_level_slices(preparation.load_slices(prepared / "mr_slices.npz"),
-                                               count=len(examples))
-grid = cyclegan.example_grid(checkpoint, prepared / "ct_slices.npz", prepared / "mr_slices.npz",
+mr_examples = preparation.parotid_level_slices(preparation.load_slices(mr_npz), count=len(examples))
+grid = cyclegan.example_grid(run.cyclegan_dir / cyclegan.CHECKPOINT_NAME, ct_npz, mr_npz,
                              examples, mr_examples, settings=settings)
-columns = [(key, title) for key, title in (
+# a one-sided translator (cyclegan.translator: cut) has no way back: image_grid leaves those out
+fig = plots.image_grid(grid, (
     ("ct", "CT"), ("synthetic_mr", "synthetic MR"), ("reconstructed_ct", "reconstructed CT"),
-    ("mr", "MR"), ("synthetic_ct", "synthetic CT"), ("reconstructed_mr", "reconstructed MR"))
-    if key in grid]  # a one-sided translator (cyclegan.translator: cut) has no way back
-fig, axes = plt.subplots(len(examples), len(columns), figsize=(2 * len(columns), 2.1 * len(examples)),
-                         squeeze=False,
-                         constrained_layout=True)
-for r in range(len(examples)):
-    for c, (key, title) in enumerate(columns):
-        axes[r, c].imshow(grid[key][r], cmap="gray", vmin=0, vmax=255)
-        axes[r, c].set_axis_off()
-        if r == 0:
-            axes[r, c].set_title(title, fontsize=9)
-fig.savefig(figures / "cyclegan_examples.png", dpi=120, bbox_inches="tight")
+    ("mr", "MR"), ("synthetic_ct", "synthetic CT"), ("reconstructed_mr", "reconstructed MR")))
+plots.save(fig, run, runs.Figures.CYCLEGAN_EXAMPLES)
 plt.show()
 
 # %% [markdown]
@@ -171,9 +147,7 @@ plt.show()
 # of the head:
 
 # %%
-contrast = pd.DataFrame(cyclegan.parotid_contrast(synthetic_dir / "synthetic_mr.npz",
-                                                  prepared / "mr_slices.npz")).set_index("images")
-contrast.to_csv(run.stage("metrics") / "cyclegan_parotid_contrast.csv")
+contrast = stage["contrast"]
 display(contrast.style.format("{:.2f}"))
 synthetic_ratio, real_ratio = contrast["parotid / rest of head"]
 if np.isnan(real_ratio):  # a real MR cohort without manual contours: nothing to compare with
@@ -201,33 +175,10 @@ else:
 # synthetic MR against the source CT shows its effect.
 
 # %%
-ablation = {}
-for use_geo in (True, False):
-    arm = cyclegan.ablation_settings(settings, geometric_loss=use_geo)
-    name = "with geometric loss" if use_geo else "without geometric loss"
-    folder = synthetic_dir / ("ablation_geo" if use_geo else "ablation_nogeo")
-    cyclegan.train(prepared / "ct_slices.npz", prepared / "mr_slices.npz", folder, arm,
-                   head_threshold, resume=True, progress=False)
-    out = cyclegan.synthesise(folder / "checkpoint.pt", prepared / "ct_slices.npz",
-                              folder / "synthetic_mr.npz", arm)
-    synthetic = np.load(folder / "synthetic_mr.npz")
-    ablation[name] = cleaning.outline_dice(synthetic["image"], ct_slices["head_mask"], head_threshold)
-ablation["main run"] = cleaning.outline_dice(np.load(synthetic_dir / "synthetic_mr.npz")["image"],
-                                             ct_slices["head_mask"], head_threshold)
-threshold = run.profile["cleaning"]["outline_dice_threshold"]
-table = pd.DataFrame({name: {"median outline Dice": np.median(d), "mean": np.mean(d),
-                             f"share ≥ {threshold}": np.mean(d >= threshold), "slices": len(d)}
-                      for name, d in ablation.items()}).T
-table.to_csv(run.stage("metrics") / "cyclegan_ablation.csv")
-display(table.round(3))
-fig, ax = plt.subplots(figsize=(7, 3.2), constrained_layout=True)
-for name, d in ablation.items():
-    ax.hist(d, bins=np.linspace(0, 1, 41), histtype="step", label=name, linewidth=1.5)
-ax.axvline(threshold, color="k", linestyle="--", linewidth=1)
-ax.set_xlabel("head-outline Dice, synthetic MR vs source CT")
-ax.set_ylabel("slices")
-ax.legend(fontsize=8)
-fig.savefig(figures / "cyclegan_ablation.png", dpi=120, bbox_inches="tight")
+ablation = stage["outline_dice"]
+display(stage["ablation"].round(3))
+fig = plots.outline_dice_histograms(ablation, run.profile["cleaning"]["outline_dice_threshold"])
+plots.save(fig, run, runs.Figures.CYCLEGAN_ABLATION)
 plt.show()
 
 # %% [markdown]

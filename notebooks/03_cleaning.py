@@ -44,11 +44,9 @@ import pandas as pd
 from IPython.display import Image, Markdown, display
 
 from crossmod_lib import cleaning, plots, record, review, runs
-from crossmod_lib.preparation import head_mask
 
 run = runs.RunFolder.open(profile_path or profile, run_dir or None)
 settings = cleaning.cleaning_settings(run.profile)
-figures = run.stage("figures")
 threshold = settings["outline_dice_threshold"]
 grid_mm = cleaning.grid_spacing_mm(settings)
 print(f"outline Dice threshold {threshold}; B-spline grid {grid_mm:g} mm "
@@ -68,15 +66,15 @@ print(f"outline Dice threshold {threshold}; B-spline grid {grid_mm:g} mm "
 # are saved beside the table (`cleaned/elastix/`).
 
 # %%
-decisions = cleaning.clean_run(run, progress=False)
+decisions = cleaning.run(run)  # the stage: outline check, registration, decisions
 counts = cleaning.summarise_decisions(decisions)
 kinds = cleaning.drop_kind(decisions)
 by_kind = ", ".join(f"{int((kinds == k).sum())} {k}" for k in cleaning.DROP_KINDS if (kinds == k).any())
 display(Markdown(
     f"**{counts['accepted_final']} of {counts['slices']}** synthetic slices kept "
     f"({counts['accepted_final'] / max(counts['slices'], 1):.0%}): "
-    f"{counts['rejected_outline']} dropped by the outline check, "
-    f"{counts['rejected_registration'] + counts['rejected_outline_after']} by the registration checks; "
+    f"{counts['rejected_outline']} dropped by the outline check (before or after registration), "
+    f"{counts['rejected_registration']} by the other registration checks; "
     f"manual decisions: {counts['manual_accept']} accepted, {counts['manual_reject']} rejected "
     f"({counts['overridden']} overriding the automatic decision)."
     + (f" Dropped, by reason: {by_kind}." if by_kind else "")
@@ -102,28 +100,13 @@ if len(registered):
 
 # %%
 examples = cleaning.figure6_examples(run)
-pairs = [(item, True) for item in examples["selected"]] + [(item, False) for item in examples["rejected"]]
-if pairs:
-    lines = max(item["caption"].count("\n") + 1 for item, _ in pairs)
-    fig, axes = plt.subplots(2, len(pairs), figsize=(2.2 * len(pairs), 4.4 + 0.16 * lines), squeeze=False,
-                             constrained_layout=True)
-    for k, (item, kept) in enumerate(pairs):
-        dice = f"outline Dice {item['dice']:.3f}"
-        for r, (image, title) in enumerate(((item["ct"], f"CT\n{item['caption']}"),
-                                            (item["synthetic"], f"synthetic MR\n{dice}"))):
-            ax = axes[r, k]
-            ax.imshow(image, cmap="gray", vmin=0, vmax=255)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_edgecolor("#2ca02c" if kept else "#d62728")
-                spine.set_linewidth(3)
-            ax.set_title(title, fontsize=6.5, color="#1b5e20" if kept else "#b71c1c")
-    fig.savefig(figures / "fig6_cleaning_examples.png", dpi=120, bbox_inches="tight")
+fig = plots.cleaning_examples(examples["selected"], examples["rejected"])
+if fig is not None:
+    plots.save(fig, run, runs.Figures.CLEANING_EXAMPLES)
     plt.show()
 if not examples["rejected"]:
     # chapter 2's ablation table: one row per arm, the share at this threshold in its own column
-    ablation_csv = run.stage("metrics") / "cyclegan_ablation.csv"
+    ablation_csv = run.ablation
     without_geo = ""
     if ablation_csv.is_file():
         share = pd.read_csv(ablation_csv, index_col=0).loc["without geometric loss", f"share ≥ {threshold}"]
@@ -140,7 +123,7 @@ if not examples["rejected"]:
             f"**Recorded, not this run:** Fig. 6 of the recorded run `{rec.root.name}` (profile "
             f"`{rec.name}`, chapter 9; recorded {made.get('date', '?')[:10]} at commit "
             f"{made.get('commit', '?')}): {rec.cleaning_counts()}."))
-        display(Image(filename=str(rec.path("figures/fig6_cleaning_examples.png"))))
+        display(Image(filename=str(rec.path(runs.Figures.relpath(runs.Figures.CLEANING_EXAMPLES)))))
 
 # %% [markdown]
 # ## The checks, slice by slice
@@ -149,26 +132,8 @@ if not examples["rejected"]:
 # it counts as diverged.
 
 # %%
-fig, axes = plt.subplots(1, 2, figsize=(10, 3), constrained_layout=True)
-bins = np.linspace(min(0.5, float(decisions["outline_dice"].min())), 1, 51)
-axes[0].hist(decisions["outline_dice"], bins=bins, color="#777777", label="before registration")
-after = decisions["outline_dice_after"].dropna()
-if len(after):
-    axes[0].hist(after, bins=bins, color="#1f77b4", alpha=0.6, label="after registration")
-axes[0].axvline(threshold, color="#d62728", linestyle="--", label=f"threshold {threshold}")
-axes[0].set_xlabel("head-outline Dice, synthetic MR vs source CT")
-axes[0].set_ylabel("slices")
-axes[0].legend(fontsize=7)
-shift = decisions["max_displacement_mm"].dropna()
-if len(shift):
-    top = max(float(shift.max()), settings["max_displacement_mm"]) * 1.05
-    axes[1].hist(shift, bins=np.linspace(0, top, 41), color="#777777")
-axes[1].axvline(settings["max_displacement_mm"], color="#d62728", linestyle="--",
-                label=f"limit {settings['max_displacement_mm']:g} mm")
-axes[1].set_xlabel("largest displacement inside the head (mm)")
-axes[1].set_ylabel("slices")
-axes[1].legend(fontsize=7)
-fig.savefig(figures / "cleaning_dice_histogram.png", dpi=120, bbox_inches="tight")
+fig = plots.cleaning_checks(decisions, threshold, settings["max_displacement_mm"])
+plots.save(fig, run, runs.Figures.CLEANING_DICE_HISTOGRAM)
 plt.show()
 
 # %% [markdown]
@@ -204,22 +169,8 @@ else:
 display(cleaning.counts_by_patient(decisions).round(3))
 by_position = cleaning.counts_by_position(decisions, by="position", bins=5)
 display(by_position.round(3))
-fig, ax = plt.subplots(figsize=(7, 2.8), constrained_layout=True)
-x = np.arange(len(by_position))
-share = by_position[["dropped_outline", "dropped_registration", "dropped_by_hand"]].div(
-    by_position["slices"].where(by_position["slices"] > 0), axis=0).fillna(0)
-bottom = np.zeros(len(x))
-for column, colour, label in (("dropped_outline", "#d62728", "outline check"),
-                              ("dropped_registration", "#ff7f0e", "registration checks"),
-                              ("dropped_by_hand", "#9467bd", "by hand")):
-    ax.bar(x, share[column], bottom=bottom, color=colour, label=label)
-    bottom += share[column].to_numpy()
-ax.set_xticks(x, [label.replace(" (", "\n(") for label in by_position.index], fontsize=7)
-ax.set_ylabel("dropped fraction")
-ax.set_ylim(0, max(0.05, float(bottom.max()) * 1.2))
-ax.set_xlabel("position in the patient's slice range (inferior → superior)")
-ax.legend(fontsize=7)
-fig.savefig(figures / "cleaning_by_position.png", dpi=120, bbox_inches="tight")
+fig = plots.dropped_by_position(by_position)
+plots.save(fig, run, runs.Figures.CLEANING_BY_POSITION)
 plt.show()
 
 # %% [markdown]
@@ -230,24 +181,9 @@ plt.show()
 
 # %%
 shown = [item for item in examples["selected"] + examples["rejected"] if item["registered"] is not None]
-if shown:
-    fig, axes = plt.subplots(1, len(shown), figsize=(2.6 * len(shown), 3.4), squeeze=False,
-                             constrained_layout=True)
-    threshold_px = settings["head_threshold"]
-    for ax, item in zip(axes[0], shown):
-        ax.imshow(item["registered"], cmap="gray", vmin=0, vmax=255)
-        ax.contour(head_mask(item["synthetic"], threshold_px), levels=[0.5], colors=["#ffd92f"],
-                   linewidths=0.8)
-        ax.contour(head_mask(item["registered"], threshold_px), levels=[0.5], colors=["#17becf"],
-                   linewidths=0.8)
-        for value, colour in ((1, plots.STRUCTURE_COLOURS["Parotid_L"]),
-                              (2, plots.STRUCTURE_COLOURS["Parotid_R"])):
-            if (item["labels"] == value).any():
-                ax.contour(item["labels"] == value, levels=[0.5], colors=[colour], linewidths=1)
-        ax.set_title(f"{item['caption']}\nmoved ≤ {item['max_displacement_mm']:.1f} mm, "
-                     f"folded {item['folded_fraction']:.1%}", fontsize=6.5)
-        ax.set_axis_off()
-    fig.savefig(figures / "cleaning_registration.png", dpi=120, bbox_inches="tight")
+fig = plots.registration_examples(shown, settings["head_threshold"])
+if fig is not None:
+    plots.save(fig, run, runs.Figures.CLEANING_REGISTRATION)
     plt.show()
 
 # %% [markdown]
@@ -258,7 +194,7 @@ if shown:
 
 # %%
 gallery = review.review(run, interactive=False, n=9)
-gallery.savefig(figures / "cleaning_review_gallery.png", dpi=110, bbox_inches="tight")
+plots.save(gallery, run, runs.Figures.CLEANING_REVIEW_GALLERY, dpi=110)
 plt.show()
 
 # %% [markdown]

@@ -43,16 +43,13 @@ profile_path = ""
 import json
 
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
-import seaborn as sns
 from IPython.display import Markdown, display
 
-from crossmod_lib import runs, segmentation
+from crossmod_lib import plots, runs, segmentation
 
 run = runs.RunFolder.open(profile_path or profile, run_dir or None)
 cfg = segmentation.segmentation_config(run.profile)
-figures = run.stage("figures")
 crop = run.profile["preprocessing"]["crop"]
 print(f"profile {run.profile['name']}: U-Net base {cfg['base_features']} features, {cfg['levels']} levels, "
       f"{cfg['norm']} norm, Adam lr {cfg['learning_rate']:g}, at most {cfg['epochs']} epochs, "
@@ -93,9 +90,13 @@ display(pd.DataFrame([{"model": r["name"], "method": r["title"], "trained on": r
 # paper's setting; this profile's values are printed in the run's `profile.yaml`); the best
 # checkpoint is kept. Models already
 # trained on the same data and settings are reused.
+#
+# The stage is one library call, `segmentation.run(run)`: it trains every model (this section)
+# and contours every test patient with each (the next sections show the results).
 
 # %%
-trained = segmentation.train_run(run, progress=False, log=print)
+stage = segmentation.run(run, log=print)
+trained, index = stage["trained"], stage["index"]
 summary = trained[["name", "title", "epochs_run", "best_epoch", "best_val_dice", "seconds", "test"]]
 display(summary.rename(columns={"name": "model", "title": "method", "epochs_run": "epochs",
                                 "best_epoch": "best epoch", "best_val_dice": "validation Dice",
@@ -115,16 +116,8 @@ if len(skipped):  # the baselines that need manual MR contours, where the cohort
 # task, not how well it contours real MR. That is chapter 5's question.
 
 # %%
-logs = segmentation.training_logs(run)
-fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-sns.lineplot(data=logs, x="epoch", y="train_loss", hue="model", ax=axes[0], legend=False)
-sns.lineplot(data=logs, x="epoch", y="val_loss", hue="model", ax=axes[0], linestyle="--", legend=False)
-axes[0].set(ylabel="soft Dice loss", title="training (solid) and validation (dashed) loss")
-sns.lineplot(data=logs, x="epoch", y="val_dice", hue="model", ax=axes[1])
-axes[1].set(ylabel="validation Dice", title="validation Dice (2D, own validation patients)", ylim=(0, 1))
-axes[1].legend(fontsize=7, loc="lower right")
-fig.tight_layout()
-fig.savefig(figures / "fig_unet_training.png", dpi=110)
+fig = plots.unet_training_curves(segmentation.training_logs(run))
+plots.save(fig, run, runs.Figures.UNET_TRAINING, dpi=110)
 plt.show()
 
 # %% [markdown]
@@ -136,7 +129,7 @@ split_rows = []
 for r in recipes:
     if r["name"] in set(skipped["name"]):
         continue
-    s = json.loads((run.root / "model" / r["name"] / "summary.json").read_text())
+    s = json.loads((run.model_dir(r["name"]) / runs.TrainingFiles.SUMMARY).read_text())
     test = s.get("test_patients")
     split_rows.append({"model": r["name"], "train": len(s.get("train_patients") or []),
                        "validation": len(s.get("val_patients") or []) if s.get("trained", True) else 0,
@@ -153,7 +146,6 @@ display(pd.DataFrame(split_rows).style.hide(axis="index"))
 # both). The predictions and the manual contours are written as label maps under `predictions/`.
 
 # %%
-index = segmentation.predict_run(run)
 timing = index.groupby(["model", "modality"])["seconds"].agg(["count", "mean", "std"]).reset_index()
 display(timing.rename(columns={"count": "patients", "mean": "s per patient", "std": "SD"})
         .style.format({"s per patient": "{:.2f}", "SD": "{:.2f}"}, na_rep="–").hide(axis="index"))
@@ -169,30 +161,8 @@ display(Markdown(
 # automatic in red, for each method.
 
 # %%
-example = segmentation.prediction_examples(run)
-methods = list(example["predictions"])
-ncols = min(4, len(methods))
-nrows = int(np.ceil(len(methods) / ncols))
-fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 3.4 * nrows), squeeze=False)
-rows_mm, cols_mm = example["spacing"]
-image = example["image"]
-y0, y1, x0, x1 = example["box"]  # the parotid region: 6 cm around the contours
-for ax, method in zip(axes.flat, methods):
-    ax.imshow(image[y0:y1, x0:x1], cmap="gray", aspect=rows_mm / cols_mm)
-    for labels, colour in ((example["reference"], "tab:blue"), (example["predictions"][method], "tab:red")):
-        for value in (1, 2):
-            mask = (labels[y0:y1, x0:x1] == value).astype(float)
-            if mask.any():
-                ax.contour(mask, levels=[0.5], colors=colour, linewidths=1.0)
-    ax.set_title(example["titles"][method], fontsize=8)
-    ax.axis("off")
-for ax in axes.flat[len(methods):]:
-    ax.axis("off")
-fig.suptitle(f"MR patient {example['patient']}, slice {example['slice']}: "
-             + ("manual (blue), automatic (red)" if example["annotated"]
-                else "automatic (red); this patient has no manual contours"), fontsize=10)
-fig.tight_layout()
-fig.savefig(figures / "fig_unet_examples.png", dpi=110)
+fig = plots.prediction_panels(segmentation.prediction_examples(run))
+plots.save(fig, run, runs.Figures.UNET_EXAMPLES, dpi=110)
 plt.show()
 
 # %% [markdown]

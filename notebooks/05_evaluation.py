@@ -51,10 +51,8 @@ from crossmod_lib import contour_review, evaluation, paper, plots, runs
 from crossmod_lib.metrics import METRIC_CONVENTIONS as metrics_conventions
 
 run = runs.RunFolder.open(profile_path or profile, run_dir or None)
-figures = run.stage("figures")
-main = "lcc" if run.profile["segmentation"]["postprocess_lcc"] else "raw"
-other = "raw" if main == "lcc" else "lcc"
-variant = {"lcc": "largest 3D component per gland", "raw": "the network's raw output"}
+main, other = evaluation.main_postprocess(run.profile)
+variant = evaluation.POSTPROCESS_TITLES
 print(f"profile {run.profile['name']}: main results with {variant[main]} ({main}); "
       f"the other version ({other}) is reported beside them")
 
@@ -68,15 +66,17 @@ print(f"profile {run.profile['name']}: main results with {variant[main]} ({main}
 # held-out CT patients. Only MR patients with manual contours can be scored: a user's MR cohort
 # may have few or none (chapter 4 predicted every patient regardless); the others are shown for
 # review at the end of the chapter.
+#
+# The stage is one library call, `evaluation.run(run)`: the metrics, Table II under both
+# post-processings and the rank tests below (`metrics/`); the cells show them.
 
 # %%
-metrics = evaluation.evaluate_predictions(run)
-prediction_index = evaluation.read_prediction_index(run.root / "predictions" / "index.csv")
+stage = evaluation.run(run)
+metrics, prediction_index, mr_scored = stage["metrics"], stage["index"], stage["mr_scored"]
 mr_annotated, mr_predicted = evaluation.annotation_counts(prediction_index)
-mr_scored = "cross_modality" in set(metrics.loc[metrics["modality"] == "MR", "model"])
 display(Markdown(f"**{evaluation.annotation_sentence(prediction_index)}**"))
-interobserver = evaluation.read_interobserver(run)
-inter_title = "Interobserver variability (this run's MR)"
+interobserver = stage["interobserver"]
+inter_title = evaluation.INTEROBSERVER_TITLE
 counts = (metrics[metrics["postprocess"] == main].groupby(["model", "modality"], sort=False)
           ["patient"].nunique().rename("patients").reset_index())
 display(counts)
@@ -90,8 +90,7 @@ if interobserver is None:
 # 27 MR, CT test patients of its 202 CT).
 
 # %%
-ours = evaluation.table_ii(metrics, interobserver, postprocess=main, interobserver_title=inter_title)
-ours.to_csv(run.stage("metrics") / f"table_2_{main}.csv")
+ours = stage["tables"][main]
 display(Markdown(f"**This run ({run.profile['name']} profile, {variant[main]})**"))
 display(ours)
 display(Markdown("What each metric computes (`crossmod_lib.metrics.METRIC_CONVENTIONS`): "
@@ -104,9 +103,7 @@ display(paper.TABLE_II)
 # The same with the other version of the predictions, to see what the post-processing does:
 
 # %%
-alternative = evaluation.table_ii(metrics, interobserver, postprocess=other,
-                                  interobserver_title=inter_title)
-alternative.to_csv(run.stage("metrics") / f"table_2_{other}.csv")
+alternative = stage["tables"][other]
 display(Markdown(f"**This run, {variant[other]} ({other})**"))
 display(alternative)
 effect = evaluation.postprocessing_effect(metrics)
@@ -140,7 +137,7 @@ inter_patients = (evaluation.interobserver_per_patient(interobserver)
 order = evaluation.method_order(patients["model"])
 fig = plots.method_boxplots(patients, inter_patients, band="sd", order=order,
                             title=f"Fig. 8 ({run.profile['name']} profile, {variant[main]})")
-fig.savefig(figures / "fig8_boxplots.png", dpi=120, bbox_inches="tight")
+plots.save(fig, run, runs.Figures.BOXPLOTS)
 plt.show()
 
 # %% [markdown]
@@ -153,7 +150,7 @@ plt.show()
 if mr_scored:
     examples = evaluation.contour_examples(run, metrics, model="cross_modality", n=4, postprocess=main)
     fig = plots.figure_contours(examples, title="Fig. 7: cross-modality (red) and manual (blue) contours")
-    fig.savefig(figures / "fig7_contours.png", dpi=120, bbox_inches="tight")
+    plots.save(fig, run, runs.Figures.CONTOURS)
     plt.show()
 else:
     display(Markdown("*No MR patient has manual contours: no typical patients to pick (see the "
@@ -172,8 +169,7 @@ else:
 
 # %%
 if mr_scored:
-    tests = evaluation.paired_tests(metrics, reference="cross_modality", postprocess=main)
-    tests.to_csv(run.stage("metrics") / "segmentation_tests.csv", index=False)
+    tests = stage["tests"]
     display(tests.drop(columns=["reference"]).round(4))
 else:
     display(Markdown("*Nothing to test: no MR patient has manual contours.*"))
@@ -267,7 +263,7 @@ if mr_annotated < mr_predicted:
         part = gallery[start:start + 6]
         fig = plots.figure_contours(part, title=f"Predicted contours, MR patients without manual "
                                                 f"contours ({start + 1}-{start + len(part)} of {len(gallery)})")
-        fig.savefig(figures / f"unannotated_contours_{start // 6 + 1}.png", dpi=120, bbox_inches="tight")
+        plots.save(fig, run, runs.Figures.unannotated_contours(start // 6 + 1))
         plt.show()
     display(contour_review.review_contours(run, postprocess=main))
 else:

@@ -45,8 +45,7 @@ from IPython.display import Markdown, display
 from crossmod_lib import contour_quality, plots, runs
 
 run = runs.RunFolder.open(profile_path or profile, run_dir or None)
-figures = run.stage("figures")
-assessed = contour_quality.assess_run(run)
+assessed = contour_quality.run(run)
 report = assessed["report"]
 settings = report.settings
 print(f"profile {run.profile['name']}: CT cohort {assessed['source'].title}, "
@@ -78,7 +77,7 @@ flagged_glands = report.glands[report.glands["n_flagged"] > 0]
 shown = list(zip(flagged_glands["patient"], flagged_glands["structure"]))[:6]
 if shown:
     fig = plots.area_profiles(report.profiles, shown)
-    fig.savefig(figures / "contour_quality_profiles.png", dpi=120, bbox_inches="tight")
+    plots.save(fig, run, runs.Figures.CONTOUR_QUALITY_PROFILES)
     plt.show()
 else:
     display(Markdown("*No gland of this cohort has a flagged slice.*"))
@@ -139,7 +138,7 @@ display(Markdown("\n".join(lines)))
 examples = contour_quality.figure9_examples(run, assessed, n=3)
 if examples:
     fig = plots.figure_contour_defects(examples)
-    fig.savefig(figures / "fig9_contour_defects.png", dpi=120, bbox_inches="tight")
+    plots.save(fig, run, runs.Figures.CONTOUR_DEFECTS)
     plt.show()
 else:
     display(Markdown("*No flagged slice to show.*"))

@@ -43,15 +43,14 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import Markdown, display
 
-from crossmod_lib import bench, runs, timing
+from crossmod_lib import bench, plots, runs, timing
 
 pd.set_option("display.max_colwidth", None)  # the paper's figures and the bases in full
 run = runs.RunFolder.open(profile_path or profile, run_dir or None)
-figures = run.stage("figures")
-measured = timing.collect(run)
-# Benchmarks saved in this run folder, and those kept in the repository (recorded/benchmarks);
-# a run's own take precedence.
-recorded = {**bench.recorded_benchmarks(), **bench.load_benchmarks(run)}
+# The stage: every measured time, the benchmarks saved in this run folder and those kept in the
+# repository (recorded/benchmarks; a run's own take precedence), the paper-scale estimates.
+stage = timing.run(run)
+measured, recorded = stage["measured"], stage["recorded"]
 print(f"profile {run.profile['name']}: {len(measured)} measured steps, "
       f"{len(recorded)} recorded benchmark(s)")
 
@@ -110,19 +109,9 @@ notes = [f"- {row.step}: {row.note}" for row in steps.itertuples() if row.note]
 display(Markdown((f"All steps ran on {devices[0]}.\n\n" if len(devices) == 1 else "") + "\n".join(notes)))
 
 # %%
-plotted = measured[measured["seconds"] > 0]
-if len(plotted):
-    fig, ax = plt.subplots(figsize=(8, 0.26 * len(plotted) + 1.0), constrained_layout=True)
-    labels = [stage.removeprefix("notebook ") + " (whole notebook)" if stage.startswith("notebook")
-              else step for stage, step in zip(plotted["stage"], plotted["step"])]
-    colours = ["#999999" if s.startswith("notebook") else "#1f77b4" for s in plotted["stage"]]
-    ax.barh(range(len(plotted)), plotted["seconds"], color=colours)
-    ax.set_yticks(range(len(plotted)), labels, fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xscale("log")
-    ax.set_xlabel("seconds (log scale); grey: whole notebooks, blue: steps inside them")
-    ax.set_title(f"Measured times, profile {run.profile['name']}", fontsize=9)
-    fig.savefig(figures / "computation_time.png", dpi=120, bbox_inches="tight")
+fig = plots.step_times(measured, f"Measured times, profile {run.profile['name']}")
+if fig is not None:
+    plots.save(fig, run, runs.Figures.COMPUTATION_TIME)
     plt.show()
 
 # %% [markdown]
@@ -147,7 +136,7 @@ display(timing.paper_comparison(measured))
 # against the paper's stated times.
 
 # %%
-estimates = timing.extrapolate(run, measured, recorded)
+estimates = stage["estimates"]
 if len(estimates):
     display(estimates[["step", "from", "measured throughput", "estimate (extrapolated)", "paper (V100)"]]
             .set_index(["step", "from"]))

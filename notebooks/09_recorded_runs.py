@@ -48,13 +48,13 @@ display(Markdown((f"{len(records)} recorded run(s): " + ", ".join(f"`{r.root.nam
 
 # %% tags=["hide-input"]
 FIGURES = (
-    ("cyclegan_examples.png", ("Chapter 2: CT → synthetic MR → reconstructed CT, and MR → synthetic "
+    (runs.Figures.CYCLEGAN_EXAMPLES, ("Chapter 2: CT → synthetic MR → reconstructed CT, and MR → synthetic "
                                "CT → reconstructed MR, at the level of the parotids.")),
-    ("fig6_cleaning_examples.png", "Chapter 3, Fig. 6: selected (green) and rejected (red) slices."),
-    ("cleaning_by_position.png", "Chapter 3: slices kept and dropped by cranio-caudal position."),
-    ("fig8_boxplots.png", "Chapter 5, Fig. 8: DSC, HD and MSD per method (both glands averaged)."),
-    ("fig7_contours.png", "Chapter 5, Fig. 7: typical cross-modality contours (automatic red, manual blue)."),
-    ("computation_time.png", "Chapter 7: computation time of each stage."),
+    (runs.Figures.CLEANING_EXAMPLES, "Chapter 3, Fig. 6: selected (green) and rejected (red) slices."),
+    (runs.Figures.CLEANING_BY_POSITION, "Chapter 3: slices kept and dropped by cranio-caudal position."),
+    (runs.Figures.BOXPLOTS, "Chapter 5, Fig. 8: DSC, HD and MSD per method (both glands averaged)."),
+    (runs.Figures.CONTOURS, "Chapter 5, Fig. 7: typical cross-modality contours (automatic red, manual blue)."),
+    (runs.Figures.COMPUTATION_TIME, "Chapter 7: computation time of each stage."),
 )
 
 for rec in records:
@@ -67,27 +67,27 @@ for rec in records:
     display(rec.provenance_table().round({"seconds": 0}))
     if rec.info.get("note"):
         display(Markdown(f"*Recorder's note:* {rec.info['note']}"))
-    training = rec.json("synthetic/cyclegan/summary.json")
+    training = rec.json(runs.RunFolder.cyclegan_summary)
     if training is not None:
         display(Markdown(
             f"**CycleGAN** (chapter 2): {training['iteration']:,} iterations ({training['epochs_done']} "
             f"epochs, batch {training['batch_size']}, {training['ct_slices']:,} CT and "
             f"{training['mr_slices']:,} MR slices of {training['size'][0]} × {training['size'][1]} "
             f"pixels), {training['seconds_total'] / 60:.0f} min on {training['device']}."))
-    contrast = rec.table("metrics/cyclegan_parotid_contrast.csv")
+    contrast = rec.table(runs.RunFolder.parotid_contrast)
     if contrast is not None:
         display(Markdown("**Synthetic MR contrast** (chapter 2): parotid / rest-of-head intensity."))
         display(contrast.round(2).set_index(contrast.columns[0]))
     cleaned = rec.cleaning_counts()
     if cleaned is not None:
         display(Markdown(f"**Cleaning** (chapter 3): {cleaned}."))
-    table = rec.table("metrics/table_2_lcc.csv")
+    table = rec.table(runs.RunFolder.table_2_lcc)
     if table is not None:
         display(Markdown("**Table II** (chapter 5, largest 3D component per gland; mean ± SD over the "
                          "test patients):"))
         display(table.set_index(["ROI", "Method"]))
     for name, caption in FIGURES:
-        path = rec.path(f"figures/{name}")
+        path = rec.path(runs.Figures.relpath(name))
         if path is not None:
             display(Markdown(f"*{caption}* (recorded `{rec.name}` run)"))
             display(Image(filename=str(path)))

@@ -74,9 +74,9 @@ if study is None:
                      "`crossmod study convergence --profile openkbp --out DIR`, then "
                      f"`crossmod record --run-dir DIR --out recorded/{study_name}`.*"))
 else:
-    points = study.table("metrics/convergence.csv")
-    quality = study.table("metrics/convergence_quality.csv")
-    settings = study.json("metrics/convergence_runs.json")["study"]
+    points = study.table(runs.RunFolder.convergence)
+    quality = study.table(runs.RunFolder.convergence_quality)
+    settings = study.json(runs.RunFolder.convergence_runs)["study"]
     display(Markdown(
         f"Recorded study `{study.root.name}` (profile `{study.name}`), recorded on "
         f"{study.info['recorded'].get('date', '?')} at commit {study.info['recorded'].get('commit', '?')}: "
@@ -93,7 +93,7 @@ else:
 # %%
 if study is not None and not points.empty:
     fig = plots.convergence_curves(points, quality)
-    fig.savefig(run.stage("figures") / "convergence.png", dpi=120, bbox_inches="tight")
+    plots.save(fig, run, runs.Figures.CONVERGENCE)
     plt.show()
     display(Markdown("**When does the method overtake domain randomisation?** " + convergence.verdict(points)
                      + " " + convergence.quality_sentence(quality)))
@@ -148,10 +148,10 @@ if study is not None and not points.empty:
 if study is not None:
     others = {r.name: r for r in record.recorded_runs(recorded_dir or None)
               if r.info.get("kind") == "study" and r.root.name != study_name
-              and r.table("metrics/convergence.csv") is not None}
+              and r.table(runs.RunFolder.convergence) is not None}
     if others:
         compared = convergence.translator_table(
-            {"CycleGAN": points, **{name: r.table("metrics/convergence.csv") for name, r in others.items()}})
+            {"CycleGAN": points, **{name: r.table(runs.RunFolder.convergence) for name, r in others.items()}})
         display(compared.set_index(["translator", "budget", "structure"]).round(3))
     else:
         display(Markdown("*No recorded study of another translator yet* (`crossmod study convergence "

@@ -313,6 +313,11 @@ def test_full_profile_block_holds_every_setting_with_the_paper_values():
     full = load_profile("full")
     assert set(full["cyclegan"]) == set(cg.DEFAULT_SETTINGS)
     assert full["cyclegan"] == cg.DEFAULT_SETTINGS
+    # the paper's values, read from full.yaml (the one place they are written)
+    paper = {"ngf": 64, "ndf": 64, "n_blocks": 9, "epochs_constant": 100, "epochs_decay": 100,
+             "batch_size": 1, "lr": 2e-4, "beta1": 0.5, "lambda_adv": 1.0, "lambda_cycle": 10.0,
+             "lambda_geo": 10.0, "geometric_loss": True}
+    assert {k: cg.DEFAULT_SETTINGS[k] for k in paper} == paper
     for name in ("demo", "smoke"):
         cg.check_settings(load_profile(name)["cyclegan"])
     settings = cg.settings_from_profile(full)
@@ -665,3 +670,23 @@ def test_translator_settings_are_checked(tiny_data, tmp_path):
     cg.train(ct, mr, tmp_path, TINY, 20.0, progress=False, max_iterations=2)
     with pytest.raises(CrossmodError, match="cyclegan.translator"):
         cg.train(ct, mr, tmp_path, {**TINY, "translator": "cut"}, 20.0, progress=False, resume=True)
+
+
+def test_settings_without_pyyaml_need_a_complete_config(monkeypatch):
+    # A bare GPU machine has torch and numpy, maybe no PyYAML: the CPU side writes the JSON config
+    # complete (settings_from_profile), and check_settings takes it as it is.
+    from crossmod_lib.config import load_profile
+
+    from crossmod_lib import defaults
+
+    complete = cg.settings_from_profile(load_profile("smoke"))
+
+    def no_yaml():
+        raise ImportError("No module named 'yaml'")
+
+    monkeypatch.setattr(defaults, "_full_profile", no_yaml)
+    assert cg.DEFAULT_SETTINGS is None
+    assert cg.check_settings(dict(complete)) == complete
+    incomplete = {k: v for k, v in complete.items() if k != "ngf"}
+    with pytest.raises(Exception):
+        cg.check_settings(incomplete)

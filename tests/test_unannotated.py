@@ -241,7 +241,7 @@ def test_contour_review_accepts_and_flags_and_keeps_its_decisions(partly_annotat
     from crossmod_lib import contour_review as cr
 
     run, _, _ = partly_annotated
-    path = run.root / "predictions" / cr.REVIEW_NAME
+    path = run.contour_review
     path.unlink(missing_ok=True)
     state = cr.ContourReviewState.from_run(run)
     assert list(state.patients["patient"]) == ["mr_000", "mr_001", "mr_002"]
