@@ -163,6 +163,11 @@ def check_settings(settings: dict, source: str = "cyclegan settings") -> dict:
     unknown = sorted(set(settings) - set(known) - {"head_threshold"})
     if unknown:
         raise _setting_error(source, unknown[0], "is unknown")
+    if defaults is None:
+        missing = [k for k in _TRAINING_KEYS if k not in settings and k != "head_threshold"]
+        if missing:
+            raise _setting_error(source, missing[0], "is missing, and without PyYAML there is no "
+                                 "full.yaml default: write the config complete (settings_from_profile)")
     s = {**known, **settings}
     if s["seed"] is None:
         s["seed"] = DEFAULT_SEED

@@ -76,7 +76,12 @@ def segmentation_config(settings: dict | None) -> dict:
         raise CrossmodError(f"segmentation: unknown setting(s) {', '.join(unknown)}")
     cfg = copy.deepcopy(defaults)
     cfg.update(copy.deepcopy(block))
-    _check_config(cfg)
+    try:
+        _check_config(cfg)
+    except KeyError as missing:  # only without PyYAML: nothing to fill the gap from
+        raise CrossmodError(f"segmentation.{missing.args[0]}: missing, and without PyYAML there is no "
+                            "full.yaml default; write the config complete (segmentation_config on a "
+                            "machine with PyYAML)") from None
     return cfg
 
 

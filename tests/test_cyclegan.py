@@ -688,5 +688,5 @@ def test_settings_without_pyyaml_need_a_complete_config(monkeypatch):
     assert cg.DEFAULT_SETTINGS is None
     assert cg.check_settings(dict(complete)) == complete
     incomplete = {k: v for k, v in complete.items() if k != "ngf"}
-    with pytest.raises(Exception):
+    with pytest.raises(CrossmodError, match="'cyclegan.ngf' is missing, and without PyYAML"):
         cg.check_settings(incomplete)

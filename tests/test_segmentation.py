@@ -252,6 +252,22 @@ def test_training_path_imports_torch_and_numpy_only(tmp_path):
     assert (tmp_path / "out" / "best.pt").is_file() and (tmp_path / "out" / "log.csv").is_file()
 
 
+def test_settings_without_pyyaml_need_a_complete_config(monkeypatch):
+    # On a bare GPU machine (torch and numpy, maybe no PyYAML) the defaults of full.yaml cannot be
+    # read: a complete config (as segmentation_config writes it) trains, a partial one says what is missing.
+    from crossmod_lib import defaults
+
+    complete = seg.segmentation_config({"segmentation": {"epochs": 3}})
+
+    def no_yaml():
+        raise ImportError("No module named 'yaml'")
+
+    monkeypatch.setattr(defaults, "_full_profile", no_yaml)
+    assert seg.segmentation_config(dict(complete)) == complete
+    with pytest.raises(CrossmodError, match="segmentation.base_features: missing, and without PyYAML"):
+        seg.segmentation_config({k: v for k, v in complete.items() if k != "base_features"})
+
+
 def test_bad_settings_are_one_line_errors(tmp_path):
     with pytest.raises(CrossmodError, match="unknown setting"):
         seg.segmentation_config({"segmentation": {"base_feature": 4}})
