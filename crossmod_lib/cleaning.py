@@ -189,9 +189,9 @@ def _with_full_defaults(block: dict) -> dict:
     A run folder keeps the profile it started with (``profile.yaml``); a setting added since
     then takes its documented default instead of failing the stage.
     """
-    from .config import load_profile
+    from .defaults import section_defaults
 
-    merged = dict(load_profile("full")["cleaning"])
+    merged = section_defaults("cleaning")
     for key, value in block.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = {**merged[key], **value}

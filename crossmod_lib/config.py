@@ -142,13 +142,18 @@ def _validate(profile: dict, path: Path) -> None:
         block = dict(profile["cyclegan"] or {})
         block["head_threshold"] = float(pre.get("head_threshold", 20.0))
         check_settings(block, str(path))
-    if "segmentation" in profile:
-        from .segmentation import segmentation_config
+    from .cleaning import cleaning_settings
+    from .contour_quality import settings_from as contour_quality_settings
+    from .convergence import study_settings
+    from .segmentation import segmentation_config
 
-        try:
-            segmentation_config(profile)
-        except CrossmodError as exc:
-            raise CrossmodError(f"{path}: {exc}") from None
+    for block, check in (("segmentation", segmentation_config), ("cleaning", cleaning_settings),
+                         ("contour_quality", contour_quality_settings), ("convergence", study_settings)):
+        if block in profile and (block != "cleaning" or "preprocessing" in profile):
+            try:
+                check(profile)
+            except CrossmodError as exc:
+                raise CrossmodError(f"{path}: {exc}") from None
 
 
 def save_profile(profile: dict, path: Path) -> None:

@@ -53,6 +53,10 @@ def test_user_profile_file(tmp_path):
         ({"cyclegan": {"translator": "pix2pix"}}, "cyclegan.translator"),
         ({"segmentation": {"base_features": 0}}, "segmentation.base_features must be a positive"),
         ({"segmentation": {"val_fraction": 1.5}}, "segmentation.val_fraction must be in [0, 1)"),
+        # every stage's settings are checked in the one place a profile is read
+        ({"cleaning": {"outline_dice_threshold": 1.5}}, "cleaning.outline_dice_threshold: must be <= 1.0"),
+        ({"contour_quality": {"fit_tau": 3}}, "contour_quality.fit_tau=3 must be a number between 0 and 1"),
+        ({"convergence": {"budgets": [860, 430]}}, "convergence.budgets must increase"),
     ],
 )
 def test_bad_profile_is_one_line_error_naming_file(tmp_path, override, message):
