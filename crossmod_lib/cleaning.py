@@ -65,10 +65,8 @@ import hashlib
 import itertools
 import json
 import math
-import multiprocessing as mp
 import os
 import time
-from multiprocessing.connection import wait as _wait_connections
 from pathlib import Path
 
 import numpy as np
@@ -622,129 +620,45 @@ def register_slice(fixed, moving, settings: dict, fixed_mask=None, maps: dict | 
 def _task_result(task):
     row, fixed, moving, mask, settings, maps = task
     warped, info = register_slice(fixed, moving, settings, fixed_mask=mask, maps=maps)
-    return row, warped, info
+    return row, (warped, info)
 
 
-def _worker_main(conn) -> None:
+def _task_error(task, exc) -> tuple:
+    info = {"status": STATUS_ERROR, "accepted": False, "time_s": 0.0,
+            "reason": f"registration error: {' '.join(str(exc).split())[-200:]}"}
+    return task[0], (None, info)
+
+
+def _lost_task(task, why: str) -> tuple:
+    # transient: a crashed or timed-out worker says nothing about the slice; never cached
+    return None, {"status": STATUS_ERROR, "accepted": False, "time_s": 0.0,
+                  "reason": f"registration error: {why}", "transient": True}
+
+
+def _single_threaded_itk() -> None:
     try:
         _itk().MultiThreaderBase.SetGlobalDefaultNumberOfThreads(1)
     except Exception:  # noqa: BLE001, S110 - a missing itk shows up as a per-slice error below
         pass
-    while True:
-        try:
-            task = conn.recv()
-        except EOFError:
-            return
-        if task is None:
-            return
-        try:
-            result = _task_result(task)
-        except Exception as exc:  # noqa: BLE001 - reported per slice, never fatal
-            row = task[0]
-            info = {"status": STATUS_ERROR, "accepted": False, "time_s": 0.0,
-                    "reason": f"registration error: {' '.join(str(exc).split())[-200:]}"}
-            result = (row, None, info)
-        conn.send(result)
-
-
-def _context():
-    # fork: the workers inherit the loaded itk (several seconds to load in each spawned process)
-    return mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context("spawn")
-
-
-def _crash_info(reason: str) -> dict:
-    # transient: a crashed or timed-out worker says nothing about the slice; never cached
-    return {"status": STATUS_ERROR, "accepted": False, "time_s": 0.0, "reason": reason, "transient": True}
 
 
 def register_many(tasks: list, workers: int, timeout_s: float, progress: bool = True,
                   desc: str = "register") -> dict:
     """Run ``(row, fixed, moving, mask, settings, maps)`` tasks in ``workers`` processes.
 
-    Returns ``{row: (warped, info)}``. Each worker is fed one slice at a time, so when a worker
-    dies (elastix crash) or exceeds ``timeout_s`` on a slice, exactly that slice is rejected as an
-    error and a fresh worker takes over the rest. The results do not depend on ``workers``.
+    Returns ``{row: (warped, info)}``. Each worker is fed one slice at a time
+    (:func:`crossmod_lib.parallel.run_isolated`), so when a worker dies (elastix crash) or exceeds
+    ``timeout_s`` on a slice, exactly that slice is rejected as an error and a fresh worker takes
+    over the rest. The results do not depend on ``workers``.
     """
-    from tqdm.auto import tqdm
+    from .parallel import run_isolated
 
-    results: dict = {}
     if not tasks:
-        return results
+        return {}
     _itk()  # load once here; forked workers inherit it
-    ctx = _context()
-    pending = list(reversed(tasks))
-    workers = max(1, min(int(workers), len(tasks)))
-    slots: list[dict] = []
-
-    def start_worker():
-        parent, child = ctx.Pipe(duplex=True)
-        proc = ctx.Process(target=_worker_main, args=(child,), daemon=True)
-        proc.start()
-        child.close()
-        return {"proc": proc, "conn": parent, "task": None, "since": 0.0}
-
-    def feed(slot):
-        if pending:
-            task = pending.pop()
-            slot["task"], slot["since"] = task[0], time.monotonic()
-            slot["conn"].send(task)
-        else:
-            slot["task"] = None
-
-    def stop(slot, kill=False):
-        try:
-            if kill:
-                slot["proc"].kill()
-            else:
-                slot["conn"].send(None)
-        except (OSError, BrokenPipeError):
-            pass
-        slot["proc"].join(timeout=5)
-        if slot["proc"].is_alive():
-            slot["proc"].kill()
-            slot["proc"].join()
-        slot["conn"].close()
-
-    bar = tqdm(total=len(tasks), desc=desc, disable=not progress)
-    try:
-        for _ in range(workers):
-            slot = start_worker()
-            slots.append(slot)
-            feed(slot)
-        while any(slot["task"] is not None for slot in slots):
-            busy = [slot for slot in slots if slot["task"] is not None]
-            ready = _wait_connections([x["conn"] for x in busy] + [x["proc"].sentinel for x in busy], timeout=1.0)
-            now = time.monotonic()
-            for k, slot in enumerate(slots):
-                if slot["task"] is None:
-                    continue
-                row = slot["task"]
-                if slot["conn"] in ready or slot["conn"].poll():
-                    try:
-                        got_row, warped, info = slot["conn"].recv()
-                    except (EOFError, OSError):
-                        got_row = None
-                    if got_row == row:
-                        results[row] = (warped, info)
-                        bar.update(1)
-                        feed(slot)
-                        continue
-                if not slot["proc"].is_alive():
-                    code = slot["proc"].exitcode
-                    results[row] = (None, _crash_info(f"registration error: worker process crashed (exit code {code})"))
-                elif now - slot["since"] > timeout_s:
-                    results[row] = (None, _crash_info(f"registration error: timed out after {timeout_s:g} s"))
-                else:
-                    continue
-                bar.update(1)
-                stop(slot, kill=True)
-                slots[k] = start_worker()
-                feed(slots[k])
-    finally:
-        bar.close()
-        for slot in slots:
-            stop(slot)
-    return results
+    return run_isolated(_task_result, tasks, workers, timeout_s, key=lambda task: task[0],
+                        on_error=_task_error, on_lost=_lost_task, initializer=_single_threaded_itk,
+                        progress=progress, desc=desc)
 
 
 # ----------------------------------------------------------------------------------------------
