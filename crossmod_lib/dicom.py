@@ -104,7 +104,7 @@ __all__ = [
     "read_rtstruct",
     "slice_uids",
     "write_rtstruct",
-    "write_test_series",
+    "write_dicom_series",
 ]
 
 # ----------------------------------------------------------------------------------------------
@@ -1289,7 +1289,7 @@ def write_case_dicom(case, folder, *, series_description: str = "T2w (simulated)
         if _image_meta(image, key):
             tags[key] = _image_meta(image, key)
     with staged_folder(folder) as tmp:
-        write_test_series(tmp, np.clip(np.rint(array), 0, 65535), image.GetSpacing(), image.GetOrigin(),
+        write_dicom_series(tmp, np.clip(np.rint(array), 0, 65535), image.GetSpacing(), image.GetOrigin(),
                           modality="MR", patient_id=case.patient_id, direction=image.GetDirection(),
                           file_prefix="MR", **tags)
         series = read_dicom_series(tmp)
@@ -1301,10 +1301,10 @@ def write_case_dicom(case, folder, *, series_description: str = "T2w (simulated)
     return Path(folder)
 
 
-def write_test_series(folder, array: np.ndarray, spacing: Sequence[float], origin: Sequence[float],
-                      modality: str = "CT", patient_id: str = "CROSSMOD_TEST",
-                      series_uid: str | None = None, *, direction: Sequence[float] | None = None,
-                      file_prefix: str | None = None, **tags) -> list[Path]:
+def write_dicom_series(folder, array: np.ndarray, spacing: Sequence[float], origin: Sequence[float],
+                       modality: str = "CT", patient_id: str = "CROSSMOD_TEST",
+                       series_uid: str | None = None, *, direction: Sequence[float] | None = None,
+                       file_prefix: str | None = None, **tags) -> list[Path]:
     """Write ``array`` ``[z, y, x]`` as a DICOM series of ``modality`` "CT" or "MR", one file a slice.
 
     ``spacing`` and ``origin`` are (x, y, z) in mm, ``direction`` a 3x3 matrix (row-major, as

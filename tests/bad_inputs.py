@@ -21,7 +21,7 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 
-from crossmod_lib.dicom import read_dicom_series, write_rtstruct, write_test_series
+from crossmod_lib.dicom import read_dicom_series, write_rtstruct, write_dicom_series
 
 
 @dataclass
@@ -75,7 +75,7 @@ def as_masks(arrays: dict[str, np.ndarray], image: sitk.Image) -> dict[str, sitk
 
 def mr_series(folder: Path, patient_id: str = "P001", modality: str = "MR", seed: int = 0,
               **tags) -> list[Path]:
-    return write_test_series(folder, head(seed=seed), SPACING, ORIGIN, modality,
+    return write_dicom_series(folder, head(seed=seed), SPACING, ORIGIN, modality,
                              patient_id=patient_id, SeriesDescription=f"T2 AX {seed}", **tags)
 
 
@@ -289,7 +289,7 @@ def dicom_non_uniform_spacing(tmp):
 def dicom_ct_and_mr_series_without_choice(tmp):
     folder = tmp / "P001"
     mr_series(folder / "mr")
-    write_test_series(folder / "ct", head() - 1000.0, SPACING, ORIGIN, "CT", patient_id="P001")
+    write_dicom_series(folder / "ct", head() - 1000.0, SPACING, ORIGIN, "CT", patient_id="P001")
     return inspect(folder, folder, "2 image series found")
 
 

@@ -169,7 +169,7 @@ def test_data_inspect_dicom_with_rtstruct(tmp_path, capsys):
 
     volume = np.zeros((6, 40, 40))
     volume[:, 5:35, 5:35] = 40
-    dicom.write_test_series(tmp_path / "pat", volume, spacing=(1, 1, 2.5), origin=(0, 0, 0))
+    dicom.write_dicom_series(tmp_path / "pat", volume, spacing=(1, 1, 2.5), origin=(0, 0, 0))
     image = dicom.read_dicom_series(tmp_path / "pat")
     mask = np.zeros((6, 40, 40), np.uint8)
     mask[2:4, 10:20, 25:32] = 1

@@ -47,7 +47,7 @@ def _case(volume, left, right, spacing=(1.0, 1.0, 4.0)):
 def test_user_dicom_mr_folder_is_a_cohort(tmp_path):
     volume, left, right = _mr_volume()
     patient = tmp_path / "mr_dicom" / "patient_a"
-    dicom.write_test_series(patient / "series", volume, spacing=(1.0, 1.0, 4.0), origin=(0, 0, 0),
+    dicom.write_dicom_series(patient / "series", volume, spacing=(1.0, 1.0, 4.0), origin=(0, 0, 0),
                             modality="MR", patient_id="A")
     image = dicom.read_dicom_series(patient / "series")
     case = _case(volume, left, right)

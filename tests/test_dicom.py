@@ -18,7 +18,7 @@ from crossmod_lib.dicom import (
     read_rtstruct,
     slice_uids,
     write_rtstruct,
-    write_test_series,
+    write_dicom_series,
 )
 from crossmod_lib.errors import CrossmodError
 from crossmod_lib.io import PAROTIDS
@@ -67,7 +67,7 @@ def one_line(exc_info):
 @pytest.fixture()
 def ct_folder(tmp_path):
     folder = tmp_path / "patient" / "ct"
-    write_test_series(folder, head_ct(), SPACING, ORIGIN, "CT", patient_id="P001",
+    write_dicom_series(folder, head_ct(), SPACING, ORIGIN, "CT", patient_id="P001",
                       SeriesDescription="Head CT")
     return folder
 
@@ -78,7 +78,7 @@ def ct_folder(tmp_path):
 
 def test_ct_series_geometry_values_and_metadata(tmp_path):
     ct = head_ct()
-    paths = write_test_series(tmp_path / "ct", ct, SPACING, ORIGIN, "CT", patient_id="P001",
+    paths = write_dicom_series(tmp_path / "ct", ct, SPACING, ORIGIN, "CT", patient_id="P001",
                               SeriesDescription="Head CT")
     # file names and InstanceNumber must not decide the slice order: shuffle the names
     rng = np.random.default_rng(1)
@@ -108,7 +108,7 @@ def test_ct_series_geometry_values_and_metadata(tmp_path):
 
 def test_mr_series_metadata_for_table_one(tmp_path):
     mr = np.random.default_rng(2).integers(0, 4000, (6, 24, 20)).astype(float)
-    write_test_series(tmp_path / "mr", mr, (0.5, 0.5, 4.0), (10.0, -5.0, -30.0), "MR",
+    write_dicom_series(tmp_path / "mr", mr, (0.5, 0.5, 4.0), (10.0, -5.0, -30.0), "MR",
                       patient_id="M7", EchoTime="96.72", RepetitionTime="3198")
     image = read_dicom_series(tmp_path / "mr")
     assert np.allclose(image.GetSpacing(), (0.5, 0.5, 4.0))
@@ -123,9 +123,9 @@ def test_mr_series_metadata_for_table_one(tmp_path):
 
 def test_two_series_in_one_folder(tmp_path):
     folder = tmp_path / "both"
-    write_test_series(folder, head_ct(), SPACING, ORIGIN, "CT", SeriesDescription="Head CT")
+    write_dicom_series(folder, head_ct(), SPACING, ORIGIN, "CT", SeriesDescription="Head CT")
     mr = np.full((4, 16, 16), 100.0)
-    write_test_series(folder, mr, (1, 1, 4), (0, 0, 0), "MR", SeriesDescription="T2 AX")
+    write_dicom_series(folder, mr, (1, 1, 4), (0, 0, 0), "MR", SeriesDescription="T2 AX")
     with pytest.raises(CrossmodError) as err:
         read_dicom_series(folder)
     text = one_line(err)
@@ -144,7 +144,7 @@ def test_oblique_series_refused_kept_or_resampled(tmp_path):
     direction = np.array([[1, 0, 0], [0, np.cos(angle), -np.sin(angle)],
                           [0, np.sin(angle), np.cos(angle)]])
     array = np.full((6, 20, 20), 200.0)
-    write_test_series(tmp_path / "obl", array, (1, 1, 2), (0, 0, 0), "MR", direction=direction.ravel())
+    write_dicom_series(tmp_path / "obl", array, (1, 1, 2), (0, 0, 0), "MR", direction=direction.ravel())
     with pytest.raises(CrossmodError) as err:
         read_dicom_series(tmp_path / "obl")
     assert "not axial" in one_line(err) and str(tmp_path / "obl") in str(err.value)
@@ -348,7 +348,7 @@ def test_rtstruct_round_trip_on_rotated_grid(tmp_path):
     """Patient coordinates go through the full direction matrix (here an oblique grid, kept)."""
     c, s = np.cos(np.deg2rad(15)), np.sin(np.deg2rad(15))
     direction = np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]]) @ np.diag([1, -1, -1])
-    write_test_series(tmp_path / "mr", np.full(SHAPE, 300.0), (1.1, 0.7, 3.0), (5, 50, 20), "MR",
+    write_dicom_series(tmp_path / "mr", np.full(SHAPE, 300.0), (1.1, 0.7, 3.0), (5, 50, 20), "MR",
                       direction=direction.ravel())
     image = read_dicom_series(tmp_path / "mr", oblique="keep")
     arrays = parotids()
@@ -362,8 +362,8 @@ def test_rtstruct_round_trip_on_rotated_grid(tmp_path):
 def test_read_dicom_case(tmp_path):
     folder = tmp_path / "P001"
     ct = head_ct()
-    write_test_series(folder / "ct", ct, SPACING, ORIGIN, "CT", patient_id="P001")
-    write_test_series(folder / "mr", np.full((4, 16, 16), 9.0), (1, 1, 4), (0, 0, 0), "MR",
+    write_dicom_series(folder / "ct", ct, SPACING, ORIGIN, "CT", patient_id="P001")
+    write_dicom_series(folder / "mr", np.full((4, 16, 16), 9.0), (1, 1, 4), (0, 0, 0), "MR",
                       patient_id="P001")
     image = read_dicom_series(folder, modality="CT")
     arrays = parotids()
@@ -388,7 +388,7 @@ def test_rtstruct_referencing_another_series(ct_folder, tmp_path):
     image = read_dicom_series(ct_folder)
     rs = tmp_path / "rs.dcm"
     write_rtstruct(as_masks(parotids(), image), image, rs)
-    write_test_series(tmp_path / "ct2", head_ct(seed=5), SPACING, ORIGIN, "CT", patient_id="P001",
+    write_dicom_series(tmp_path / "ct2", head_ct(seed=5), SPACING, ORIGIN, "CT", patient_id="P001",
                       SeriesDescription="another CT")
     other = read_dicom_series(tmp_path / "ct2")
     with pytest.raises(CrossmodError) as err:
@@ -437,11 +437,11 @@ def test_case_without_rtstruct(ct_folder):
 
 
 def test_written_series_is_valid_dicom(tmp_path):
-    paths = write_test_series(tmp_path / "s", np.zeros((2, 4, 5)), (1, 1, 1), (0, 0, 0), "MR")
+    paths = write_dicom_series(tmp_path / "s", np.zeros((2, 4, 5)), (1, 1, 1), (0, 0, 0), "MR")
     ds = pydicom.dcmread(paths[0])  # no force: preamble and file meta present
     assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
     assert ds.SOPClassUID == pydicom.uid.MRImageStorage and ds.pixel_array.shape == (4, 5)
-    again = write_test_series(tmp_path / "t", np.zeros((2, 4, 5)), (1, 1, 1), (0, 0, 0), "MR")
+    again = write_dicom_series(tmp_path / "t", np.zeros((2, 4, 5)), (1, 1, 1), (0, 0, 0), "MR")
     assert pydicom.dcmread(again[1]).SOPInstanceUID == pydicom.dcmread(paths[1]).SOPInstanceUID
     shutil.rmtree(tmp_path / "t")
 
@@ -461,7 +461,7 @@ def test_contours_through_voxel_centres_include_their_boundary():
 def test_metadata_survives_nrrd_for_table_one(tmp_path):
     from crossmod_lib.io import read_header, write_image
 
-    write_test_series(tmp_path / "mr", np.full((3, 8, 8), 5.0), (0.5, 0.5, 4), (0, 0, 0), "MR",
+    write_dicom_series(tmp_path / "mr", np.full((3, 8, 8), 5.0), (0.5, 0.5, 4), (0, 0, 0), "MR",
                       EchoTime="107.3")
     write_image(read_dicom_series(tmp_path / "mr"), tmp_path / "img.nrrd")
     header = read_header(tmp_path / "img.nrrd")
@@ -485,7 +485,7 @@ def test_oblique_case_resampled_with_its_masks(tmp_path):
                           [0, 0, 1]]) @ np.array([[1, 0, 0], [0, np.cos(angle), -np.sin(angle)],
                                                   [0, np.sin(angle), np.cos(angle)]])
     folder = tmp_path / "P9"
-    write_test_series(folder / "mr", np.full(SHAPE, 100.0), (1.0, 1.0, 2.0), (0, 0, 0), "MR",
+    write_dicom_series(folder / "mr", np.full(SHAPE, 100.0), (1.0, 1.0, 2.0), (0, 0, 0), "MR",
                       direction=direction.ravel())
     native = read_dicom_series(folder, oblique="keep")
     arrays = parotids()
@@ -503,7 +503,7 @@ def test_oblique_case_resampled_with_its_masks(tmp_path):
 
 def test_several_rtstructs(tmp_path):
     folder = tmp_path / "P2"
-    write_test_series(folder / "ct", head_ct(), SPACING, ORIGIN, "CT")
+    write_dicom_series(folder / "ct", head_ct(), SPACING, ORIGIN, "CT")
     image = read_dicom_series(folder)
     masks = as_masks(parotids(), image)
     write_rtstruct(masks, image, folder / "RS1.dcm")
@@ -525,9 +525,9 @@ def test_sheared_and_duplicated_slices_refused(ct_folder, tmp_path):
         read_dicom_series(ct_folder)
     assert "gantry tilt" in one_line(err)
     twice = tmp_path / "twice"
-    write_test_series(twice, head_ct(), SPACING, ORIGIN, "CT", file_prefix="a")
+    write_dicom_series(twice, head_ct(), SPACING, ORIGIN, "CT", file_prefix="a")
     uid = read_dicom_series(twice).GetMetaData("SeriesInstanceUID")
-    write_test_series(twice, head_ct(), SPACING, ORIGIN, "CT", series_uid=uid, file_prefix="b",
+    write_dicom_series(twice, head_ct(), SPACING, ORIGIN, "CT", series_uid=uid, file_prefix="b",
                       EchoNumbers="2")
     with pytest.raises(CrossmodError) as err:
         read_dicom_series(twice)
@@ -541,7 +541,7 @@ def test_sheared_and_duplicated_slices_refused(ct_folder, tmp_path):
 def _mr_patient(folder, patient_id, names=None, seed=0):
     """An MR patient folder; ``names`` maps Parotid_L / Parotid_R to the ROI names to write (None:
     no RTSTRUCT: an unannotated patient)."""
-    write_test_series(folder, head_ct(seed=seed) + 1000.0, SPACING, ORIGIN, "MR", patient_id=patient_id,
+    write_dicom_series(folder, head_ct(seed=seed) + 1000.0, SPACING, ORIGIN, "MR", patient_id=patient_id,
                       SeriesDescription="T2 AX")
     if names is not None:
         image = read_dicom_series(folder)
@@ -580,7 +580,7 @@ def test_cohort_view_one_row_per_patient_with_the_alias_that_matched(tmp_path, c
 def test_many_series_in_one_folder_give_a_short_error(tmp_path):
     folder = tmp_path / "all"
     for k in range(5):
-        write_test_series(folder / f"s{k}", head_ct(seed=k), SPACING, ORIGIN, "MR" if k else "CT",
+        write_dicom_series(folder / f"s{k}", head_ct(seed=k), SPACING, ORIGIN, "MR" if k else "CT",
                           patient_id=f"P{k}", series_uid=f"1.2.826.0.1.3680043.8.498.{k + 1}")
     with pytest.raises(CrossmodError) as info:
         read_dicom_series(folder)

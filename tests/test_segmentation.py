@@ -406,9 +406,9 @@ def test_largest_components_per_side():
 
 def _as_dicom_case(case, series, patient_id):
     """``case`` written as a DICOM MR series in ``series`` and read back, its masks on that grid."""
-    from crossmod_lib.dicom import read_dicom_series, write_test_series
+    from crossmod_lib.dicom import read_dicom_series, write_dicom_series
 
-    write_test_series(series, sitk.GetArrayFromImage(case.image), case.image.GetSpacing(),
+    write_dicom_series(series, sitk.GetArrayFromImage(case.image), case.image.GetSpacing(),
                       case.image.GetOrigin(), modality="MR", patient_id=patient_id)
     source = read_dicom_series(series)
     structures = {}
