@@ -81,6 +81,7 @@ from torch import nn
 from .defaults import section_defaults
 from .errors import CrossmodError
 from .runs import TrainingFiles, write_json
+from .training import progress_bar, read_checkpoint, save_checkpoint
 from .slices import read_slices, write_slices
 
 __all__ = [
@@ -940,33 +941,9 @@ def _load_slices(path, role: str, keys=("image", "head_mask")) -> dict[str, np.n
     return arrays
 
 
-def _atomic_save(obj, path: Path) -> None:
-    """``torch.save`` to a temporary sibling, flushed to disk, then renamed over ``path``: a reader
-    sees the old file or the new one, never a partial one; nothing is left behind on failure."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def load_checkpoint(path) -> dict:
     """A checkpoint written by :func:`train`, loaded with ``weights_only=True`` onto the CPU."""
-    path = Path(path)
-    if not path.is_file():
-        raise CrossmodError(f"{path}: checkpoint not found")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - an unreadable or unsafe checkpoint
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CrossmodError(f"{path}: cannot read checkpoint ({reason})") from None
+    return read_checkpoint(path)
 
 
 def _global_rng_state() -> dict:
@@ -1253,7 +1230,7 @@ def _train(ct, mr, out_dir, s, resume, progress, max_iterations, device, world, 
         ct_images, ct_masks, mr_images, mr_masks = (
             t.to(device) for t in (ct_images, ct_masks, mr_images, mr_masks))
 
-    def save_checkpoint():
+    def checkpoint_now():
         state["elapsed"] = base_elapsed + time.perf_counter() - started
         local = {"order_gen": order_gen.get_state(), "draw_gen": draw_gen.get_state(),
                  "order": order if order is not None else torch.empty(0, dtype=torch.int64),
@@ -1263,10 +1240,10 @@ def _train(ct, mr, out_dir, s, resume, progress, max_iterations, device, world, 
             import torch.distributed as dist
 
             if rank > 0:
-                _atomic_save(local, ranks_dir / f"rank{rank}-it{state['iteration']}.pt")
+                save_checkpoint(local, ranks_dir / f"rank{rank}-it{state['iteration']}.pt")
             dist.barrier()
         if rank == 0:
-            _atomic_save({
+            save_checkpoint({
                 "format": 1, "settings": dict(s), "world_size": world,
                 "data": {"n_ct": n_ct, "n_mr": n_mr, "size": size},
                 "state": dict(state),
@@ -1282,15 +1259,8 @@ def _train(ct, mr, out_dir, s, resume, progress, max_iterations, device, world, 
                     if old.name != f"rank{rank}-it{state['iteration']}.pt":
                         old.unlink(missing_ok=True)
 
-    bar = None
-    if progress and rank == 0:
-        try:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=total_epochs * iterations_per_epoch, initial=state["iteration"],
-                       desc="CycleGAN", unit="it")
-        except ImportError:
-            bar = None
+    bar = progress_bar(total_epochs * iterations_per_epoch, state["iteration"], "CycleGAN", "it",
+                       enabled=progress and rank == 0)
 
     def flush():
         log.flush()
@@ -1341,11 +1311,11 @@ def _train(ct, mr, out_dir, s, resume, progress, max_iterations, device, world, 
             model.sched_g.step()
             model.sched_d.step()
             flush()
-            save_checkpoint()
+            checkpoint_now()
         if stopped:
             flush()
             if order is not None:      # stopped inside an epoch: checkpoint here
-                save_checkpoint()
+                checkpoint_now()
     finally:
         if bar is not None:
             bar.close()
@@ -1435,7 +1405,7 @@ def branch(source_dir, out_dir, settings: dict, head_threshold: float) -> dict:
         shutil.copyfile(losses, tmp)
         os.replace(tmp, out_dir / LOSSES_NAME)
     (out_dir / SUMMARY_NAME).unlink(missing_ok=True)
-    _atomic_save(checkpoint, out_dir / CHECKPOINT_NAME)
+    save_checkpoint(checkpoint, out_dir / CHECKPOINT_NAME)
     return state
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import timing
 from .errors import CrossmodError
-from .runs import RunFolder, project_root
+from .runs import RunFolder, git_commit, project_root
 
 NOTEBOOK_PATTERN = re.compile(r"^(\d\d)_[a-z0-9_]+\.py$")
 
@@ -108,6 +108,7 @@ def run_notebooks(run: RunFolder, stages: list[int] | None = None, log=print,
     run.stage("notebooks")  # the executed notebooks and timings.json go here
     timing.read_timings(run)  # a damaged timings.json stops the run before any work, not after
     device = timing.device_info()
+    commit = git_commit()  # the code these notebooks run (the kernel imports the same checkout)
     executed = []
     for number, source in available:
         target = run.executed_notebook(source.stem)
@@ -123,7 +124,7 @@ def run_notebooks(run: RunFolder, stages: list[int] | None = None, log=print,
             # notebooks/timings.json: wall time, start/end and device of each notebook (chapter 7)
             timing.record_notebook(run, stem, timing.notebook_entry(
                 number, started_at, time.perf_counter() - started, status, device,
-                run.profile["name"], error))
+                run.profile["name"], error, commit))
 
         try:
             papermill.execute_notebook(

@@ -80,7 +80,9 @@ _ROW = re.compile(r"^\|\s*(commit|date \(UTC\)|device|profile)\s*\|\s*(.*?)\s*\|
 
 def notebook_provenance(ipynb: str | Path) -> dict:
     """Commit, date, device and profile from an executed chapter's provenance table (its last
-    Markdown output with a ``commit`` row); an empty dict when the notebook has none."""
+    Markdown output with a ``commit`` row); an empty dict when the notebook has none. Used for runs
+    made before ``notebooks/timings.json`` kept each notebook's commit (:func:`record_run` prefers
+    that)."""
     try:
         notebook = json.loads(Path(ipynb).read_text())
     except (OSError, ValueError) as exc:
@@ -131,8 +133,16 @@ def record_run(run_dir: str | Path, out_dir: str | Path, figures=RECORDED_FIGURE
         if RunFolder.timings.at(run_dir).is_file():
             timings = json.loads(RunFolder.timings.at(run_dir).read_text()).get("notebooks", {})
         for stem, info in chapters.items():
-            if stem in timings:
-                info["seconds"] = timings[stem].get("seconds")
+            entry = timings.get(stem)
+            if entry is None:
+                continue
+            info["seconds"] = entry.get("seconds")
+            if entry.get("commit"):  # written by the library as the notebook ran (crossmod run)
+                from .timing import describe_device
+
+                info.update(commit=entry["commit"], date=entry.get("started", ""),
+                            device=describe_device(entry.get("device")),
+                            profile=entry.get("profile") or info.get("profile", ""))
     sources = sorted({p for pattern in RECORDED_GLOBS for p in run_dir.glob(pattern) if p.is_file()})
     figures_dir = run_dir / "figures"
     sources += [figures_dir / name for name in figures if (figures_dir / name).is_file()]

@@ -71,8 +71,6 @@ Baselines (:func:`model_recipes`, :func:`train_model`), all trained by :func:`tr
 from __future__ import annotations
 
 import argparse
-import csv
-import io as _io
 import json
 import math
 import shutil
@@ -98,6 +96,7 @@ from .unet import (  # noqa: F401
     architecture_table, build_model, count_parameters, flops_per_slice, load_checkpoint, load_model,
     resolve_device, save_checkpoint, segmentation_config, training_seed)
 from .slices import annotated_patients, read_slices
+from .training import progress_bar, write_log
 
 if TYPE_CHECKING:  # pandas is imported where it is used: training needs torch + numpy only
     import pandas as pd
@@ -359,12 +358,7 @@ def augment_batch(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator,
 
 
 def _write_log(history: list[dict], path: Path) -> None:
-    buffer = _io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=LOG_COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    for row in history:
-        writer.writerow(row)
-    _atomic_text(buffer.getvalue(), path)
+    write_log(history, LOG_COLUMNS, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -566,15 +560,8 @@ def train_unet(data, out_dir: str | Path, settings=None, *, seed: int | None = N
     if device.type == "cpu" and cfg["cpu_threads"]:
         torch.set_num_threads(int(cfg["cpu_threads"]))
     try:
-        bar = None
-        if progress and not done:
-            try:
-                from tqdm.auto import tqdm
-
-                bar = tqdm(total=max_epochs, initial=epoch, desc=f"train {run_meta.get('name', 'U-Net')}",
-                           unit="epoch", leave=False)
-            except ImportError:
-                bar = None
+        bar = progress_bar(max_epochs, epoch, f"train {run_meta.get('name', 'U-Net')}", "epoch",
+                           enabled=progress and not done, leave=False)
         batch_size = int(cfg["batch_size"])
         epochs_this_call = 0
         while not done and epoch < max_epochs:

@@ -216,12 +216,15 @@ def record_notebook(run_or_root, stem: str, entry: dict) -> Path:
 
 
 def notebook_entry(number: int, started: _dt.datetime, seconds: float, status: str,
-                   device: dict | None, profile: str | None = None, error: str | None = None) -> dict:
-    """The entry :func:`record_notebook` stores for one executed notebook."""
+                   device: dict | None, profile: str | None = None, error: str | None = None,
+                   commit: str | None = None) -> dict:
+    """The entry :func:`record_notebook` stores for one executed notebook: its provenance (the
+    code's commit, start and end, device, profile) as the library measured it."""
     ended = started + _dt.timedelta(seconds=seconds)
     entry = {"stage": int(number), "status": status, "seconds": round(float(seconds), 3),
              "started": started.isoformat(timespec="seconds"),
-             "ended": ended.isoformat(timespec="seconds"), "device": device, "profile": profile}
+             "ended": ended.isoformat(timespec="seconds"), "device": device, "profile": profile,
+             "commit": commit}
     if error:
         entry["error"] = error
     return entry

@@ -35,6 +35,7 @@ from torch import nn
 
 from .defaults import section_defaults
 from .errors import CrossmodError
+from .training import read_checkpoint, save_checkpoint  # noqa: F401 (save_checkpoint: part of the U-Net API)
 
 CLASSES = ("background", "Parotid_L", "Parotid_R")
 STRUCTURES = CLASSES[1:]
@@ -327,34 +328,9 @@ def architecture_table(settings, size: int | None = None):
 # Checkpoints
 
 
-def save_checkpoint(obj: dict, path: str | Path) -> Path:
-    """``torch.save`` to a temporary file in the same folder, then ``os.replace``: a reader never
-    sees half a checkpoint, an interrupted write leaves the previous one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
 def load_checkpoint(path: str | Path, device="cpu") -> dict:
-    """Read a checkpoint with ``weights_only=True`` (tensors and plain values only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CrossmodError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 (pickle/zip errors of many types)
-        # torch's own reasons ("pop from empty list", "Invalid argument") say little: name the
-        # likely cause first, keep theirs for the curious
-        reason = " ".join(str(exc).split())[:160] or type(exc).__name__
-        raise CrossmodError(f"{path}: cannot read checkpoint: not a PyTorch checkpoint, or a "
-                            f"truncated or corrupt one ({reason})") from None
+    """Read a U-Net checkpoint (:func:`crossmod_lib.training.read_checkpoint`), checking its format."""
+    ckpt = read_checkpoint(path, device)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CrossmodError(f"{path}: not a crossmod U-Net checkpoint (format {CHECKPOINT_FORMAT})")
     return ckpt

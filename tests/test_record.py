@@ -41,6 +41,20 @@ def _finished_run(root):
     return root
 
 
+def test_record_prefers_the_provenance_the_library_wrote(tmp_path):
+    # crossmod run keeps each notebook's commit, start and device in notebooks/timings.json; the
+    # record takes those rather than reading them back from the rendered provenance table
+    run = _finished_run(tmp_path / "run")
+    (run / "notebooks" / "timings.json").write_text(json.dumps({"notebooks": {"01_data_preparation": {
+        "seconds": 3.0, "commit": "0123456789ab", "started": "2026-12-06T05:00:00+00:00",
+        "device": {"cpu": "Some CPU", "cpu_cores": 2}, "profile": "tiny"}}}))
+    info = record.record_run(run, tmp_path / "recorded" / "tiny")
+    chapter = info["chapters"]["01_data_preparation"]
+    assert chapter["commit"] == "0123456789ab" and chapter["date"].startswith("2026-12-06T05:00")
+    assert "Some CPU" in chapter["device"] and chapter["seconds"] == 3.0
+    assert info["chapters"]["05_evaluation"]["commit"] == "fedcba654321"  # older notebook: its table
+
+
 def test_record_round_trip_keeps_provenance_and_only_results(tmp_path):
     run = _finished_run(tmp_path / "run")
     info = record.record_run(run, tmp_path / "recorded" / "tiny")
