@@ -215,8 +215,8 @@ def test_checkpoint_write_is_atomic_and_loading_weights_only(tmp_path, monkeypat
     path = tmp_path / "ck.pt"
     seg.save_checkpoint({"format": seg.CHECKPOINT_FORMAT, "x": torch.ones(2)}, path)
 
-    def broken_save(obj, f):
-        Path(f).write_bytes(b"half a checkpoint")
+    def broken_save(obj, handle):
+        handle.write(b"half a checkpoint")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)
