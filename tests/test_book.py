@@ -100,7 +100,7 @@ def test_real_data_section(smoke_book):
 @pytest.mark.parametrize("chapter, needles", [
     ("02_cyclegan", ("geometric", "synthetic MR", "without geometric loss")),
     ("03_cleaning", ("Fig. 6", "decisions", "kept")),
-    ("04_segmentation", ("Fig. 5", "Cross-modality", "MR oracle", "s per patient", "manual (blue)")),
+    ("04_segmentation", ("Fig. 5", "Cross-modality", "MR oracle", "s per patient", "manual contour in blue")),
     ("05_evaluation", ("Table II", "Fig. 8", "Fig. 7", "Wilcoxon", "paper")),
     ("06_contour_quality", ("Fig. 9", "training slices")),
     ("07_computation_time", ("V100", "72 h")),
