@@ -30,7 +30,7 @@ test: $(STAMP)
 
 # The full profile's code path on the CPU (paper networks, 1 mm pixels, 256 x 256 crops) on a tiny
 # phantom cohort with a handful of iterations, every notebook executed: the GPU run of `full` can then
-# only fail for GPU reasons. Not part of make test (it takes minutes on 2 cores).
+# only fail for GPU reasons. Not part of make test (12 min on 2 AVX2 cores, every notebook executed).
 full-tiny: $(STAMP)
 	rm -rf runs/full-tiny
 	$(BIN)/crossmod run --profile full-tiny --run-dir runs/full-tiny
