@@ -1043,7 +1043,7 @@ def run(run, progress: bool = False) -> pd.DataFrame:
 
 
 def _cleaned_dir(run_or_dir) -> Path:
-    if hasattr(run_or_dir, "require"):
+    if isinstance(run_or_dir, RunFolder):
         return run_or_dir.inputs("decisions").parent
     path = Path(run_or_dir)
     return path.parent if path.is_file() else path
@@ -1051,7 +1051,7 @@ def _cleaned_dir(run_or_dir) -> Path:
 
 def load_decisions(run_or_dir) -> pd.DataFrame:
     """The decisions table of a run (or of a ``cleaned/`` folder, or of a decisions.csv file)."""
-    path = Path(run_or_dir) if not hasattr(run_or_dir, "require") else None
+    path = Path(run_or_dir) if not isinstance(run_or_dir, RunFolder) else None
     csv = path if (path is not None and path.suffix == ".csv") else _cleaned_dir(run_or_dir) / RunFolder.decisions.in_folder
     if not csv.is_file():
         raise CrossmodError(f"{csv}: decisions table not found (run the cleaning step first)")
@@ -1084,7 +1084,7 @@ def compare_grid_spacing(run_or_paths, rows, spacings_mm=None) -> pd.DataFrame:
     spacing: row, patient, grid_spacing_mm, grid_spacing_px, status, max_displacement_mm,
     folded_fraction, nmi_before, nmi_after, outline_dice, outline_dice_after, cpu_s.
     """
-    if hasattr(run_or_paths, "require"):
+    if isinstance(run_or_paths, RunFolder):
         synthetic_path, ct_path, _ = _run_paths(run_or_paths)
         profile = run_or_paths.profile
     else:
@@ -1425,7 +1425,7 @@ def export_nnunet(run_or_paths, dest, dataset_name: str = "Dataset501_CrossmodSy
     """
     from .datasets import write_nnunet_dataset
 
-    if hasattr(run_or_paths, "require"):
+    if isinstance(run_or_paths, RunFolder):
         path = run_or_paths.inputs("training_slices")
     else:
         path = Path(run_or_paths)

@@ -323,7 +323,11 @@ def run_point(point, trunk_dir: Path, baseline_from: Path | None, models, log=pr
             source = baseline_from / "model" / name
             recipe_data = next(r["data"] for r in segmentation.model_recipes(point.profile)
                                if r["name"] == name)
-            depends = name == "cross_modality" or (recipe_data or "").startswith(("synthetic", "cleaned"))
+            # A model on the translator's output (written by the CycleGAN or cleaning stage)
+            # changes with the budget; the others are shared by every point.
+            depends = name == "cross_modality" or (
+                recipe_data is not None
+                and RunFolder.artefacts()[recipe_data].writer in ("cyclegan", "cleaning"))
             if not depends and source.is_dir() and not (point.root / "model" / name).exists():
                 shutil.copytree(source, point.root / "model" / name)
     t0 = time.perf_counter()

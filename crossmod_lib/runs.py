@@ -328,18 +328,6 @@ class RunFolder:
             paths.append(path)
         return paths[0] if len(paths) == 1 else tuple(paths)
 
-    def require(self, name: str, *files: str) -> Path:
-        """The folder of an earlier stage, checking that it has been produced."""
-        path = self.root / name
-        missing = [f for f in files if not (path / f).exists()] if files else []
-        if not path.is_dir() or missing:
-            what = ", ".join(missing) if missing else "the folder"
-            raise CrossmodError(
-                f"{path}: stage output missing ({what}); run the earlier notebook first "
-                f"(crossmod run --profile {self.profile['name']} --run-dir {self.root})"
-            )
-        return path
-
 
 def git_commit(root: Path | None = None) -> str:
     """The commit of the code, with '+dirty' when the working tree has changes."""

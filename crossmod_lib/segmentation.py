@@ -642,19 +642,20 @@ def train_unet(data, out_dir: str | Path, settings=None, *, seed: int | None = N
 
 def model_recipes(profile: dict) -> list[dict]:
     """What each model of the comparison is trained on, in an order where every ``init_from``
-    comes first. Paths are relative to the run folder; ``options`` go to :func:`train_model`.
+    comes first. ``data`` names the :class:`RunFolder` artefact trained on (None: not trained);
+    ``options`` go to :func:`train_model`.
 
     ``test``: the cohort a model is evaluated on (``MR`` or ``CT``); the test patients are in
     the training summary (``test_patients``; None: the whole cohort).
     """
     cfg = segmentation_config(profile)
     recipes = [
-        {"name": "cross_modality", "kind": "cross_modality", "data": RunFolder.training_slices.relpath,
+        {"name": "cross_modality", "kind": "cross_modality", "data": "training_slices",
          "init_from": None, "options": {}, "test": "MR",
          "title": "Cross-modality (synthetic MR, CT labels)",
          "description": "the paper: registered synthetic MR from the CycleGAN with the CT labels, "
                         "80/20 patient split; tested on every real MR patient"},
-        {"name": "ct_only", "kind": "ct_only", "data": RunFolder.ct_slices.relpath, "init_from": None,
+        {"name": "ct_only", "kind": "ct_only", "data": "ct_slices", "init_from": None,
          "options": {}, "test": "CT", "title": "CT only (CT → CT)",
          "description": f"the paper's benchmark: CT with CT labels, {cfg['ct_test_fraction']:.0%} "
                         "of the CT patients held out for testing, the rest split 80/20"},
@@ -664,21 +665,21 @@ def model_recipes(profile: dict) -> list[dict]:
     ]
     for fold in range(cfg["oracle_folds"]):
         recipes.append(
-            {"name": f"mr_oracle_fold{fold}", "kind": "mr_oracle", "data": RunFolder.mr_slices.relpath,
+            {"name": f"mr_oracle_fold{fold}", "kind": "mr_oracle", "data": "mr_slices",
              "init_from": None, "options": {"fold": fold}, "test": "MR",
              "title": f"MR oracle (fold {fold + 1}/{cfg['oracle_folds']})",
              "description": "real MR with real MR labels, patient-level "
                             f"{cfg['oracle_folds']}-fold cross-validation: tested on the fold's "
                             "patients, trained (80/20) on the others"})
     recipes.append(
-        {"name": "domain_random", "kind": "domain_random", "data": RunFolder.ct_slices.relpath,
+        {"name": "domain_random", "kind": "domain_random", "data": "ct_slices",
          "init_from": None, "options": {}, "test": "MR", "title": "Domain randomisation (CT)",
          "description": "CT with CT labels, random monotone and non-monotone intensities per "
                         "tissue class, blur, bias and noise (SynthSeg idea); tested on every real "
                         "MR patient"})
     for k in cfg["few_shot_k"]:
         recipes.append(
-            {"name": f"few_shot_k{k}", "kind": "few_shot", "data": RunFolder.mr_slices.relpath,
+            {"name": f"few_shot_k{k}", "kind": "few_shot", "data": "mr_slices",
              "init_from": "cross_modality", "options": {"k": int(k)}, "test": "MR",
              "title": f"Few-shot (cross-modality + {k} MR patient{'s' if k > 1 else ''})",
              "description": f"the cross-modality network fine-tuned on {k} real MR patients' "
@@ -815,7 +816,7 @@ def train_recipe(recipe: dict, run_root: str | Path, settings: dict, **kwargs) -
     run_root = Path(run_root)
     model_root = RunFolder.model_root.at(run_root)
     init = model_root / recipe["init_from"] / TrainingFiles.BEST if recipe["init_from"] else None
-    data = run_root / recipe["data"] if recipe["data"] else None
+    data = RunFolder.artefacts()[recipe["data"]].at(run_root) if recipe["data"] else None
     return train_model(recipe["kind"], data, model_root / recipe["name"], settings,
                        init=init, name=recipe["name"], **recipe["options"], **kwargs)
 
@@ -843,9 +844,7 @@ def train_run(run, *, kinds=None, progress: bool = False, resume: bool = True, d
             if recipe["name"] in wanted and recipe["init_from"]:
                 wanted.add(recipe["init_from"])
         recipes = [r for r in recipes if r["name"] in wanted]
-    for recipe in recipes:
-        if recipe["data"]:
-            run.require(*Path(recipe["data"]).parts[:1], Path(recipe["data"]).name)
+    run.inputs(*sorted({r["data"] for r in recipes if r["data"]}))
     recipes, skipped = usable_recipes(run, recipes)
     settings_text = json.dumps(_plain(segmentation_config(profile)), sort_keys=True)
     rows = []
@@ -859,7 +858,7 @@ def train_run(run, *, kinds=None, progress: bool = False, resume: bool = True, d
         # What the model is a function of: settings, training data and starting checkpoint. A
         # re-run of an earlier stage changes the data, so the model is trained again from scratch.
         inputs = {"settings": settings_text,
-                  "data": _file_digest(run.root / recipe["data"]) if recipe["data"] else None,
+                  "data": _file_digest(run.inputs(recipe["data"])) if recipe["data"] else None,
                   "init": _file_digest(run.model_dir(recipe["init_from"]) / TrainingFiles.BEST)
                   if recipe["init_from"] else None}
         stamp = json.loads(stamp_path.read_text()) if stamp_path.is_file() else None

@@ -79,7 +79,9 @@ display(Markdown(f"At the paper's size (64 features, 256 × 256): **{int(paper_s
 
 # %%
 recipes = segmentation.model_recipes(run.profile)
-display(pd.DataFrame([{"model": r["name"], "method": r["title"], "trained on": r["data"] or "(not trained)",
+trained_on = {name: artefact.relpath for name, artefact in run.artefacts().items()}
+display(pd.DataFrame([{"model": r["name"], "method": r["title"],
+                       "trained on": trained_on[r["data"]] if r["data"] else "(not trained)",
                        "tested on": r["test"], "what it is": r["description"]} for r in recipes])
         .style.hide(axis="index"))
 

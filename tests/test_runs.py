@@ -55,6 +55,19 @@ def test_output_creates_the_folder_and_inputs_checks_existence(tmp_path):
     assert run.figure(Figures.BOXPLOTS).parent.is_dir()
 
 
+def test_model_recipes_name_the_artefacts_they_train_on(tmp_path):
+    from crossmod_lib import config, segmentation
+
+    profile = config.load_profile("smoke")
+    recipes = segmentation.model_recipes(profile)
+    artefacts = RunFolder.artefacts()
+    assert {r["data"] for r in recipes} - {None} <= set(artefacts)
+    assert {r["name"]: r["data"] for r in recipes}["cross_modality"] == "training_slices"
+    run = RunFolder(root=tmp_path, profile=profile)
+    with pytest.raises(CrossmodError, match=r"training_slices.npz: stage output missing .*cleaning stage"):
+        segmentation.train_run(run, kinds=["cross_modality"])
+
+
 def _names():
     """Every file name runs.py gives: artefacts, training-folder files and figures."""
     names = {a.name for a in RunFolder.artefacts().values() if "." in a.name}
