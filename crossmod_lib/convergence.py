@@ -362,6 +362,23 @@ def _differences(a, b, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
+def _with_later_defaults(recorded: dict) -> dict:
+    """A recorded profile with the settings added to ``full.yaml`` since it was recorded, at
+    their defaults: a new setting's default keeps the behaviour from before it existed."""
+    from .config import load_profile
+
+    def fill(into: dict, defaults: dict) -> None:
+        for key, value in defaults.items():
+            if key not in into:
+                into[key] = copy.deepcopy(value)
+            elif isinstance(value, dict) and isinstance(into[key], dict):
+                fill(into[key], value)
+
+    fill(recorded, {block: defaults for block, defaults in load_profile("full").items()
+                    if isinstance(defaults, dict)})
+    return recorded
+
+
 def carried_points(profile: dict, recorded) -> dict:
     """The finished points of a recorded study (``crossmod record`` of a study folder), to carry
     on with in a new study folder: checked to come from the same profile (every setting but the
@@ -381,7 +398,7 @@ def carried_points(profile: dict, recorded) -> dict:
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise CrossmodError(f"{recorded}: unreadable study record ({' '.join(str(exc).split())[:120]})") from None
     ours = copy.deepcopy(profile)
-    theirs = copy.deepcopy(theirs)
+    theirs = _with_later_defaults(copy.deepcopy(theirs))
     for block in (ours, theirs):
         for key in ("seeds", "budgets"):
             (block.get("convergence") or {}).pop(key, None)

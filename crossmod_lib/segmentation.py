@@ -313,19 +313,54 @@ def randomise_intensities(image: np.ndarray, rng: np.random.Generator, labels: n
             result = (means[cls] + sds[cls] * rng.standard_normal(plane.shape)).astype(np.float32)
         air_mean = rng.uniform(0.0, air_max)
         result[air] = air_mean + rng.uniform(0, 3.0) * rng.standard_normal(int(air.sum()))
-        result = _gaussian_blur(result, float(rng.uniform(*blur_sigma)))
-        if bias_strength > 0:
-            c = rng.uniform(-bias_strength, bias_strength, 5)
-            result = result * np.exp(c[0] * xx + c[1] * yy + c[2] * xx * yy + c[3] * xx**2
-                                     + c[4] * yy**2).astype(np.float32)
-        sd = float(rng.uniform(*noise_sd))
-        if sd > 0:
-            result = result + sd * rng.standard_normal(plane.shape).astype(np.float32)
-        result = np.clip(result, 0.0, None)
-        head = result[~air]
-        upper = float(np.percentile(head, upper_percentile)) if head.size else float(result.max())
-        scale = 255.0 / upper if upper > 1e-3 else 1.0
-        out[k] = np.round(np.clip(result * scale, 0.0, 255.0)).astype(np.uint8)
+        out[k] = _scanner_effects(result, air, rng, (xx, yy), blur_sigma, bias_strength, noise_sd,
+                                  upper_percentile)
+    return out[0] if single else out
+
+
+def _scanner_effects(plane: np.ndarray, air: np.ndarray, rng: np.random.Generator, grid,
+                     blur_sigma, bias_strength: float, noise_sd, upper_percentile: float) -> np.ndarray:
+    """Blur, a smooth multiplicative bias field and noise on one float plane, then the MR-like
+    standardisation (the ``upper_percentile`` of non-air pixels maps to 255); uint8 back."""
+    xx, yy = grid
+    result = _gaussian_blur(plane, float(rng.uniform(*blur_sigma)))
+    if bias_strength > 0:
+        c = rng.uniform(-bias_strength, bias_strength, 5)
+        result = result * np.exp(c[0] * xx + c[1] * yy + c[2] * xx * yy + c[3] * xx**2
+                                 + c[4] * yy**2).astype(np.float32)
+    sd = float(rng.uniform(*noise_sd))
+    if sd > 0:
+        result = result + sd * rng.standard_normal(plane.shape).astype(np.float32)
+    result = np.clip(result, 0.0, None)
+    head = result[~air]
+    upper = float(np.percentile(head, upper_percentile)) if head.size else float(result.max())
+    scale = 255.0 / upper if upper > 1e-3 else 1.0
+    return np.round(np.clip(result * scale, 0.0, 255.0)).astype(np.uint8)
+
+
+def vary_appearance(image: np.ndarray, rng: np.random.Generator, *, gamma=(0.7, 1.4),
+                    blur_sigma=(0.0, 1.5), noise_sd=(0.0, 8.0), bias_strength: float = 0.3,
+                    air_level: float = 10.0, upper_percentile: float = 99.0) -> np.ndarray:
+    """Random scanner appearance of MR-like slices (uint8 0-255, [H, W] or [N, H, W]).
+
+    Beyond the paper: the synthetic MR of a CycleGAN trained for minutes is speckled where real
+    MR is smooth, and its contrast drifts with the budget; a U-Net trained on it alone learns that
+    texture. Per slice a gamma curve (exponent uniform in ``gamma``), then the blur, bias field,
+    noise and standardisation of :func:`randomise_intensities`, which keep anatomy and labels.
+    Pixels at or below ``air_level`` are air (kept out of the standardisation). Returns uint8 of
+    the input's shape.
+    """
+    image = np.asarray(image)
+    single = image.ndim == 2
+    stack = image[None] if single else image
+    out = np.empty(stack.shape, dtype=np.uint8)
+    h, w = stack.shape[-2:]
+    grid = np.meshgrid(np.linspace(-1, 1, h), np.linspace(-1, 1, w), indexing="ij")
+    for k, plane in enumerate(stack.astype(np.float32)):
+        air = plane <= air_level
+        curved = 255.0 * (plane / 255.0) ** float(rng.uniform(*gamma))
+        out[k] = _scanner_effects(curved.astype(np.float32), air, rng, grid, blur_sigma,
+                                  bias_strength, noise_sd, upper_percentile)
     return out[0] if single else out
 
 
@@ -493,8 +528,8 @@ def train_unet(data, out_dir: str | Path, settings=None, *, seed: int | None = N
         val_images = randomise_intensities(val_images, np.random.default_rng([seed, 99]),
                                            labels=val_labels, bands=cfg["dr_bands"],
                                            monotone_prob=cfg["dr_monotone_prob"])
-    elif transform is not None:
-        raise CrossmodError(f"transform must be None or 'randomise', got {transform!r}")
+    elif transform not in (None, "appearance"):  # appearance: training batches only
+        raise CrossmodError(f"transform must be None, 'randomise' or 'appearance', got {transform!r}")
 
     arch = _arch_state(cfg)
     torch.manual_seed(seed)
@@ -583,6 +618,8 @@ def train_unet(data, out_dir: str | Path, settings=None, *, seed: int | None = N
                 if transform == "randomise":
                     batch = randomise_intensities(batch, rng, labels=labels[idx], bands=cfg["dr_bands"],
                                                   monotone_prob=cfg["dr_monotone_prob"])
+                elif transform == "appearance":
+                    batch = vary_appearance(batch, rng)
                 x = _to_input(batch, device, channels_last)
                 y = torch.from_numpy(labels[idx].astype(np.int64)).to(device)
                 if cfg["augment"]:
@@ -732,6 +769,15 @@ def usable_recipes(run, recipes=None) -> tuple[list[dict], dict[str, str]]:
     return [r for r in recipes if r["name"] not in skipped], skipped
 
 
+def _transform(kind: str, cfg: dict) -> str | None:
+    """The intensity transform of a model's training batches (see :func:`train_unet`)."""
+    if kind == "domain_random":
+        return "randomise"
+    if kind == "cross_modality" and cfg["cross_modality_appearance"]:
+        return "appearance"
+    return None
+
+
 def train_model(kind: str, data, out_dir: str | Path, settings: dict, init=None, *,
                 fold: int | None = None, k: int | None = None, resume: bool = False,
                 device=None, progress: bool = True, name: str | None = None,
@@ -805,7 +851,7 @@ def train_model(kind: str, data, out_dir: str | Path, settings: dict, init=None,
     meta.update({"test_modality": test_modality, "test_patients": test_patients,
                  "fold": fold, "k": k})
     return train_unet(arrays, out_dir, settings, seed=seed, init=init, resume=resume, split=split,
-                      transform="randomise" if kind == "domain_random" else None, meta=meta,
+                      transform=_transform(kind, cfg), meta=meta,
                       device=device, progress=progress, stop_after_epochs=stop_after_epochs,
                       **options)
 

@@ -1,5 +1,7 @@
 """The convergence study: its settings, its quality measures and its summaries (crossmod_lib.convergence)."""
 
+import copy
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -285,6 +287,14 @@ def test_a_recorded_study_is_carried_on_only_with_the_same_settings(tmp_path):
         convergence.carried_points(other, rec)
     with pytest.raises(CrossmodError, match="not a recorded study"):
         convergence.carried_points(wider, tmp_path)
+    # a setting added to full.yaml after the record: carried on at its default, refused otherwise
+    older = copy.deepcopy(recorded)
+    del older["segmentation"]["cross_modality_appearance"]
+    (rec / "profile.yaml").write_text(yaml.safe_dump(older))
+    assert set(convergence.carried_points(wider, rec)) == {"seed5/budget00060"}
+    changed = {**wider, "segmentation": {**wider["segmentation"], "cross_modality_appearance": True}}
+    with pytest.raises(CrossmodError, match="segmentation.cross_modality_appearance"):
+        convergence.carried_points(changed, rec)
 
 
 def test_quality_sentence_reads_the_smallest_and_largest_budget():

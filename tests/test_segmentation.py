@@ -317,6 +317,26 @@ def test_randomise_intensities_keeps_geometry_and_remaps_per_class():
     assert batch.shape == (3, 40, 40)
 
 
+def test_vary_appearance_keeps_geometry_and_air_and_is_seeded():
+    image = np.zeros((40, 40), np.uint8)  # air around a head of two tissues
+    image[5:35, 5:35] = 90
+    image[12:28, 12:28] = 180
+    outs = [seg.vary_appearance(image, np.random.default_rng(seed), blur_sigma=(0, 0), noise_sd=(0, 0),
+                                bias_strength=0.0) for seed in range(4)]
+    for out in outs:
+        assert out.shape == image.shape and out.dtype == np.uint8
+        assert out[image == 0].max() == 0  # air stays air
+        assert np.ptp(out[image == 90]) == 0 and np.ptp(out[image == 180]) == 0  # no new edges
+        assert out[image == 180][0] == 255 > out[image == 90][0]  # order kept, standardised
+    assert len({int(o[20, 8]) for o in outs}) > 1  # the gamma differs per draw
+    noisy = seg.vary_appearance(np.stack([image] * 3), np.random.default_rng(1))
+    again = seg.vary_appearance(np.stack([image] * 3), np.random.default_rng(1))
+    assert noisy.shape == (3, 40, 40) and np.array_equal(noisy, again)
+    assert not np.array_equal(noisy[0], noisy[1])  # one draw per slice
+    with pytest.raises(CrossmodError, match="cross_modality_appearance"):
+        seg.segmentation_config({"segmentation": {"cross_modality_appearance": "yes"}})
+
+
 # ----------------------------------------------------------------------------------------------
 # Inference
 
@@ -526,6 +546,10 @@ def test_every_recipe_trains_end_to_end(tmp_path):
     assert few["init"].endswith("cross_modality/best.pt")
     assert summaries["few_shot_k1"]["common_test_patients"] == few["test_patients"]
     assert summaries["domain_random"]["transform"] == "randomise"
+    assert summaries["cross_modality"]["transform"] is None  # the paper: the synthetic MR as it is
+    varied = seg.train_recipe(recipes[0], run, settings(epochs=1, cross_modality_appearance=True),
+                              progress=False)
+    assert varied["transform"] == "appearance"
 
 
 def test_profiles_hold_the_papers_segmentation_settings():
