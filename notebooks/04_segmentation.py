@@ -22,7 +22,10 @@
 # needs: the paper's CT-only network, that network applied to MR as it is (*naive*), an *MR oracle*
 # trained on real MR labels (possible here because the phantom's MR is contoured), *domain
 # randomisation* on CT (the SynthSeg idea {cite}`billot2023`) and *few-shot* fine-tuning with a few
-# contoured MR patients (the paper's proposed future work).
+# contoured MR patients (the paper's proposed future work). One option goes beyond the paper and is
+# off unless a profile sets it: `segmentation.cross_modality_appearance` varies the synthetic MR's
+# appearance (gamma, blur, bias field, noise) in every training batch of the cross-modality network,
+# so that it learns less of the texture a briefly trained CycleGAN leaves behind.
 #
 # | Prerequisite | Importance |
 # |---|---|
@@ -31,7 +34,8 @@
 #
 # Everything is computed by `crossmod_lib.segmentation`; the trained models are in the run folder
 # (`model/<name>/best.pt`) and contour any MR with
-# `crossmod predict --model model/cross_modality/best.pt --input MR --output OUT [--rtstruct]`.
+# `crossmod predict --model model/cross_modality/best.pt --input MR --output OUT --output-type nifti rtstruct seg`
+# (RTSTRUCT and DICOM SEG for DICOM input).
 
 # %% tags=["parameters", "remove-cell"]
 # Defaults; papermill injects the run's values in the cell below (crossmod run / crossmod book).
