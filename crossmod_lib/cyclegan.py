@@ -114,7 +114,14 @@ _TRAINING_KEYS = (
     "batch_size", "lr", "beta1", "beta2", "lambda_adv", "lambda_cycle", "lambda_identity",
     "lambda_geo", "geometric_loss", "mask_temperature", "pool_size", "init_gain", "seed",
     "head_threshold", "translator", "lambda_nce", "nce_patches", "nce_temperature", "nce_features",
+    "random_crop_scale", "random_flip",
 )
+# Training settings added after checkpoints were written: an older checkpoint ran with these.
+_ADDED_LATER = {"random_crop_scale": 1.0, "random_flip": False}
+
+
+def _checkpoint_setting(settings: dict, key: str):
+    return settings.get(key, _ADDED_LATER.get(key))
 
 # Columns of losses.csv besides epoch, iteration, lr and seconds. Unweighted values except
 # ``G_total`` (the weighted generator objective that is minimised). ``geo_*`` is logged also when
@@ -204,9 +211,10 @@ def check_settings(settings: dict, source: str = "cyclegan settings") -> dict:
     for key in ("lambda_adv", "lambda_cycle", "lambda_identity", "lambda_geo", "init_gain"):
         number(key, 0.0)
     number("mask_temperature", 0.0, low_open=True)
+    number("random_crop_scale", 1.0, 2.0)
     if "head_threshold" in s:
         number("head_threshold", 0.0, 255.0)
-    for key in ("geometric_loss", "bf16", "channels_last", "compile", "deterministic"):
+    for key in ("geometric_loss", "bf16", "channels_last", "compile", "deterministic", "random_flip"):
         if not isinstance(s[key], bool):
             raise _setting_error(source, key, f"must be true or false, got {s[key]!r}")
     if s["translator"] not in TRANSLATORS:
@@ -1023,6 +1031,30 @@ def _pick_device(device, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def jitter_batch(images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator,
+                 crop_scale: float = 1.0, flip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's load/crop augmentation: each slice (``images`` [B, 1, H, W], ``masks`` its
+    head masks, same shape) enlarged by ``crop_scale`` (bilinear; nearest for the mask), cut back
+    to H x W at a random offset, and mirrored left-right with probability 1/2 when ``flip``. The
+    CycleGAN never sees the labels, so a mirror is harmless here (the U-Net gets none)."""
+    b, _, h, w = images.shape
+    mask_dtype = masks.dtype
+    masks = masks.to(images.dtype)
+    big_h, big_w = round(h * crop_scale), round(w * crop_scale)
+    if big_h > h or big_w > w:
+        images = F.interpolate(images, size=(big_h, big_w), mode="bilinear", align_corners=False)
+        masks = F.interpolate(masks, size=(big_h, big_w), mode="nearest")
+        tops = torch.randint(0, big_h - h + 1, (b,), generator=generator).tolist()
+        lefts = torch.randint(0, big_w - w + 1, (b,), generator=generator).tolist()
+        images = torch.stack([images[k, :, t:t + h, x:x + w] for k, (t, x) in enumerate(zip(tops, lefts))])
+        masks = torch.stack([masks[k, :, t:t + h, x:x + w] for k, (t, x) in enumerate(zip(tops, lefts))])
+    if flip:
+        mirrored = (torch.rand(b, generator=generator) < 0.5).view(b, 1, 1, 1).to(images.device)
+        images = torch.where(mirrored, images.flip(-1), images)
+        masks = torch.where(mirrored, masks.flip(-1), masks)
+    return images, masks.to(mask_dtype)
+
+
 def _epoch_order(generator: torch.Generator, n: int, world: int, rank: int) -> torch.Tensor:
     """This rank's share of a shuffled order of all ``n`` CT slices (DistributedSampler-like: the
     permutation is padded by repeating its start to a multiple of ``world``, rank r takes every
@@ -1180,10 +1212,10 @@ def _train(ct, mr, out_dir, s, resume, progress, max_iterations, device, world, 
     if found:
         checkpoint = load_checkpoint(checkpoint_path)
         for key in _TRAINING_KEYS:
-            if checkpoint["settings"].get(key) != s[key]:
+            if _checkpoint_setting(checkpoint["settings"], key) != s[key]:
                 raise CrossmodError(
                     f"{checkpoint_path}: setting 'cyclegan.{key}' is {s[key]!r} but the run was "
-                    f"started with {checkpoint['settings'].get(key)!r}; use the same settings or "
+                    f"started with {_checkpoint_setting(checkpoint['settings'], key)!r}; use the same settings or "
                     "train without resume")
         if checkpoint["data"] != {"n_ct": n_ct, "n_mr": n_mr, "size": size}:
             raise CrossmodError(f"{checkpoint_path}: the run was started on other slices "
@@ -1270,6 +1302,7 @@ def _train(ct, mr, out_dir, s, resume, progress, max_iterations, device, world, 
                             D_CT=f"{last.get('D_CT', 0.0):.3f}",
                             geo=f"{last['geo_CT'] + last.get('geo_MR', 0.0):.3f}", refresh=False)
 
+    jitter = s["random_crop_scale"] > 1.0 or s["random_flip"]
     base_elapsed = float(state["elapsed"])
     started = time.perf_counter()
     start_iteration = state["iteration"]
@@ -1292,9 +1325,16 @@ def _train(ct, mr, out_dir, s, resume, progress, max_iterations, device, world, 
                 mr_index = torch.randint(0, n_mr, (len(index),), generator=draw_gen)
                 if cuda:
                     index, mr_index = index.to(device), mr_index.to(device)
-                losses = model.step(
-                    model.prepare(ct_images[index]), model.prepare(mr_images[mr_index]),
-                    ct_masks[index].unsqueeze(1), mr_masks[mr_index].unsqueeze(1))
+                ct, mr = model.prepare(ct_images[index]), model.prepare(mr_images[mr_index])
+                ct_mask, mr_mask = ct_masks[index].unsqueeze(1), mr_masks[mr_index].unsqueeze(1)
+                if jitter:
+                    # Seeded by the iteration itself, so a resumed run draws the same crops.
+                    crops = torch.Generator().manual_seed(s["seed"] * 1_000_003 + state["iteration"] * 64 + rank)
+                    ct, ct_mask = jitter_batch(ct, ct_mask, crops, s["random_crop_scale"], s["random_flip"])
+                    mr, mr_mask = jitter_batch(mr, mr_mask, crops, s["random_crop_scale"], s["random_flip"])
+                    ct = ct.contiguous(memory_format=model.memory_format)
+                    mr = mr.contiguous(memory_format=model.memory_format)
+                losses = model.step(ct, mr, ct_mask, mr_mask)
                 state["iteration_in_epoch"] += 1
                 state["iteration"] += 1
                 log.add(state["epoch"] + 1, state["iteration"], losses, lr,
@@ -1374,8 +1414,8 @@ def branch(source_dir, out_dir, settings: dict, head_threshold: float) -> dict:
     checkpoint = load_checkpoint(source)
     old = checkpoint["settings"]
     for key in _TRAINING_KEYS:
-        if key not in ("epochs_constant", "epochs_decay") and old.get(key) != s[key]:
-            raise CrossmodError(f"{source}: setting 'cyclegan.{key}' is {old.get(key)!r} there, "
+        if key not in ("epochs_constant", "epochs_decay") and _checkpoint_setting(old, key) != s[key]:
+            raise CrossmodError(f"{source}: setting 'cyclegan.{key}' is {_checkpoint_setting(old, key)!r} there, "
                                 f"{s[key]!r} in the branch; a branch changes only the epochs")
     if checkpoint["world_size"] != 1:
         raise CrossmodError(f"{source}: a run of {checkpoint['world_size']} processes cannot be branched")

@@ -446,6 +446,46 @@ def test_resume_refuses_other_settings(tiny_data, tmp_path):
     cg.train(ct, mr, tmp_path, TINY, 20.0, progress=False, max_iterations=2)
     with pytest.raises(CrossmodError, match="cyclegan.ngf"):
         cg.train(ct, mr, tmp_path, {**TINY, "ngf": 8}, 20.0, progress=False, resume=True)
+    with pytest.raises(CrossmodError, match="cyclegan.random_flip"):
+        cg.train(ct, mr, tmp_path, {**TINY, "random_flip": True}, 20.0, progress=False, resume=True)
+    # a checkpoint from before the random-crop settings existed ran without them: it resumes
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    for key in ("random_crop_scale", "random_flip"):
+        del checkpoint["settings"][key]
+    torch.save(checkpoint, tmp_path / "checkpoint.pt")
+    assert cg.train(ct, mr, tmp_path, TINY, 20.0, progress=False, resume=True)["completed"]
+
+
+def test_jitter_batch_crops_scaled_slices_and_mirrors_with_the_mask():
+    images, masks = cg._synthetic_heads(6, 32, seed=3)
+    x, m = images.float().unsqueeze(1) / 255, masks.unsqueeze(1)
+    same = cg.jitter_batch(x, m, torch.Generator().manual_seed(0), 1.0, False)
+    assert torch.equal(same[0], x) and torch.equal(same[1], m)
+    a = cg.jitter_batch(x, m, torch.Generator().manual_seed(0), 1.25, True)
+    b = cg.jitter_batch(x, m, torch.Generator().manual_seed(0), 1.25, True)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])       # seeded
+    assert a[0].shape == x.shape and a[1].shape == m.shape and a[1].dtype == m.dtype
+    assert not torch.equal(a[0], x)
+    # the mask moves with its slice: bright pixels stay inside the head
+    assert float(a[0][~a[1]].mean()) < 0.05 and float(a[0][a[1]].mean()) > 0.3
+    scaled = a[1].sum(dim=(1, 2, 3)).float() / m.sum(dim=(1, 2, 3)).float()
+    assert bool(((scaled > 1.1) & (scaled < 1.7)).all())               # enlarged (1.25**2, less what is cut)
+    flipped = cg.jitter_batch(x, m, torch.Generator().manual_seed(1), 1.0, True)[0]
+    mirrored = [torch.equal(flipped[k], x[k].flip(-1)) for k in range(6)]
+    assert any(mirrored) and not all(mirrored)
+    with pytest.raises(CrossmodError, match="cyclegan.random_crop_scale"):
+        cg.check_settings({"random_crop_scale": 0.9})
+
+
+def test_resume_with_random_crops_is_bit_identical(tiny_data, tmp_path):
+    ct, mr = tiny_data
+    settings = {**TINY, "random_crop_scale": 1.12, "random_flip": True}
+    whole = cg.train(ct, mr, tmp_path / "whole", settings, 20.0, progress=False)
+    plain = cg.train(ct, mr, tmp_path / "plain", TINY, 20.0, progress=False)
+    assert whole["weights_digest"] != plain["weights_digest"]
+    cg.train(ct, mr, tmp_path / "split", settings, 20.0, progress=False, max_iterations=5)
+    rest = cg.train(ct, mr, tmp_path / "split", settings, 20.0, progress=False, resume=True)
+    assert rest["weights_digest"] == whole["weights_digest"]
 
 
 class NotAWeight:
