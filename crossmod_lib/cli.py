@@ -12,6 +12,7 @@
     crossmod predict --model M --input X --output OUT [--output-type nifti rtstruct seg]  contour MR
     crossmod bench NAME                                           run a benchmark
     crossmod study convergence --profile NAME --out DIR            CycleGAN budget x seed study
+    crossmod study unet-seeds --point DIR --out DIR [--set K=V]   a point's U-Nets over U-Net seeds
 
 Errors a user can fix are printed as one line (``crossmod: error: ...``) with exit status 2.
 """
@@ -204,12 +205,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("study", help="run a study beside the book (recorded, never part of CI)",
                        description="convergence: the pipeline from the prepared slices for every "
                                    "seed and CycleGAN budget of the profile's convergence block; "
-                                   "tables in OUT/metrics/ (resumable: finished points are kept).")
-    p.add_argument("name", choices=["convergence"])
-    _add_profile(p)
+                                   "unet-seeds: the U-Nets of one finished point (--point) again "
+                                   "under other U-Net seeds, with and without --set changes. "
+                                   "Tables in OUT/metrics/ (resumable: finished runs are kept).")
+    p.add_argument("name", choices=["convergence", "unet-seeds"])
+    p.add_argument("--profile", default=None,
+                   help="convergence: profile name (smoke, demo, full, ...) or path to a profile .yaml")
+    p.add_argument("--point", type=Path, default=None,
+                   help="unet-seeds: a finished study point or run folder (its synthetic/ and cleaned/)")
+    p.add_argument("--set", dest="changes", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="unet-seeds: segmentation settings of the variant run beside the point's "
+                        "own (e.g. cross_modality_appearance=true)")
+    p.add_argument("--models", nargs="+", default=["cross_modality"],
+                   help="unet-seeds: the models trained again (default: cross_modality)")
     p.add_argument("--out", type=Path, required=True, help="study folder (created; resumed if it exists)")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
-                   help="override convergence.seeds (default: the profile's)")
+                   help="override convergence.seeds (default: the profile's); unet-seeds: the "
+                        "U-Net seeds (default: the profile's convergence.seeds)")
     p.add_argument("--budgets", type=int, nargs="+", default=None,
                    help="override convergence.budgets, in CycleGAN iterations")
     p.add_argument("--carry-on", type=Path, default=None, metavar="RECORDED",
@@ -447,6 +459,10 @@ def cmd_study(args) -> int:
     from . import convergence
     from .config import load_profile
 
+    if args.name == "unet-seeds":
+        return _study_unet_seeds(args)
+    if args.profile is None:
+        raise CrossmodError("study convergence: give --profile")
     profile = load_profile(args.profile)
     block = profile.setdefault("convergence", {})
     if args.seeds:
@@ -459,6 +475,46 @@ def cmd_study(args) -> int:
     summary = convergence.summary_table(tables["points"])
     print(summary.round(3).to_string(index=False) if not summary.empty else "no points finished")
     return 0
+
+
+def _study_unet_seeds(args) -> int:
+    import yaml
+
+    from . import convergence
+
+    if args.point is None:
+        raise CrossmodError("study unet-seeds: give --point, a finished study point or run folder")
+    changes = {}
+    for pair in args.changes:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise CrossmodError(f"--set {pair!r}: expected KEY=VALUE (a segmentation setting)")
+        changes[key] = yaml.safe_load(value)
+    seeds = args.seeds
+    if not seeds:
+        settings = _point_settings(args.point)
+        seeds = settings.get("convergence", {}).get("seeds") or [settings.get("seed", 2021)]
+    variants = {"paper": {}}
+    if changes:
+        variants["+" + ",".join(f"{k}={v}" for k, v in changes.items())] = changes
+    table = convergence.run_unet_seed_study(args.point, args.out, seeds, variants,
+                                            models=tuple(args.models), log=print)
+    if not table.empty:
+        summary = (table.groupby(["variant", "model", "structure"])["dsc_mean"]
+                   .agg(["mean", "std", "min", "count"]).reset_index())
+        print(summary.round(3).to_string(index=False))
+    return 0
+
+
+def _point_settings(point: Path) -> dict:
+    import yaml
+
+    from .runs import RunFolder
+
+    path = RunFolder.settings_file.at(point)
+    if not path.is_file():
+        raise CrossmodError(f"{point}: not a run folder (no profile.yaml)")
+    return yaml.safe_load(path.read_text()) or {}
 
 
 def cmd_record(args) -> int:

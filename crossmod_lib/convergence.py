@@ -718,3 +718,84 @@ def quality_sentence(quality: pd.DataFrame) -> str:
     return (f"The synthetic MR's parotid/head intensity ratio, {real:.2f} on the real MR, is {at(low)}"
             + (f" and {at(high)}" if high != low else "")
             + ": the closer to the real MR's, the better the CT contours fit the synthetic MR's parotids.")
+
+
+# ----------------------------------------------------------------------------------------------
+# The U-Net side of one point
+
+
+UNET_SEED_COLUMNS = ("variant", "unet_seed", "model", "title", "structure", "dsc_mean", "dsc_sd", "n")
+
+
+def run_unet_seed_study(point_dir, out_dir, seeds, variants: dict[str, dict],
+                        models=("cross_modality",), log=print) -> pd.DataFrame:
+    """How much of a point's result is the U-Net's: the U-Nets of one finished study point (or
+    any run folder with ``synthetic/`` and ``cleaned/``) trained again with other U-Net seeds,
+    under each variant of the segmentation settings (``{"paper": {}, "appearance":
+    {"cross_modality_appearance": True}}``), on the point's own slices, and scored on its MR.
+
+    ``OUT/<variant>/seed<S>/`` is a run folder whose earlier stages link to the point's; the
+    tables are ``OUT/metrics/unet_seeds.csv`` and ``unet_seeds_runs.json`` (provenance per run),
+    rewritten after every run, so an interrupted study keeps what it finished and resumes.
+    """
+    import yaml
+
+    from . import evaluation, segmentation
+
+    point_dir, out_dir = Path(point_dir).absolute(), Path(out_dir).absolute()
+    settings_path = RunFolder.settings_file.at(point_dir)
+    if not settings_path.is_file():
+        raise CrossmodError(f"{point_dir}: not a run folder (no profile.yaml)")
+    base_profile = yaml.safe_load(settings_path.read_text())
+    if not seeds:
+        raise CrossmodError("a U-Net seed study needs at least one seed")
+    for name, changes in variants.items():  # a bad setting stops before any work
+        trial = copy.deepcopy(base_profile)
+        trial["segmentation"].update(changes)
+        try:
+            segmentation.segmentation_config(trial)
+        except CrossmodError as exc:
+            raise CrossmodError(f"variant {name!r}: {exc}") from None
+    for stage in ("raw", "prepared", "synthetic", "cleaned"):
+        if not (point_dir / stage).is_dir():
+            raise CrossmodError(f"{point_dir / stage}: stage output missing (the point's {stage}/)")
+    code_commit = _provenance()["commit"]
+    runs_path = RunFolder.unet_seeds_runs.at(out_dir)
+    info = json.loads(runs_path.read_text()) if runs_path.is_file() else {"runs": {}}
+    info.update({"point": str(point_dir), "variants": variants, "models": list(models)})
+
+    def write_tables() -> pd.DataFrame:
+        rows = [{"variant": r["variant"], "unet_seed": r["unet_seed"], **row}
+                for _, r in sorted(info["runs"].items()) for row in r["dsc"]]
+        table = pd.DataFrame(rows, columns=list(UNET_SEED_COLUMNS))
+        _atomic_csv(table, RunFolder.unet_seeds.at(out_dir))
+        tmp = runs_path.with_name(f".{runs_path.name}.tmp")
+        tmp.write_text(json.dumps(info, indent=1))
+        os.replace(tmp, runs_path)
+        return table
+
+    table = write_tables()
+    for name, changes in variants.items():
+        for seed in seeds:
+            key = f"{name}/seed{seed}"
+            if key in info["runs"]:
+                continue
+            log(f"{key}: training {', '.join(models)} ...")
+            profile = copy.deepcopy(base_profile)
+            profile["name"] = f"{base_profile.get('name', 'point')}-{name}-unet{seed}"
+            profile["segmentation"].update({**changes, "seed": int(seed)})
+            run = RunFolder.open(profile, out_dir / name / f"seed{seed}")
+            for stage in ("raw", "prepared", "synthetic", "cleaned"):
+                _link(point_dir / stage, run.root / stage)
+            started = _provenance(code_commit)
+            t0 = time.perf_counter()
+            segmentation.train_run(run, kinds=sorted({r["kind"] for r in segmentation.model_recipes(profile)
+                                                      if r["name"] in models}), progress=False)
+            segmentation.predict_run(run, models=list(models))
+            dsc = dsc_by_model(evaluation.evaluate_predictions(run), models)
+            info["runs"][key] = {"variant": name, "unet_seed": int(seed), "changes": changes, **started,
+                                 "seconds": time.perf_counter() - t0, "dsc": dsc}
+            table = write_tables()
+            log(f"  {key}: " + ", ".join(f"{r['model']} {SIDES[r['structure']][0].upper()} "
+                                         f"{r['dsc_mean']:.2f}" for r in dsc))
+    return table

@@ -253,6 +253,10 @@ class RunFolder:
                                    "a study's synthesis quality per budget and seed")
     convergence_runs = Artefact("metrics/convergence_runs.json", "convergence",
                                 "a study's settings and one entry per finished point")
+    unet_seeds = Artefact("metrics/unet_seeds.csv", "convergence",
+                          "a U-Net seed study's DSC per variant, U-Net seed, model and parotid")
+    unet_seeds_runs = Artefact("metrics/unet_seeds_runs.json", "convergence",
+                               "a U-Net seed study's point, variants and one entry per finished run")
 
     @classmethod
     def prepared(cls, modality: str) -> tuple[Artefact, Artefact]:

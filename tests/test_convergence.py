@@ -217,6 +217,42 @@ def test_a_finished_study_is_not_run_again_and_records_with_provenance(tiny_stud
     assert list(rec.provenance_table().index) == ["seed5/budget00060", "seed5/budget00120"]
 
 
+def test_unet_seed_study_retrains_a_points_networks_per_seed_and_variant(tiny_study, tmp_path, capsys):
+    from crossmod_lib import cli
+
+    _, out, tables, _ = tiny_study
+    point = out / "seed5" / "budget00120"
+    variants = {"paper": {}, "appearance": {"cross_modality_appearance": True}}
+    logged = []
+    table = convergence.run_unet_seed_study(point, tmp_path / "u", [5, 6], variants, log=logged.append)
+    assert list(table.columns) == list(convergence.UNET_SEED_COLUMNS)
+    assert len(table) == 2 * 2 * 2 and set(table["model"]) == {"cross_modality"}  # variants x seeds x sides
+    # seed 5 without changes is the point's own network: the same numbers as the study's
+    same = table[(table["variant"] == "paper") & (table["unet_seed"] == 5)].set_index("structure")["dsc_mean"]
+    study = tables["points"]
+    study = study[(study["budget"] == 120) & (study["model"] == "cross_modality")].set_index("structure")["dsc_mean"]
+    assert same.to_dict() == pytest.approx(study.to_dict())
+    import json
+
+    runs = json.loads((tmp_path / "u" / "metrics" / "unet_seeds_runs.json").read_text())
+    assert set(runs["runs"]) == {"paper/seed5", "paper/seed6", "appearance/seed5", "appearance/seed6"}
+    assert runs["runs"]["appearance/seed6"]["commit"] and runs["point"] == str(point.absolute())
+    summary = json.loads((tmp_path / "u" / "appearance" / "seed6" / "model" / "cross_modality"
+                          / "summary.json").read_text())
+    assert summary["transform"] == "appearance"
+    logged.clear()
+    again = convergence.run_unet_seed_study(point, tmp_path / "u", [5, 6], variants, log=logged.append)
+    assert logged == [] and again.equals(table)  # finished runs are kept
+    with pytest.raises(CrossmodError, match="variant 'bad'.*unknown setting"):
+        convergence.run_unet_seed_study(point, tmp_path / "v", [5], {"bad": {"no_such": 1}})
+    with pytest.raises(CrossmodError, match="not a run folder"):
+        convergence.run_unet_seed_study(tmp_path, tmp_path / "v", [5], variants)
+    assert cli.main(["study", "unet-seeds", "--point", str(point), "--out", str(tmp_path / "w"),
+                     "--seeds", "5"]) == 0
+    assert "cross_modality" in capsys.readouterr().out
+    assert cli.main(["study", "unet-seeds", "--out", str(tmp_path / "w")]) == 2
+
+
 def test_translator_table_sets_each_translator_beside_the_same_seeds_baselines():
     main = points_table()
     cut_rows = main[(main["model"] == "cross_modality") & (main["budget"] == 2150)
