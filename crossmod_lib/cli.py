@@ -490,31 +490,16 @@ def _study_unet_seeds(args) -> int:
         if not sep or not key:
             raise CrossmodError(f"--set {pair!r}: expected KEY=VALUE (a segmentation setting)")
         changes[key] = yaml.safe_load(value)
-    seeds = args.seeds
-    if not seeds:
-        settings = _point_settings(args.point)
-        seeds = settings.get("convergence", {}).get("seeds") or [settings.get("seed", 2021)]
     variants = {"paper": {}}
     if changes:
         variants["+" + ",".join(f"{k}={v}" for k, v in changes.items())] = changes
-    table = convergence.run_unet_seed_study(args.point, args.out, seeds, variants,
+    table = convergence.run_unet_seed_study(args.point, args.out, args.seeds, variants,
                                             models=tuple(args.models), log=print)
     if not table.empty:
         summary = (table.groupby(["variant", "model", "structure"])["dsc_mean"]
                    .agg(["mean", "std", "min", "count"]).reset_index())
         print(summary.round(3).to_string(index=False))
     return 0
-
-
-def _point_settings(point: Path) -> dict:
-    import yaml
-
-    from .runs import RunFolder
-
-    path = RunFolder.settings_file.at(point)
-    if not path.is_file():
-        raise CrossmodError(f"{point}: not a run folder (no profile.yaml)")
-    return yaml.safe_load(path.read_text()) or {}
 
 
 def cmd_record(args) -> int:

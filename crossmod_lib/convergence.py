@@ -725,6 +725,8 @@ def quality_sentence(quality: pd.DataFrame) -> str:
 
 
 UNET_SEED_COLUMNS = ("variant", "unet_seed", "model", "title", "structure", "dsc_mean", "dsc_sd", "n")
+# The stages a U-Net seed study's runs share with their point (linked, never written).
+_POINT_STAGES = ("raw", "prepared", "synthetic", "cleaned")
 
 
 def run_unet_seed_study(point_dir, out_dir, seeds, variants: dict[str, dict],
@@ -737,6 +739,7 @@ def run_unet_seed_study(point_dir, out_dir, seeds, variants: dict[str, dict],
     ``OUT/<variant>/seed<S>/`` is a run folder whose earlier stages link to the point's; the
     tables are ``OUT/metrics/unet_seeds.csv`` and ``unet_seeds_runs.json`` (provenance per run),
     rewritten after every run, so an interrupted study keeps what it finished and resumes.
+    ``seeds`` None or empty: the point's ``convergence.seeds`` (else its own seed).
     """
     import yaml
 
@@ -747,8 +750,8 @@ def run_unet_seed_study(point_dir, out_dir, seeds, variants: dict[str, dict],
     if not settings_path.is_file():
         raise CrossmodError(f"{point_dir}: not a run folder (no profile.yaml)")
     base_profile = yaml.safe_load(settings_path.read_text())
-    if not seeds:
-        raise CrossmodError("a U-Net seed study needs at least one seed")
+    if not seeds:  # the point's study seeds, else its own
+        seeds = (base_profile.get("convergence") or {}).get("seeds") or [base_profile.get("seed", 2021)]
     for name, changes in variants.items():  # a bad setting stops before any work
         trial = copy.deepcopy(base_profile)
         trial["segmentation"].update(changes)
@@ -756,7 +759,7 @@ def run_unet_seed_study(point_dir, out_dir, seeds, variants: dict[str, dict],
             segmentation.segmentation_config(trial)
         except CrossmodError as exc:
             raise CrossmodError(f"variant {name!r}: {exc}") from None
-    for stage in ("raw", "prepared", "synthetic", "cleaned"):
+    for stage in _POINT_STAGES:
         if not (point_dir / stage).is_dir():
             raise CrossmodError(f"{point_dir / stage}: stage output missing (the point's {stage}/)")
     code_commit = _provenance()["commit"]
@@ -785,7 +788,7 @@ def run_unet_seed_study(point_dir, out_dir, seeds, variants: dict[str, dict],
             profile["name"] = f"{base_profile.get('name', 'point')}-{name}-unet{seed}"
             profile["segmentation"].update({**changes, "seed": int(seed)})
             run = RunFolder.open(profile, out_dir / name / f"seed{seed}")
-            for stage in ("raw", "prepared", "synthetic", "cleaned"):
+            for stage in _POINT_STAGES:
                 _link(point_dir / stage, run.root / stage)
             started = _provenance(code_commit)
             t0 = time.perf_counter()

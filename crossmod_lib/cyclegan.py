@@ -116,12 +116,20 @@ _TRAINING_KEYS = (
     "head_threshold", "translator", "lambda_nce", "nce_patches", "nce_temperature", "nce_features",
     "random_crop_scale", "random_flip",
 )
-# Training settings added after checkpoints were written: an older checkpoint ran with these.
-_ADDED_LATER = {"random_crop_scale": 1.0, "random_flip": False}
 
 
 def _checkpoint_setting(settings: dict, key: str):
-    return settings.get(key, _ADDED_LATER.get(key))
+    """A checkpoint's setting; one added to full.yaml after the checkpoint was written takes its
+    default there (a new setting's default keeps the behaviour from before it existed)."""
+    if key in settings:
+        return settings[key]
+    return (section_defaults("cyclegan") or {}).get(key)
+
+
+def _changed_settings(old: dict, s: dict, ignore=()) -> list[str]:
+    """The training settings in which a checkpoint's ``old`` differ from ``s``."""
+    return [key for key in _TRAINING_KEYS if key not in ignore and _checkpoint_setting(old, key) != s[key]]
+
 
 # Columns of losses.csv besides epoch, iteration, lr and seconds. Unweighted values except
 # ``G_total`` (the weighted generator objective that is minimised). ``geo_*`` is logged also when
@@ -1046,8 +1054,9 @@ def jitter_batch(images: torch.Tensor, masks: torch.Tensor, generator: torch.Gen
         masks = F.interpolate(masks, size=(big_h, big_w), mode="nearest")
         tops = torch.randint(0, big_h - h + 1, (b,), generator=generator).tolist()
         lefts = torch.randint(0, big_w - w + 1, (b,), generator=generator).tolist()
-        images = torch.stack([images[k, :, t:t + h, x:x + w] for k, (t, x) in enumerate(zip(tops, lefts))])
-        masks = torch.stack([masks[k, :, t:t + h, x:x + w] for k, (t, x) in enumerate(zip(tops, lefts))])
+        both = torch.cat([images, masks], dim=1)  # one crop per slice for image and mask
+        both = torch.stack([both[k, :, t:t + h, x:x + w] for k, (t, x) in enumerate(zip(tops, lefts))])
+        images, masks = both[:, :1], both[:, 1:]
     if flip:
         mirrored = (torch.rand(b, generator=generator) < 0.5).view(b, 1, 1, 1).to(images.device)
         images = torch.where(mirrored, images.flip(-1), images)
@@ -1211,12 +1220,11 @@ def _train(ct, mr, out_dir, s, resume, progress, max_iterations, device, world, 
     found = resume and checkpoint_path.is_file()
     if found:
         checkpoint = load_checkpoint(checkpoint_path)
-        for key in _TRAINING_KEYS:
-            if _checkpoint_setting(checkpoint["settings"], key) != s[key]:
-                raise CrossmodError(
-                    f"{checkpoint_path}: setting 'cyclegan.{key}' is {s[key]!r} but the run was "
-                    f"started with {_checkpoint_setting(checkpoint['settings'], key)!r}; use the same settings or "
-                    "train without resume")
+        for key in _changed_settings(checkpoint["settings"], s)[:1]:
+            raise CrossmodError(
+                f"{checkpoint_path}: setting 'cyclegan.{key}' is {s[key]!r} but the run was "
+                f"started with {_checkpoint_setting(checkpoint['settings'], key)!r}; use the same settings or "
+                "train without resume")
         if checkpoint["data"] != {"n_ct": n_ct, "n_mr": n_mr, "size": size}:
             raise CrossmodError(f"{checkpoint_path}: the run was started on other slices "
                                 f"({checkpoint['data']}); train without resume")
@@ -1413,10 +1421,9 @@ def branch(source_dir, out_dir, settings: dict, head_threshold: float) -> dict:
     source = Path(source_dir) / CHECKPOINT_NAME
     checkpoint = load_checkpoint(source)
     old = checkpoint["settings"]
-    for key in _TRAINING_KEYS:
-        if key not in ("epochs_constant", "epochs_decay") and _checkpoint_setting(old, key) != s[key]:
-            raise CrossmodError(f"{source}: setting 'cyclegan.{key}' is {_checkpoint_setting(old, key)!r} there, "
-                                f"{s[key]!r} in the branch; a branch changes only the epochs")
+    for key in _changed_settings(old, s, ignore=("epochs_constant", "epochs_decay"))[:1]:
+        raise CrossmodError(f"{source}: setting 'cyclegan.{key}' is {_checkpoint_setting(old, key)!r} there, "
+                            f"{s[key]!r} in the branch; a branch changes only the epochs")
     if checkpoint["world_size"] != 1:
         raise CrossmodError(f"{source}: a run of {checkpoint['world_size']} processes cannot be branched")
     state = dict(checkpoint["state"])

@@ -449,7 +449,7 @@ def test_resume_refuses_other_settings(tiny_data, tmp_path):
     with pytest.raises(CrossmodError, match="cyclegan.random_flip"):
         cg.train(ct, mr, tmp_path, {**TINY, "random_flip": True}, 20.0, progress=False, resume=True)
     # a checkpoint from before the random-crop settings existed ran without them: it resumes
-    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     for key in ("random_crop_scale", "random_flip"):
         del checkpoint["settings"][key]
     torch.save(checkpoint, tmp_path / "checkpoint.pt")
