@@ -136,13 +136,16 @@ if study is not None and not points.empty:
         display(Markdown(convergence.tier_verdict(criteria, tier_budget)))
 
 # %% [markdown]
-# ## Another translator: CUT (beyond the paper)
+# ## Other translators and CycleGAN settings (beyond the paper)
 # CUT {cite}`park2020`, the peer repository's successor to the CycleGAN, translates CT → MR with one
 # generator, kept on its input's anatomy by a patch-wise contrastive loss instead of a second
 # generator and the cycle (`cyclegan.translator: cut`, `crossmod_lib.cut`; the geometric loss as
-# for the CycleGAN). Where a recorded study of the `openkbp-cut` profile exists, its
-# cross-modality DSC is set beside the CycleGAN's at the same budgets and seeds, with the
-# baselines of those seeds (they do not depend on the translator).
+# for the CycleGAN). The same table holds recorded studies of other CycleGAN settings, e.g.
+# `openkbp-identity0`: the CycleGAN without the reference implementation's identity loss, which
+# the paper does not name and which pulls the CT → MR generator towards passing intensities
+# through (CT → T2 MR needs them re-ordered: bone bright → dark, fat dark → bright). Each recorded
+# study of another profile is set beside the CycleGAN of `openkbp` at the same budgets and seeds,
+# with the baselines of those seeds (they depend on neither translator nor CycleGAN settings).
 
 # %%
 if study is not None:

@@ -26,6 +26,23 @@ def test_extends_overrides_only_what_differs():
     assert smoke["phantom"]["n_ct"] < full["phantom"]["n_ct"]
 
 
+def test_openkbp_variants_change_only_what_they_name():
+    """A variant of the tier changes its named settings and nothing else, so its study compares
+    with the openkbp study's points of the same seeds."""
+    from crossmod_lib.convergence import study_settings
+
+    base, variant = load_profile("openkbp"), load_profile("openkbp-identity0")
+    assert variant["cyclegan"]["lambda_identity"] == 0.0 < base["cyclegan"]["lambda_identity"]
+    study = study_settings(variant)
+    assert study["models"] == ["cross_modality"]
+    assert set(study["budgets"]) <= set(study_settings(base)["budgets"])
+    for section in base:
+        if section not in ("name", "description", "cyclegan", "convergence"):
+            assert variant[section] == base[section], section
+    changed = {k for k in base["cyclegan"] if variant["cyclegan"][k] != base["cyclegan"][k]}
+    assert changed == {"lambda_identity"}
+
+
 def _write(tmp_path, data, name="custom.yaml"):
     path = tmp_path / name
     path.write_text(yaml.safe_dump(data))
