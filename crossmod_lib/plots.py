@@ -434,7 +434,7 @@ def convergence_curves(points, quality, models=("cross_modality", "domain_random
         ax.set_title(f"{side} parotid: DSC on real MR", fontsize=10)
         ax.set_xlabel("CycleGAN iterations")
         ax.set_ylabel("DSC (patient mean)")
-    axes[0, 0].legend(fontsize=7, loc="lower right")
+    axes[0, 0].legend(fontsize=7, loc="upper left")
     measures = (("parotid_ratio", "parotid / head intensity", "real_parotid_ratio"),
                 ("outline_dice_median", "outline Dice (median)", None),
                 ("histogram_w1", "intensity histogram W1 (0-255)", None),
