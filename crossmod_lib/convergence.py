@@ -88,6 +88,11 @@ def study_settings(profile: dict) -> dict:
             "models": list(models)}
 
 
+#: The settings :func:`point_profile` sets for each point (a study's profile.yaml keeps the profile's).
+POINT_SETTINGS = ("cyclegan.epochs_constant", "cyclegan.epochs_decay", "cyclegan.max_iterations_per_epoch",
+                  "cyclegan.seed", "segmentation.seed")
+
+
 def point_profile(profile: dict, seed: int, budget: int, iterations_per_epoch: int) -> dict:
     """The profile of one study point: the CycleGAN trains ``budget`` iterations (k + k epochs)
     and both networks take ``seed``; the profile's own seed (which keys the data, e.g. the
@@ -379,37 +384,125 @@ def _with_later_defaults(recorded: dict) -> dict:
     return recorded
 
 
+def settings_differences(ours: dict, theirs: dict, ignore=()) -> list[str]:
+    """Dotted keys in which two profiles' settings differ, ``theirs`` a recorded profile (the
+    settings added to ``full.yaml`` since it was recorded take their defaults). Names,
+    descriptions and the study's own seeds and budgets never count; ``ignore``: dotted keys or
+    blocks (``"cyclegan"``) that do not count either."""
+    ours, theirs = copy.deepcopy(ours), _with_later_defaults(copy.deepcopy(theirs))
+    for block in (ours, theirs):
+        for key in ("seeds", "budgets"):
+            (block.get("convergence") or {}).pop(key, None)
+        block.pop("name", None)
+        block.pop("description", None)
+    return [key for key in _differences(ours, theirs)
+            if not any(key == skip or key.startswith(skip + ".") for skip in ignore)]
+
+
+def _read_study(recorded: Path) -> tuple[dict, dict]:
+    """A recorded study's provenance (convergence_runs.json) and profile, or a one-line error."""
+    import yaml
+
+    runs_path, profile_path = RunFolder.convergence_runs.at(recorded), RunFolder.settings_file.at(recorded)
+    if not runs_path.is_file() or not profile_path.is_file():
+        raise CrossmodError(f"{recorded}: not a recorded study (no metrics/convergence_runs.json "
+                            "and profile.yaml)")
+    try:
+        return json.loads(runs_path.read_text()), yaml.safe_load(profile_path.read_text())
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise CrossmodError(f"{recorded}: unreadable study record ({' '.join(str(exc).split())[:120]})") from None
+
+
 def carried_points(profile: dict, recorded) -> dict:
     """The finished points of a recorded study (``crossmod record`` of a study folder), to carry
     on with in a new study folder: checked to come from the same profile (every setting but the
     study's own seeds and budgets), each marked ``carried_from``. A point's numbers do not
     depend on where it ran, so a study can be finished over several sessions or machines; each
     point keeps its own provenance."""
-    import yaml
-
     recorded = Path(recorded)
-    runs_path, profile_path = RunFolder.convergence_runs.at(recorded), RunFolder.settings_file.at(recorded)
-    if not runs_path.is_file() or not profile_path.is_file():
-        raise CrossmodError(f"{recorded}: not a recorded study (no metrics/convergence_runs.json "
-                            "and profile.yaml)")
-    try:
-        info = json.loads(runs_path.read_text())
-        theirs = yaml.safe_load(profile_path.read_text())
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise CrossmodError(f"{recorded}: unreadable study record ({' '.join(str(exc).split())[:120]})") from None
-    ours = copy.deepcopy(profile)
-    theirs = _with_later_defaults(copy.deepcopy(theirs))
-    for block in (ours, theirs):
-        for key in ("seeds", "budgets"):
-            (block.get("convergence") or {}).pop(key, None)
-        block.pop("name", None)
-        block.pop("description", None)
-    differ = _differences(ours, theirs)
+    info, theirs = _read_study(recorded)
+    differ = settings_differences(profile, theirs)
     if differ:
         raise CrossmodError(f"{recorded}: recorded with other settings than this profile "
                             f"({', '.join(differ[:5])}{' ...' if len(differ) > 5 else ''}); "
                             "its points cannot be carried on")
     return {key: {**point, "carried_from": str(recorded)} for key, point in info.get("points", {}).items()}
+
+
+#: Settings the baselines (CT only, domain randomisation, naive) do not depend on: they never see
+#: the CycleGAN, the cleaning or the cross-modality network's augmentation, so any study of the
+#: same data and U-Net settings holds them for its seeds, whatever its translator.
+BASELINE_FREE_SETTINGS = ("cyclegan", "cleaning", "segmentation.cross_modality_appearance")
+BASELINE_MODELS = ("ct_only", "domain_random", "naive")
+# The wall seconds of a point that a run of its profile spends from the prepared slices on (the
+# CycleGAN in all, trunk included; the trunk's own entry is the part trained for this point).
+_RUN_STAGES = ("cyclegan_total", "synthesis", "cleaning", "segmentation", "predict_evaluate")
+
+
+def tier_run(tier_profile: dict, studies) -> dict:
+    """The recorded runs of a tier profile as it stands (e.g. ``openkbp`` on main), from recorded
+    studies (paths of ``crossmod record`` study folders): the cross-modality points at the
+    profile's budget (:func:`profile_budget`) of every study recorded with exactly the profile's
+    settings (its convergence block apart from ``iterations_per_epoch`` aside), and the
+    baselines of the same seeds from any study that differs from it only in
+    :data:`BASELINE_FREE_SETTINGS`. Returns ``{"budget", "points"`` (the rows of
+    :data:`POINT_COLUMNS` at that budget, ready for :func:`tier_criteria` and
+    :func:`summary_table`), ``"cross_modality_from"``, ``"baselines_from"`` (study names),
+    ``"seconds"`` (per seed: the point's stages from the CycleGAN on, plus the U-Nets of the
+    baselines' point, which may include a cross-modality network of its own: an upper bound on a
+    run of the profile from its prepared slices), ``"reason"`` (why nothing was found, else None)``}``."""
+    ipe = (tier_profile.get("convergence") or {}).get("iterations_per_epoch")
+    budget = profile_budget(tier_profile, ipe)
+    found = {"budget": budget, "points": pd.DataFrame(columns=list(POINT_COLUMNS)),
+             "cross_modality_from": [], "baselines_from": [], "seconds": {}, "reason": None}
+    if budget is None:
+        found["reason"] = ("the profile's CycleGAN budget is no study point (k + k epochs of "
+                           f"{ipe} iterations)")
+        return found
+    # which networks a study trained is no setting of theirs; a point sets its own schedule
+    # (checked through the budget) and training seeds
+    ignore = ["convergence.models", *POINT_SETTINGS]
+    cross, baselines = [], []
+    for folder in map(Path, studies):
+        info, theirs = _read_study(folder)
+        table = pd.read_csv(RunFolder.convergence.at(folder))
+        if not settings_differences(tier_profile, theirs, ignore):
+            rows = table[(table["model"] == "cross_modality") & (table["budget"] == budget)]
+            if not rows.empty:
+                cross.append((folder.name, rows, info))
+        if not settings_differences(tier_profile, theirs, ignore + list(BASELINE_FREE_SETTINGS)):
+            rows = table[table["model"].isin(BASELINE_MODELS)]
+            if not rows.empty:
+                baselines.append((folder.name, rows, info))
+    if not cross:
+        found["reason"] = f"no recorded study ran the profile's settings at {budget:,} CycleGAN iterations"
+        return found
+    ours = pd.concat([rows for _, rows, _ in cross]).drop_duplicates(["seed", "structure"])
+    seeds = sorted(set(ours["seed"]))
+    theirs_rows = []
+    for name, rows, info in baselines:
+        rows = rows[rows["seed"].isin(seeds)]
+        if not rows.empty:
+            theirs_rows.append(rows.assign(budget=budget))
+            found["baselines_from"].append(name)
+    points = pd.concat([ours, *theirs_rows]).drop_duplicates(["seed", "model", "structure"])
+    found["points"] = points.sort_values(["seed", "model", "structure"]).reset_index(drop=True)
+    found["cross_modality_from"] = [name for name, _, _ in cross]
+    for seed in seeds:
+        total = 0.0
+        for _, _, info in cross:
+            point = info.get("points", {}).get(f"seed{seed}/budget{budget:05d}")
+            if point:
+                total = sum(point.get("seconds", {}).get(stage, 0.0) for stage in _RUN_STAGES)
+                break
+        for _, _, info in baselines:  # the seed's first point trained its baselines
+            firsts = [p for p in info.get("points", {}).values() if p.get("seed") == seed]
+            if firsts:
+                first = min(firsts, key=lambda p: p["budget"])
+                total += first.get("seconds", {}).get("segmentation", 0.0)
+                break
+        found["seconds"][int(seed)] = total
+    return found
 
 
 def _requality(runs_info: dict, study_dir: Path, base, profile: dict, log=print) -> None:

@@ -209,6 +209,29 @@ class Record:
         path = self.path(relative)
         return json.loads(path.read_text()) if path is not None else None
 
+    def settings_sentence(self) -> str:
+        """Whether the record's settings are those of the profile of its name on this commit, and
+        the settings that differ if not (a profile changes as the project learns; the record's
+        profile.yaml keeps what it ran with). A run's own seeds and a study's own seeds, budgets
+        and networks do not count."""
+        import yaml
+
+        from . import config, convergence
+
+        try:
+            ours = config.load_profile(self.name)
+        except CrossmodError:
+            return f"No profile `{self.name}` on this commit; the record's profile.yaml holds its settings."
+        theirs = yaml.safe_load(RunFolder.settings_file.at(self.root).read_text()) or {}
+        ignore = ["seed", "convergence.models", *convergence.POINT_SETTINGS] if self.info.get("kind") == "study" \
+            else ["seed"]
+        differ = convergence.settings_differences(ours, theirs, ignore)
+        if not differ:
+            return f"Settings: those of the profile `{self.name}` on this commit."
+        return (f"Recorded with earlier settings of the profile `{self.name}`; on this commit it differs in "
+                + ", ".join(f"`{key}`" for key in differ[:8]) + (" ..." if len(differ) > 8 else "")
+                + " (the record's profile.yaml holds what it ran with).")
+
     def cleaning_counts(self) -> str | None:
         """The recorded run's cleaning outcome in one sentence (chapters 3 and 9), or None."""
         c = self.json(RunFolder.cleaning_summary)

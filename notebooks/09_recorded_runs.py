@@ -16,7 +16,7 @@
 #
 # Chapters 1-8 show the run that built this book. Some runs are too long to repeat at every build:
 # the real-anatomy tier (`openkbp` profile: real OpenKBP CT {cite}`babier2021` and T2-weighted MR
-# simulated from other OpenKBP patients, ~45 min on 2 CPU cores), or a paper-size run on a GPU.
+# simulated from other OpenKBP patients, ~33 min on 2 idle CPU cores), or a paper-size run on a GPU.
 # Their results are kept as **recorded runs**: `crossmod record --run-dir RUN_DIR` copies a
 # finished run's metric tables, summaries, timings, profile and main figures into
 # `recorded/<profile>/` in the repository, with `record.json` stating the commit, date and device
@@ -63,7 +63,7 @@ for rec in records:
     display(Markdown(f"## Recorded run `{rec.root.name}` (profile `{rec.name}`)\n\n"
                      + (f"{description}. " if description else "")
                      + f"Recorded on {recorded.get('date', '?')} at commit {recorded.get('commit', '?')}. "
-                     "Where and when each chapter of that run ran (wall seconds):"))
+                     + rec.settings_sentence() + " Where and when each chapter of that run ran (wall seconds):"))
     display(rec.provenance_table().round({"seconds": 0}))
     if rec.info.get("note"):
         display(Markdown(f"*Recorder's note:* {rec.info['note']}"))

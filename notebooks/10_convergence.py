@@ -30,8 +30,9 @@
 # | Chapters 2–5 (the pipeline) | necessary |
 # | Chapter 9 (recorded runs) | helpful |
 #
-# The study is far longer than a book build (about 40 min per seed on two idle cores), so it is a
-# **recorded run**: `crossmod study convergence --profile openkbp --out DIR` runs it (finished
+# The study is far longer than a book build (about 40 min per seed on two idle AVX-512 cores, 2 h
+# on AVX2), so it is a **recorded run**: `crossmod study convergence --profile
+# openkbp-identity-loss --out DIR` runs it (finished
 # points are kept, an interrupted study carries on), `crossmod record --run-dir DIR` keeps its
 # tables with the commit, date and device of every point. Everything below was computed by that
 # recorded study, **not by the run that built this book**. The code is `crossmod_lib.convergence`.
@@ -71,7 +72,7 @@ studies = [r for r in record.recorded_runs(recorded_dir or None)
 study = studies[0] if studies else None
 if study is None:
     display(Markdown(f"*No recorded study `{study_name}` in this repository: run "
-                     "`crossmod study convergence --profile openkbp --out DIR`, then "
+                     "`crossmod study convergence --profile openkbp-identity-loss --out DIR`, then "
                      f"`crossmod record --run-dir DIR --out recorded/{study_name}`.*"))
 else:
     points = study.table(runs.RunFolder.convergence)
@@ -82,7 +83,8 @@ else:
         f"{study.info['recorded'].get('date', '?')} at commit {study.info['recorded'].get('commit', '?')}: "
         f"{quality.shape[0]} of {len(settings['seeds']) * len(settings['budgets'])} points "
         f"(seeds {', '.join(map(str, settings['seeds']))}; budgets "
-        f"{', '.join(f'{b:,}' for b in settings['budgets'])} CycleGAN iterations)."
+        f"{', '.join(f'{b:,}' for b in settings['budgets'])} CycleGAN iterations). "
+        + study.settings_sentence()
         + (f"\n\n*Recorder's note:* {study.info['note']}" if study.info.get("note") else "")))
 
 # %% [markdown]
@@ -112,40 +114,49 @@ if study is not None and not points.empty:
 
 # %% [markdown]
 # ## The tier over seeds: Table II of `openkbp`
-# The `openkbp` profile trains its CycleGAN for k + k epochs of the study's 215 iterations, so a
-# run of it *is* the study point of that budget for the seed it takes: the study's three seeds at
-# that budget are three runs of the tier as it stands. Below, Table II of the tier as the mean over
-# those seeds of each run's patient-mean DSC, the seed-to-seed SD beside the mean patient SD, and
-# the tier's criteria per seed and parotid: cross-modality ≥ CT only − 0.05 and ≥ domain
-# randomisation, naive ≤ 0.5 (`convergence.tier_criteria`).
+# When the `openkbp` profile trains its CycleGAN for k + k epochs of the study's 215 iterations, a
+# run of it *is* the study point of that budget for the seed it takes. Below, Table II of the tier
+# as it stands on this commit, from every recorded study that ran exactly its settings
+# (`convergence.tier_run`; the baselines, which never see the CycleGAN, from a study of the same
+# data and U-Net settings at the same seeds): the mean over seeds of each run's patient-mean DSC,
+# the seed-to-seed SD beside the mean patient SD, and the tier's criteria per seed and parotid:
+# cross-modality ≥ CT only − 0.05 and ≥ domain randomisation, naive ≤ 0.5
+# (`convergence.tier_criteria`).
 
 # %%
-if study is not None and not points.empty:
-    tier_profile = config.load_profile("openkbp")
-    tier_budget = convergence.profile_budget(tier_profile, settings["iterations_per_epoch"])
-    if tier_budget is None or tier_budget not in set(points["budget"]):
-        display(Markdown(f"*The `openkbp` profile's CycleGAN budget is not a point of this study "
-                         f"(budgets {', '.join(f'{b:,}' for b in sorted(set(points['budget'])))}).*"))
+if study is not None:
+    tier = convergence.tier_run(config.load_profile("openkbp"),
+                                [r.root for r in record.recorded_runs(recorded_dir or None)
+                                 if r.info.get("kind") == "study"])
+    if tier["reason"]:
+        display(Markdown(f"*No recorded run of `openkbp` as it stands: {tier['reason']}.*"))
     else:
-        at_budget = convergence.summary_table(points[points["budget"] == tier_budget])
-        display(Markdown(f"**Table II, `openkbp` at {tier_budget:,} CycleGAN iterations**, "
-                         f"mean over {int(at_budget['seeds'].max())} seeds:"))
+        at_budget = convergence.summary_table(tier["points"])
+        minutes = [s / 60 for s in tier["seconds"].values()]
+        display(Markdown(
+            f"**Table II, `openkbp` at {tier['budget']:,} CycleGAN iterations**, mean over "
+            f"{int(at_budget['seeds'].max())} seeds (cross-modality: recorded study "
+            f"`{'`, `'.join(tier['cross_modality_from'])}`; baselines: `{'`, `'.join(tier['baselines_from'])}`). "
+            f"One run from the prepared slices took at most {min(minutes):.0f}–{max(minutes):.0f} min "
+            "(its CycleGAN, synthesis, cleaning and U-Nets, as recorded with each point):"))
         display(at_budget.drop(columns=["budget", "model"]).set_index(["title", "structure"]).round(3))
-        criteria = convergence.tier_criteria(points, tier_budget)
+        criteria = convergence.tier_criteria(tier["points"], tier["budget"])
         display(criteria.set_index(["seed", "structure"]).round(3))
-        display(Markdown(convergence.tier_verdict(criteria, tier_budget)))
+        display(Markdown(convergence.tier_verdict(criteria, tier["budget"])))
 
 # %% [markdown]
 # ## Other translators and CycleGAN settings (beyond the paper)
 # CUT {cite}`park2020`, the peer repository's successor to the CycleGAN, translates CT → MR with one
 # generator, kept on its input's anatomy by a patch-wise contrastive loss instead of a second
 # generator and the cycle (`cyclegan.translator: cut`, `crossmod_lib.cut`; the geometric loss as
-# for the CycleGAN). The same table holds recorded studies of other CycleGAN settings, e.g.
-# `openkbp-identity0`: the CycleGAN without the reference implementation's identity loss, which
-# the paper does not name and which pulls the CT → MR generator towards passing intensities
-# through (CT → T2 MR needs them re-ordered: bone bright → dark, fat dark → bright). Each recorded
-# study of another profile is set beside the CycleGAN of `openkbp` at the same budgets and seeds,
-# with the baselines of those seeds (they depend on neither translator nor CycleGAN settings).
+# for the CycleGAN). The same table holds every recorded study of other CycleGAN settings, among
+# them the tier as it stands: the study above ran the CycleGAN with the reference
+# implementation's identity loss (profile `openkbp-identity-loss`, λ 0.5), which the paper does
+# not name and which pulls the CT → MR generator towards passing intensities through (CT → T2 MR
+# needs them re-ordered: bone bright → dark, fat dark → bright); `openkbp` now trains without it
+# (`openkbp-identity0`, 2,150 iterations). Each recorded study is set beside the study above at
+# the same budgets and seeds, with the baselines of those seeds (they depend on neither
+# translator nor CycleGAN settings).
 
 # %%
 if study is not None:
@@ -154,7 +165,7 @@ if study is not None:
               and r.table(runs.RunFolder.convergence) is not None}
     if others:
         compared = convergence.translator_table(
-            {"CycleGAN": points, **{name: r.table(runs.RunFolder.convergence) for name, r in others.items()}})
+            {"CycleGAN with identity loss": points, **{name: r.table(runs.RunFolder.convergence) for name, r in others.items()}})
         display(compared.set_index(["translator", "budget", "structure"]).round(3))
     else:
         display(Markdown("*No recorded study of another translator yet* (`crossmod study convergence "

@@ -28,19 +28,26 @@ def test_extends_overrides_only_what_differs():
 
 def test_openkbp_variants_change_only_what_they_name():
     """A variant of the tier changes its named settings and nothing else, so its study compares
-    with the openkbp study's points of the same seeds."""
-    from crossmod_lib.convergence import study_settings
+    with the tier's points of the same seeds; each variant's study runs the tier's budget."""
+    from crossmod_lib.convergence import profile_budget, study_settings
 
-    base, variant = load_profile("openkbp"), load_profile("openkbp-identity0")
-    assert variant["cyclegan"]["lambda_identity"] == 0.0 < base["cyclegan"]["lambda_identity"]
-    study = study_settings(variant)
-    assert study["models"] == ["cross_modality"]
-    assert set(study["budgets"]) <= set(study_settings(base)["budgets"])
-    for section in base:
-        if section not in ("name", "description", "cyclegan", "convergence"):
-            assert variant[section] == base[section], section
-    changed = {k for k in base["cyclegan"] if variant["cyclegan"][k] != base["cyclegan"][k]}
-    assert changed == {"lambda_identity"}
+    base = load_profile("openkbp")
+    tier_budget = profile_budget(base)
+    assert tier_budget in study_settings(base)["budgets"]
+    named = {"openkbp-identity-loss": {("cyclegan", "lambda_identity")},
+             "openkbp-cut": {("cyclegan", "translator")},
+             "openkbp-dicom": {("data", "mr")},
+             "openkbp-mr2": {("data", "mr_simulation")}}
+    for name, keys in named.items():
+        variant = load_profile(name)
+        changed = {(section, key) for section in base if isinstance(base[section], dict)
+                   and section != "convergence"
+                   for key in base[section] if variant[section][key] != base[section][key]}
+        assert changed == keys, name
+        if name != "openkbp-identity-loss":  # the convergence study itself spans the budgets
+            assert study_settings(variant)["budgets"] == [tier_budget], name
+    assert load_profile("openkbp-identity-loss")["cyclegan"]["lambda_identity"] > base["cyclegan"]["lambda_identity"]
+    assert study_settings(load_profile("openkbp-cut"))["models"] == ["cross_modality"]
 
 
 def _write(tmp_path, data, name="custom.yaml"):

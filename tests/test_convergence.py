@@ -101,6 +101,10 @@ def test_point_profile_changes_only_the_budget_and_the_training_seeds():
     assert point["cyclegan"]["seed"] == 7 and point["segmentation"]["seed"] == 7
     assert point["seed"] == base["seed"]          # the data (simulated MR) stays the same
     assert base["cyclegan"]["epochs_constant"] != 5 or base["cyclegan"]["seed"] is None
+    # what a point sets for itself is POINT_SETTINGS, which comparisons with a study's profile skip
+    other = convergence.point_profile(base, 8, 4300, 215)
+    assert set(convergence.settings_differences(point, other)) <= set(convergence.POINT_SETTINGS)
+    assert not convergence.settings_differences(point, other, convergence.POINT_SETTINGS)
 
 
 def points_table():
@@ -341,3 +345,74 @@ def test_quality_sentence_reads_the_smallest_and_largest_budget():
     assert "1.50 on the real MR" in text and "1.26 (KID 4.6, floor 3.0) at 430" in text
     assert "1.65 (KID 0.7, floor 3.0) at 4,300" in text
     assert convergence.quality_sentence(quality.iloc[0:0]) == ""
+
+
+def _fake_study(folder, profile, rows, seconds=None):
+    """A recorded study folder as crossmod record leaves it: profile.yaml and the tables."""
+    import json
+
+    import yaml
+
+    (folder / "metrics").mkdir(parents=True)
+    (folder / "profile.yaml").write_text(yaml.safe_dump(profile))
+    pd.DataFrame(rows, columns=list(convergence.POINT_COLUMNS)).to_csv(folder / "metrics" / "convergence.csv",
+                                                                     index=False)
+    points = {f"seed{r['seed']}/budget{r['budget']:05d}": {"seed": r["seed"], "budget": r["budget"],
+                                                          "seconds": seconds or {}} for r in rows}
+    (folder / "metrics" / "convergence_runs.json").write_text(json.dumps({"points": points}))
+    return folder
+
+
+def test_tier_run_takes_its_settings_study_and_the_baselines_of_the_same_seeds(tmp_path):
+    tier = load_profile("smoke")
+    tier["convergence"]["iterations_per_epoch"] = 10
+    tier["cyclegan"].update(epochs_constant=3, epochs_decay=3, max_iterations_per_epoch=10,
+                            lambda_identity=0.0)
+    # the study of the tier's own settings: the cross-modality network only (study profiles keep
+    # the profile's schedule and seeds; each point sets its own)
+    own = copy.deepcopy(tier)
+    own["cyclegan"].update(epochs_constant=1, epochs_decay=1, max_iterations_per_epoch=99, seed=7)
+    own["convergence"]["models"] = ["cross_modality"]
+    row = {"title": "t", "dsc_sd": 0.1, "n": 4, "note": ""}
+    _fake_study(tmp_path / "own", own, [
+        {**row, "seed": s, "budget": b, "model": "cross_modality", "structure": side, "dsc_mean": 0.7}
+        for s in (1, 2) for b in (60, 120) for side in convergence.SIDES],
+        seconds={"cyclegan_total": 100.0, "cleaning": 20.0, "trunk_this_point": 50.0, "segmentation": 10.0})
+    # another CycleGAN setting: its baselines count (they never see the CycleGAN), its
+    # cross-modality network does not
+    other = copy.deepcopy(tier)
+    other["cyclegan"]["lambda_identity"] = 0.5
+    _fake_study(tmp_path / "other", other, [
+        {**row, "seed": s, "budget": 30, "model": m, "structure": side, "dsc_mean": d}
+        for s in (1, 2, 3) for side in convergence.SIDES
+        for m, d in (("cross_modality", 0.1), ("ct_only", 0.72), ("domain_random", 0.6), ("naive", 0.0))],
+        seconds={"segmentation": 40.0})
+    # other U-Net settings: neither counts
+    unet = copy.deepcopy(other)
+    unet["segmentation"]["epochs"] = 99
+    _fake_study(tmp_path / "unet", unet, [
+        {**row, "seed": 1, "budget": 30, "model": "ct_only", "structure": side, "dsc_mean": 0.01}
+        for side in convergence.SIDES])
+    folders = [tmp_path / name for name in ("own", "other", "unet")]
+
+    found = convergence.tier_run(tier, folders)
+    assert found["budget"] == 60 and found["reason"] is None
+    assert found["cross_modality_from"] == ["own"] and found["baselines_from"] == ["other"]
+    points = found["points"]
+    assert set(points["seed"]) == {1, 2} and set(points["budget"]) == {60}
+    assert len(points) == 2 * 2 * 4
+    assert points[points["model"] == "ct_only"]["dsc_mean"].eq(0.72).all()
+    assert points[points["model"] == "cross_modality"]["dsc_mean"].eq(0.7).all()
+    # the point's stages from the CycleGAN on, plus the baselines' U-Nets
+    assert found["seconds"] == {1: pytest.approx(170.0), 2: pytest.approx(170.0)}
+    criteria = convergence.tier_criteria(points, found["budget"])
+    assert criteria["holds"].all() and len(criteria) == 4
+
+    # a budget no study ran, a budget that is no study point: nothing, and why
+    tier["cyclegan"].update(epochs_constant=4, epochs_decay=4)
+    missing = convergence.tier_run(tier, folders)
+    assert missing["points"].empty and "no recorded study" in missing["reason"]
+    with pytest.raises(CrossmodError, match="not a recorded study"):
+        convergence.tier_run(tier, [tmp_path])
+    tier["cyclegan"]["epochs_decay"] = 2
+    assert "no study point" in convergence.tier_run(tier, folders)["reason"]

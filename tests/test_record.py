@@ -1,6 +1,7 @@
 """Recorded runs (crossmod_lib.record): copy with provenance, verify, refuse tampering."""
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -146,3 +147,39 @@ def test_with_rejected_slices_picks_records_that_show_rejections(tmp_path):
 def test_committed_records_include_rejected_examples():
     # chapter 3 falls back on these when the demo phantom rejects nothing
     assert record.with_rejected_slices(record.recorded_runs()), "no recorded run shows rejected slices"
+
+
+def test_every_recorded_study_is_a_profile_on_main():
+    """A recorded study can be run again: some profile of the repository has its settings (the
+    study's own seeds, budgets and networks, and what each point sets for itself, aside)."""
+    import yaml
+
+    from crossmod_lib import config, convergence
+
+    profiles = {path.stem: config.load_profile(path.stem)
+                for path in sorted((Path(config.__file__).parent / "profiles").glob("*.yaml"))}
+    studies = [rec for rec in record.recorded_runs() if rec.info.get("kind") == "study"]
+    assert studies, "no recorded study"
+    for rec in studies:
+        theirs = yaml.safe_load((rec.root / "profile.yaml").read_text())
+        matches = [name for name, ours in profiles.items()
+                   if not convergence.settings_differences(
+                       ours, theirs, ["convergence.models", *convergence.POINT_SETTINGS])]
+        assert matches, f"{rec.root.name}: no profile has its settings"
+
+
+def test_settings_sentence_names_what_changed_since_the_record(tmp_path):
+    import yaml
+
+    from crossmod_lib.config import load_profile
+
+    ran = load_profile("smoke")
+    ran["seed"] = 99  # a run's own seed is no setting of the profile's
+    (tmp_path / "profile.yaml").write_text(yaml.safe_dump(ran))
+    rec = record.Record(root=tmp_path, info={"profile": "smoke", "kind": "run"})
+    assert rec.settings_sentence().startswith("Settings: those of the profile `smoke`")
+    ran["cyclegan"]["lambda_identity"] = 0.25
+    (tmp_path / "profile.yaml").write_text(yaml.safe_dump(ran))
+    sentence = rec.settings_sentence()
+    assert "earlier settings" in sentence and "`cyclegan.lambda_identity`" in sentence
+    assert "No profile `gone`" in record.Record(root=tmp_path, info={"profile": "gone"}).settings_sentence()
