@@ -818,6 +818,16 @@ def quality_sentence(quality: pd.DataFrame) -> str:
 
 
 UNET_SEED_COLUMNS = ("variant", "unet_seed", "model", "title", "structure", "dsc_mean", "dsc_sd", "n")
+
+
+def unet_seed_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """A U-Net seed study (:func:`run_unet_seed_study`) per variant, model and parotid: the U-Net
+    seeds, the mean, SD, lowest and highest of their patient-mean DSCs: how far one point's
+    result moves with the U-Net's seed alone (same synthetic MR, same cleaned slices)."""
+    grouped = table.groupby(["variant", "model", "title", "structure"], sort=False)
+    return grouped.agg(unet_seeds=("unet_seed", "nunique"), dsc=("dsc_mean", "mean"),
+                       seed_sd=("dsc_mean", "std"), lowest=("dsc_mean", "min"),
+                       highest=("dsc_mean", "max"), patient_sd=("dsc_sd", "mean")).reset_index()
 # The stages a U-Net seed study's runs share with their point (linked, never written).
 _POINT_STAGES = ("raw", "prepared", "synthetic", "cleaned")
 
@@ -856,6 +866,10 @@ def run_unet_seed_study(point_dir, out_dir, seeds, variants: dict[str, dict],
         if not (point_dir / stage).is_dir():
             raise CrossmodError(f"{point_dir / stage}: stage output missing (the point's {stage}/)")
     code_commit = _provenance()["commit"]
+    out_dir.mkdir(parents=True, exist_ok=True)  # the point's profile: what the study varies from
+    tmp = out_dir / f".{RunFolder.settings_file.relpath}.tmp"
+    shutil.copyfile(settings_path, tmp)
+    os.replace(tmp, RunFolder.settings_file.at(out_dir))
     runs_path = RunFolder.unet_seeds_runs.at(out_dir)
     info = json.loads(runs_path.read_text()) if runs_path.is_file() else {"runs": {}}
     info.update({"point": str(point_dir), "variants": variants, "models": list(models)})

@@ -41,11 +41,12 @@ MAX_BYTES = 8 * 1024 * 1024  # a record is committed to git: refuse anything big
 STUDY_RUNS = RunFolder.convergence_runs.relpath  # crossmod_lib.convergence: one entry per study point
 
 
-def study_provenance(path: Path) -> dict:
-    """Per study point (``seed<S>/budget<B>``): the commit, date and device it ran on and its wall
-    seconds, from a study's runs JSON; the "chapters" of a study's record."""
+def study_provenance(path: Path, entries: str = "points") -> dict:
+    """Per study point (``seed<S>/budget<B>``, or per run ``<variant>/seed<S>`` of a U-Net seed
+    study: ``entries="runs"``): the commit, date and device it ran on and its wall seconds, from
+    a study's runs JSON; the "chapters" of a study's record."""
     try:
-        points = json.loads(Path(path).read_text()).get("points", {})
+        points = json.loads(Path(path).read_text()).get(entries, {})
     except (OSError, ValueError) as exc:
         raise CrossmodError(f"{path}: unreadable study record ({exc})") from None
     out = {}
@@ -56,9 +57,10 @@ def study_provenance(path: Path) -> dict:
                 f" ({device['cpu_vector']})" if device.get("cpu_vector") else "") + (
                 f", {device['gpu']}" if device.get("gpu") else "")
         seconds = point.get("seconds", {})
+        if isinstance(seconds, dict):  # a point's stages (the CycleGAN's total includes the trunk's)
+            seconds = sum(v for k, v in seconds.items() if k != "cyclegan_total")
         out[key] = {"commit": point.get("commit", "not recorded"), "date": point.get("date", ""),
-                    "device": device,
-                    "seconds": sum(v for k, v in seconds.items() if k != "cyclegan_total")}
+                    "device": device, "seconds": seconds}
     return out
 
 
@@ -110,14 +112,15 @@ def record_run(run_dir: str | Path, out_dir: str | Path, figures=RECORDED_FIGURE
     lacks a provenance table is recorded with an empty provenance, never a guessed one.
     """
     run_dir, out_dir = Path(run_dir).absolute(), Path(out_dir).absolute()
-    study = run_dir / STUDY_RUNS
-    kind = "study" if study.is_file() else "run"
-    if kind == "study":
-        # A study folder (crossmod study ...): no notebooks; each point's provenance is in the
-        # study's own JSON, written by the library as the point finished.
+    study, unet_seeds = run_dir / STUDY_RUNS, RunFolder.unet_seeds_runs.at(run_dir)
+    kind = "study" if study.is_file() else "unet-seeds" if unet_seeds.is_file() else "run"
+    if kind != "run":
+        # A study folder (crossmod study convergence / unet-seeds): no notebooks; each point's or
+        # run's provenance is in the study's own JSON, written by the library as it finished.
         if not RunFolder.settings_file.at(run_dir).is_file():
             raise CrossmodError(f"{run_dir}: no {RunFolder.settings_file.relpath}; not a study folder")
-        chapters = study_provenance(study)
+        study = study if kind == "study" else unet_seeds
+        chapters = study_provenance(study, "points" if kind == "study" else "runs")
         if not chapters:
             raise CrossmodError(f"{study}: no finished study point to record")
     else:

@@ -39,8 +39,8 @@ from crossmod_lib import record, runs
 
 run = runs.RunFolder.open(profile_path or profile, run_dir or None)
 everything = record.recorded_runs(recorded_dir or None)
-records = [r for r in everything if r.info.get("kind") != "study"]
-studies = [r for r in everything if r.info.get("kind") == "study"]  # shown in chapter 10
+records = [r for r in everything if r.info.get("kind", "run") == "run"]
+studies = [r for r in everything if r.info.get("kind", "run") != "run"]  # shown in chapter 10
 display(Markdown((f"{len(records)} recorded run(s): " + ", ".join(f"`{r.root.name}`" for r in records)
                   if records else "*No recorded run in this repository.*")
                  + (" Recorded studies (chapter 10): " + ", ".join(f"`{r.root.name}`" for r in studies) + "."

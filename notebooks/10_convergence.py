@@ -61,6 +61,8 @@ recorded_dir = ""  # default: recorded/ at the top of the repository
 study_name = "openkbp-convergence"
 
 # %%
+from pathlib import Path
+
 import matplotlib.pyplot as plt
 from IPython.display import Markdown, display
 
@@ -143,6 +145,31 @@ if study is not None:
         criteria = convergence.tier_criteria(tier["points"], tier["budget"])
         display(criteria.set_index(["seed", "structure"]).round(3))
         display(Markdown(convergence.tier_verdict(criteria, tier["budget"])))
+
+# %% [markdown]
+# ## How much of a point is the U-Net's? (U-Net seeds)
+# Each point above trains one U-Net per seed on that seed's synthetic MR, so its DSC mixes the
+# CycleGAN's result with the U-Net's own training. `crossmod study unet-seeds` trains the
+# cross-modality U-Net of one point again, on the same cleaned slices, with other U-Net seeds, as
+# the point had it and with changed segmentation settings (e.g. `cross_modality_appearance`:
+# random gamma, blur, bias field and noise on the synthetic MR batches). Its spread is the part of
+# the seed-to-seed SD above that the U-Net alone contributes; a difference between settings
+# smaller than it is not one this study can see.
+
+# %%
+unet_studies = [r for r in record.recorded_runs(recorded_dir or None) if r.info.get("kind") == "unet-seeds"]
+for rec in unet_studies:
+    info = rec.json(runs.RunFolder.unet_seeds_runs)
+    changes = "; ".join(f"`{name}`: " + (", ".join(f"{k} = {v}" for k, v in change.items()) or "as the point")
+                        for name, change in info["variants"].items())
+    display(Markdown(f"Recorded U-Net seed study `{rec.root.name}`: point `{'/'.join(Path(info['point']).parts[-3:])}` "
+                     f"(profile `{rec.name}`), {len(info['runs'])} U-Nets; variants {changes}."
+                     + (f"\n\n*Recorder's note:* {rec.info['note']}" if rec.info.get("note") else "")))
+    display(convergence.unet_seed_summary(rec.table(runs.RunFolder.unet_seeds))
+            .drop(columns=["model"]).set_index(["variant", "title", "structure"]).round(3))
+if not unet_studies:
+    display(Markdown("*No recorded U-Net seed study* (`crossmod study unet-seeds --point DIR/seed2021/budget02150 "
+                     "--out DIR2 --set cross_modality_appearance=true`, then `crossmod record`)."))
 
 # %% [markdown]
 # ## Other translators and CycleGAN settings (beyond the paper)

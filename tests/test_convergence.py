@@ -221,6 +221,12 @@ def test_a_finished_study_is_not_run_again_and_records_with_provenance(tiny_stud
     assert list(rec.provenance_table().index) == ["seed5/budget00060", "seed5/budget00120"]
 
 
+def load_profile_name(run_dir):
+    import yaml
+
+    return yaml.safe_load((run_dir / "profile.yaml").read_text())["name"]
+
+
 def test_unet_seed_study_retrains_a_points_networks_per_seed_and_variant(tiny_study, tmp_path, capsys):
     from crossmod_lib import cli
 
@@ -244,6 +250,18 @@ def test_unet_seed_study_retrains_a_points_networks_per_seed_and_variant(tiny_st
     summary = json.loads((tmp_path / "u" / "appearance" / "seed6" / "model" / "cross_modality"
                           / "summary.json").read_text())
     assert summary["transform"] == "appearance"
+    # recorded as a study of its own kind, each run's provenance kept
+    from crossmod_lib import record
+
+    record.record_run(tmp_path / "u", tmp_path / "rec_u")
+    rec = record.read_record(tmp_path / "rec_u")
+    assert rec.info["kind"] == "unet-seeds" and rec.info["profile"] == load_profile_name(point)
+    assert list(rec.provenance_table().index) == sorted(runs["runs"])
+    summary_table = convergence.unet_seed_summary(rec.table("metrics/unet_seeds.csv"))
+    row = summary_table[(summary_table["variant"] == "paper") & (summary_table["structure"] == "Parotid_R")].iloc[0]
+    both = table[(table["variant"] == "paper") & (table["structure"] == "Parotid_R")]["dsc_mean"]
+    assert row["unet_seeds"] == 2 and row["dsc"] == pytest.approx(both.mean())
+    assert row["lowest"] == pytest.approx(both.min()) and row["seed_sd"] == pytest.approx(both.std())
     logged.clear()
     again = convergence.run_unet_seed_study(point, tmp_path / "u", [5, 6], variants, log=logged.append)
     assert logged == [] and again.equals(table)  # finished runs are kept
