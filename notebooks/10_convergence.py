@@ -187,7 +187,7 @@ if not unet_studies:
 
 # %%
 if study is not None:
-    others = {r.name: r for r in record.recorded_runs(recorded_dir or None)
+    others = {r.root.name: r for r in record.recorded_runs(recorded_dir or None)
               if r.info.get("kind") == "study" and r.root.name != study_name
               and r.table(runs.RunFolder.convergence) is not None}
     if others:
