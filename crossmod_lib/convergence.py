@@ -93,6 +93,11 @@ POINT_SETTINGS = ("cyclegan.epochs_constant", "cyclegan.epochs_decay", "cyclegan
                   "cyclegan.seed", "segmentation.seed")
 
 
+#: What a study chooses for itself and its points, never a setting of the profile it studies:
+#: compared with a profile, a recorded study skips these (and its seeds and budgets).
+STUDY_CHOICES = ("convergence.models", *POINT_SETTINGS)
+
+
 def point_profile(profile: dict, seed: int, budget: int, iterations_per_epoch: int) -> dict:
     """The profile of one study point: the CycleGAN trains ``budget`` iterations (k + k epochs)
     and both networks take ``seed``; the profile's own seed (which keys the data, e.g. the
@@ -459,9 +464,7 @@ def tier_run(tier_profile: dict, studies) -> dict:
         found["reason"] = ("the profile's CycleGAN budget is no study point (k + k epochs of "
                            f"{ipe} iterations)")
         return found
-    # which networks a study trained is no setting of theirs; a point sets its own schedule
-    # (checked through the budget) and training seeds
-    ignore = ["convergence.models", *POINT_SETTINGS]
+    ignore = list(STUDY_CHOICES)  # a point's schedule is checked through the budget
     cross, baselines = [], []
     for folder in map(Path, studies):
         info, theirs = _read_study(folder)

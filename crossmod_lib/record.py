@@ -119,8 +119,8 @@ def record_run(run_dir: str | Path, out_dir: str | Path, figures=RECORDED_FIGURE
         # run's provenance is in the study's own JSON, written by the library as it finished.
         if not RunFolder.settings_file.at(run_dir).is_file():
             raise CrossmodError(f"{run_dir}: no {RunFolder.settings_file.relpath}; not a study folder")
-        study = study if kind == "study" else unet_seeds
-        chapters = study_provenance(study, "points" if kind == "study" else "runs")
+        study, entries = (study, "points") if kind == "study" else (unet_seeds, "runs")
+        chapters = study_provenance(study, entries)
         if not chapters:
             raise CrossmodError(f"{study}: no finished study point to record")
     else:
@@ -226,8 +226,7 @@ class Record:
         except CrossmodError:
             return f"No profile `{self.name}` on this commit; the record's profile.yaml holds its settings."
         theirs = yaml.safe_load(RunFolder.settings_file.at(self.root).read_text()) or {}
-        ignore = ["seed", "convergence.models", *convergence.POINT_SETTINGS] if self.info.get("kind") == "study" \
-            else ["seed"]
+        ignore = ["seed", *convergence.STUDY_CHOICES] if self.info.get("kind") == "study" else ["seed"]
         differ = convergence.settings_differences(ours, theirs, ignore)
         if not differ:
             return f"Settings: those of the profile `{self.name}` on this commit."

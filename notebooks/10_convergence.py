@@ -69,8 +69,8 @@ from IPython.display import Markdown, display
 from crossmod_lib import config, convergence, plots, record, runs
 
 run = runs.RunFolder.open(profile_path or profile, run_dir or None)
-studies = [r for r in record.recorded_runs(recorded_dir or None)
-           if r.info.get("kind") == "study" and r.root.name == study_name]
+recorded = record.recorded_runs(recorded_dir or None)  # verified once, read by every section
+studies = [r for r in recorded if r.info.get("kind") == "study" and r.root.name == study_name]
 study = studies[0] if studies else None
 if study is None:
     display(Markdown(f"*No recorded study `{study_name}` in this repository: run "
@@ -128,8 +128,7 @@ if study is not None and not points.empty:
 # %%
 if study is not None:
     tier = convergence.tier_run(config.load_profile("openkbp"),
-                                [r.root for r in record.recorded_runs(recorded_dir or None)
-                                 if r.info.get("kind") == "study"])
+                                [r.root for r in recorded if r.info.get("kind") == "study"])
     if tier["reason"]:
         display(Markdown(f"*No recorded run of `openkbp` as it stands: {tier['reason']}.*"))
     else:
@@ -157,7 +156,7 @@ if study is not None:
 # smaller than it is not one this study can see.
 
 # %%
-unet_studies = [r for r in record.recorded_runs(recorded_dir or None) if r.info.get("kind") == "unet-seeds"]
+unet_studies = [r for r in recorded if r.info.get("kind") == "unet-seeds"]
 for rec in unet_studies:
     info = rec.json(runs.RunFolder.unet_seeds_runs)
     changes = "; ".join(f"`{name}`: " + (", ".join(f"{k} = {v}" for k, v in change.items()) or "as the point")
@@ -187,7 +186,7 @@ if not unet_studies:
 
 # %%
 if study is not None:
-    others = {r.root.name: r for r in record.recorded_runs(recorded_dir or None)
+    others = {r.root.name: r for r in recorded
               if r.info.get("kind") == "study" and r.root.name != study_name
               and r.table(runs.RunFolder.convergence) is not None}
     if others:

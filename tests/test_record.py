@@ -164,8 +164,7 @@ def test_every_recorded_study_is_a_profile_on_main():
     for rec in studies:
         theirs = yaml.safe_load((rec.root / "profile.yaml").read_text())
         matches = [name for name, ours in profiles.items()
-                   if not convergence.settings_differences(
-                       ours, theirs, ["convergence.models", *convergence.POINT_SETTINGS])]
+                   if not convergence.settings_differences(ours, theirs, convergence.STUDY_CHOICES)]
         assert matches, f"{rec.root.name}: no profile has its settings"
 
 
