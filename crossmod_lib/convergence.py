@@ -780,6 +780,38 @@ def tier_verdict(criteria: pd.DataFrame, budget: int) -> str:
             f"of {n} seed × parotid pairs; it fails for " + "; ".join(failures) + ".")
 
 
+def variant_table(profiles: dict[str, dict], studies) -> tuple[pd.DataFrame, dict[str, str]]:
+    """The tier beside its variants (issue 14 item 4: a second MR appearance, the MR read from
+    DICOM): for each profile (label -> settings) its recorded runs as :func:`tier_run` finds
+    them, and per seed and parotid the four networks' patient-mean DSC with the tier's criteria
+    (:func:`tier_criteria`). Returns the table (columns ``profile``, ``budget`` and those of
+    :func:`tier_criteria`) and, per label without a recorded run, why."""
+    tables, missing = [], {}
+    for label, profile in profiles.items():
+        found = tier_run(profile, studies)
+        if found["reason"]:
+            missing[label] = found["reason"]
+            continue
+        criteria = tier_criteria(found["points"], found["budget"])
+        tables.append(criteria.assign(profile=label, budget=found["budget"]))
+    columns = ["profile", "budget", "seed", "structure", "cross_modality", "ct_only", "domain_random",
+               "naive", "vs_ct_only", "vs_domain_random", "naive_fails", "holds"]
+    table = pd.concat(tables, ignore_index=True)[columns] if tables else pd.DataFrame(columns=columns)
+    return table, missing
+
+
+def variant_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """:func:`variant_table` per profile and parotid: the seeds, the seed means of the four
+    networks, cross-modality's seed SD, and how many seeds meet all the tier's criteria."""
+    grouped = table.groupby(["profile", "structure"], sort=False)
+    out = grouped.agg(seeds=("seed", "nunique"), cross_modality=("cross_modality", "mean"),
+                      cross_modality_seed_sd=("cross_modality", "std"),
+                      domain_random=("domain_random", "mean"), ct_only=("ct_only", "mean"),
+                      naive=("naive", "mean"), seeds_holding=("holds", "sum")).reset_index()
+    out["seeds_holding"] = out["seeds_holding"].astype(int)
+    return out
+
+
 def profile_budget(profile: dict, iterations_per_epoch: int | None = None) -> int | None:
     """The CycleGAN budget a profile trains, in the study's terms: (epochs_constant +
     epochs_decay) × its cap ``max_iterations_per_epoch``, when that cap is the study's

@@ -146,6 +146,31 @@ if study is not None:
         display(Markdown(convergence.tier_verdict(criteria, tier["budget"])))
 
 # %% [markdown]
+# ## Is the result tuned to one simulator? A second MR appearance, and the MR read from DICOM
+# A user brings real MR, not this book's simulation. Two variants of the tier run the same
+# networks, budget and seeds with other MR: `openkbp-mr2` simulates the MR cohort with a second,
+# clearly different acquisition (TE 60–70 ms instead of ~100, TR 2,000–2,500 ms, SNR 10–15
+# instead of 20–30, a stronger bias field, a 2 mm point-spread function, and parotids 15 % darker
+# than the relaxation model gives), and `openkbp-dicom` writes the simulated cohort out as one
+# DICOM MR series and one RTSTRUCT per patient and reads it back through the `dicom` reader, the
+# path a user's own folder takes. Each variant's baselines are its own (domain randomisation and
+# the naive network are tested on its MR); the criteria are the tier's
+# (`convergence.variant_table`).
+
+# %%
+if study is not None:
+    variant_profiles = {name: config.load_profile(name) for name in ("openkbp", "openkbp-mr2", "openkbp-dicom")}
+    variants, unrecorded = convergence.variant_table(
+        variant_profiles, [r.root for r in recorded if r.info.get("kind") == "study"])
+    if not variants.empty:
+        display(convergence.variant_summary(variants).set_index(["profile", "structure"]).round(3))
+        display(variants.drop(columns=["vs_ct_only", "vs_domain_random", "naive_fails"])
+                .set_index(["profile", "seed", "structure"]).round(3))
+    for name, why in unrecorded.items():
+        display(Markdown(f"*`{name}`: {why}* (`crossmod study convergence --profile {name} --out DIR`, "
+                         "then `crossmod record`)."))
+
+# %% [markdown]
 # ## How much of a point is the U-Net's? (U-Net seeds)
 # Each point above trains one U-Net per seed on that seed's synthetic MR, so its DSC mixes the
 # CycleGAN's result with the U-Net's own training. `crossmod study unet-seeds` trains the

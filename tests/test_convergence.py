@@ -434,3 +434,37 @@ def test_tier_run_takes_its_settings_study_and_the_baselines_of_the_same_seeds(t
         convergence.tier_run(tier, [tmp_path])
     tier["cyclegan"]["epochs_decay"] = 2
     assert "no study point" in convergence.tier_run(tier, folders)["reason"]
+
+
+def test_variant_table_sets_each_profile_beside_the_tier_with_its_own_runs(tmp_path):
+    tier = load_profile("smoke")
+    tier["convergence"]["iterations_per_epoch"] = 10
+    tier["cyclegan"].update(epochs_constant=3, epochs_decay=3, max_iterations_per_epoch=10)
+    variant = copy.deepcopy(tier)
+    variant["data"]["mr_simulation"]["psf_mm"] = 2.0   # another MR appearance: its own baselines
+    unrun = copy.deepcopy(tier)
+    unrun["data"]["mr_simulation"]["psf_mm"] = 3.0
+    row = {"title": "t", "dsc_sd": 0.1, "n": 4, "note": ""}
+
+    def rows(seeds, cross, dr):
+        return [{**row, "seed": s, "budget": 60, "model": m, "structure": side, "dsc_mean": d}
+                for s in seeds for side in convergence.SIDES
+                for m, d in (("cross_modality", cross + 0.01 * s), ("ct_only", 0.65),
+                             ("domain_random", dr), ("naive", 0.0))]
+
+    _fake_study(tmp_path / "tier", tier, rows((1, 2, 3), 0.6, 0.615))
+    _fake_study(tmp_path / "variant", variant, rows((1, 2), 0.5, 0.4))
+    table, missing = convergence.variant_table(
+        {"tier": tier, "second MR": variant, "unrun": unrun},
+        [tmp_path / "tier", tmp_path / "variant"])
+    assert set(table["profile"]) == {"tier", "second MR"} and "no recorded study" in missing["unrun"]
+    # the variant's baselines are its own (other MR), never the tier's
+    assert table[table["profile"] == "second MR"]["domain_random"].eq(0.4).all()
+    summary = convergence.variant_summary(table).set_index(["profile", "structure"])
+    assert summary.loc[("tier", "Parotid_L"), "seeds"] == 3
+    assert summary.loc[("tier", "Parotid_L"), "cross_modality"] == pytest.approx(0.62)
+    # tier: 0.61-0.63 against DR 0.615: seeds 2 and 3 hold; variant: 0.51-0.52 below CT only 0.65 - 0.05
+    assert summary.loc[("tier", "Parotid_R"), "seeds_holding"] == 2
+    assert summary.loc[("second MR", "Parotid_R"), "seeds_holding"] == 0
+    empty, why = convergence.variant_table({"unrun": unrun}, [tmp_path / "tier"])
+    assert empty.empty and list(why) == ["unrun"]
