@@ -193,6 +193,60 @@ class PlateauStopper:
             setattr(self, key, value)
 
 
+class CosineSchedule:
+    """A cosine learning-rate schedule over a fixed number of epochs, with the interface of
+    :class:`PlateauStopper` (``segmentation.lr_schedule: cosine``; beyond the paper).
+
+    Epoch e (0-based) trains at ``min_lr + (lr - min_lr) (1 + cos(pi e / epochs)) / 2``; training
+    never stops early and every epoch is ``best``, so ``best.pt`` is the last epoch's weights.
+    Why: a U-Net trained for a few hundred steps and picked by a validation loss that swings from
+    epoch to epoch (on synthetic MR, for the cross-modality network) carries that choice's noise
+    into its test result; annealing to the end and taking the end removes the choice.
+    ``improved`` still reports a validation improvement (as the plateau rule defines it) for the log.
+    """
+
+    def __init__(self, lr: float, epochs: int, min_lr: float = 1e-7, min_delta: float = 0.01):
+        self.lr0 = float(lr)
+        self.epochs = int(epochs)
+        self.min_lr = float(min_lr)
+        self.min_delta = float(min_delta)
+        self.epoch = 0
+        self.reference = math.inf
+        self.lr = self._at(0)
+        self.stopped = False
+
+    def _at(self, epoch: int) -> float:
+        fraction = min(epoch, self.epochs) / max(self.epochs, 1)
+        return self.min_lr + 0.5 * (self.lr0 - self.min_lr) * (1.0 + math.cos(math.pi * fraction))
+
+    def step(self, loss: float) -> dict:
+        loss = float(loss)
+        improved = math.isfinite(loss) and (math.isinf(self.reference)
+                                            or loss < self.reference * (1.0 - self.min_delta))
+        if improved:
+            self.reference = loss
+        self.epoch += 1
+        self.lr = self._at(self.epoch)
+        return {"lr": self.lr, "improved": improved, "best": True, "stop": False}
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k) for k in (
+            "lr0", "epochs", "min_lr", "min_delta", "epoch", "reference", "lr", "stopped")}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+def learning_rate_schedule(cfg: dict, lr0: float, epochs: int):
+    """The schedule ``segmentation.lr_schedule`` names: :class:`PlateauStopper` (``plateau``, the
+    paper's) or :class:`CosineSchedule` (``cosine``)."""
+    if cfg["lr_schedule"] == "cosine":
+        return CosineSchedule(lr0, epochs, cfg["min_lr"], cfg["min_delta"])
+    return PlateauStopper(lr0, cfg["min_lr"], cfg["lr_factor"], cfg["lr_patience"],
+                          cfg["patience"], cfg["min_delta"])
+
+
 # ----------------------------------------------------------------------------------------------
 # Patient-level splits
 
@@ -544,8 +598,7 @@ def train_unet(data, out_dir: str | Path, settings=None, *, seed: int | None = N
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimiser = torch.optim.Adam(model.parameters(), lr=lr0)
-    stopper = PlateauStopper(lr0, cfg["min_lr"], cfg["lr_factor"], cfg["lr_patience"],
-                             cfg["patience"], cfg["min_delta"])
+    stopper = learning_rate_schedule(cfg, lr0, max_epochs)
     run_meta = _plain({
         **(meta or {}),
         "data": source,
@@ -574,6 +627,10 @@ def train_unet(data, out_dir: str | Path, settings=None, *, seed: int | None = N
             if state[key] != mine:
                 raise CrossmodError(f"{last_path}: cannot resume: {key} differs from this call's "
                                     f"({state[key]} vs {mine})")
+        theirs = state.get("config", {}).get("lr_schedule", "plateau")  # older checkpoints: plateau
+        if theirs != cfg["lr_schedule"]:
+            raise CrossmodError(f"{last_path}: cannot resume: lr_schedule {theirs} there, "
+                                f"{cfg['lr_schedule']} in this call's settings")
         model.load_state_dict(state["model"])
         optimiser.load_state_dict(state["optimizer"])
         stopper.load_state_dict(state["stopper"])

@@ -175,6 +175,38 @@ def test_plateau_stopper_scripted_losses():
     assert clone.state_dict() == stopper.state_dict()
 
 
+def test_cosine_schedule_anneals_over_the_epochs_and_keeps_the_last():
+    schedule = seg.CosineSchedule(lr=1e-3, epochs=4, min_lr=0.0)
+    assert schedule.lr == pytest.approx(1e-3)
+    lrs, bests = [], []
+    for loss in (1.0, 0.5, 0.9, 0.95):   # a noisy validation loss never picks the epoch
+        decision = schedule.step(loss)
+        lrs.append(decision["lr"])
+        bests.append(decision["best"])
+        assert not decision["stop"]
+    assert lrs == pytest.approx([1e-3 * (1 + math.cos(math.pi * e / 4)) / 2 for e in (1, 2, 3, 4)])
+    assert lrs[-1] == pytest.approx(0.0) and all(bests)
+    clone = seg.CosineSchedule(1.0, 1)
+    clone.load_state_dict(schedule.state_dict())
+    assert clone.state_dict() == schedule.state_dict()
+    cfg = seg.segmentation_config({"segmentation": {"lr_schedule": "cosine"}})
+    assert isinstance(seg.learning_rate_schedule(cfg, 1e-3, 10), seg.CosineSchedule)
+    with pytest.raises(CrossmodError, match="lr_schedule must be plateau or cosine"):
+        seg.segmentation_config({"segmentation": {"lr_schedule": "step"}})
+
+
+def test_cosine_training_keeps_the_last_epoch_and_resumes_only_under_the_same_schedule(tmp_path):
+    data = fake_slices()
+    cfg = settings(epochs=3, lr_schedule="cosine")
+    summary = seg.train_unet(data, tmp_path / "a", cfg, progress=False)
+    assert summary["epochs_run"] == 3 and summary["best_epoch"] == 3
+    assert state_equal(seg.load_checkpoint(tmp_path / "a" / "best.pt")["model"],
+                       seg.load_checkpoint(tmp_path / "a" / "last.pt")["model"])
+    seg.train_unet(data, tmp_path / "b", settings(epochs=3), progress=False, stop_after_epochs=1)
+    with pytest.raises(CrossmodError, match="cannot resume: lr_schedule plateau there, cosine"):
+        seg.train_unet(data, tmp_path / "b", cfg, progress=False, resume=True)
+
+
 # ----------------------------------------------------------------------------------------------
 # Training: determinism, resume, checkpoints
 
