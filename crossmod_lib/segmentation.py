@@ -29,6 +29,9 @@ Training (section 2.E)
     ``lr_factor`` (never below ``min_lr`` = 1e-7; the paper gives neither factor nor patience);
     after ``patience`` (10) epochs without improvement training stops; at most ``epochs`` (100).
     The best checkpoint (lowest validation loss so far, any decrease) is kept as ``best.pt``.
+    Beyond the paper, ``lr_schedule: cosine`` (:class:`CosineSchedule`) anneals the learning rate
+    over all ``epochs`` instead and keeps the last epoch (no early stopping, no pick on the
+    validation loss).
 
     Every epoch the full state (weights, optimiser, stopper, history, torch RNG state as a tensor)
     is written atomically to ``last.pt`` (temporary file + ``os.replace``), and ``log.csv``
