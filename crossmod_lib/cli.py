@@ -227,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--carry-on", type=Path, default=None, metavar="RECORDED",
                    help="a recorded study of the same profile (e.g. recorded/openkbp-convergence): "
                         "its finished points are kept and only the missing ones run")
+    p.add_argument("--translator-from", type=Path, default=None, metavar="STUDY_DIR",
+                   help="convergence: a local study folder of the same translator and cleaning "
+                        "settings (only U-Net settings differ): its points' CycleGANs, synthetic "
+                        "MR and cleaned slices are copied and only the U-Nets train")
     p.add_argument("--no-new-points", action="store_true",
                    help="run no point: only bring the finished points' synthesis-quality measures "
                         "up to date (from their stored slices) and rewrite the tables")
@@ -471,7 +475,8 @@ def cmd_study(args) -> int:
         block["budgets"] = list(args.budgets)
     convergence.study_settings(profile)  # a bad block stops before any work
     tables = convergence.run_study(profile, args.out, log=print, carry_on=args.carry_on,
-                                   new_points=not args.no_new_points)
+                                   new_points=not args.no_new_points,
+                                   translator_from=args.translator_from)
     summary = convergence.summary_table(tables["points"])
     print(summary.round(3).to_string(index=False) if not summary.empty else "no points finished")
     return 0

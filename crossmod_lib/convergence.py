@@ -439,6 +439,43 @@ def carried_points(profile: dict, recorded) -> dict:
 #: same data and U-Net settings holds them for its seeds, whatever its translator.
 BASELINE_FREE_SETTINGS = ("cyclegan", "cleaning", "segmentation.cross_modality_appearance")
 BASELINE_MODELS = ("ct_only", "domain_random", "naive")
+#: Settings neither the translator nor the cleaning sees: a study that differs from another only
+#: in these (its U-Nets) can take that study's CycleGANs, synthetic MR and cleaned slices as they
+#: are (``translator_from`` of :func:`run_study`) and train only its U-Nets.
+TRANSLATOR_FREE_SETTINGS = ("segmentation", "convergence.models")
+#: The stages of a point that a study taking another's translator copies (from the CycleGAN on).
+_TRANSLATOR_STAGES = ("synthetic", "cleaned")
+
+
+def _translator_source(profile: dict, study: Path) -> Path:
+    """Check that a local study folder ran the same translator and cleaning as ``profile`` (every
+    setting but :data:`TRANSLATOR_FREE_SETTINGS` and the study's own choices); returns it."""
+    import yaml
+
+    study = Path(study).absolute()
+    settings_path = RunFolder.settings_file.at(study)
+    if not settings_path.is_file():
+        raise CrossmodError(f"{study}: not a study folder (no profile.yaml) to take translators from")
+    theirs = yaml.safe_load(settings_path.read_text())
+    differ = settings_differences(profile, theirs, list(STUDY_CHOICES) + list(TRANSLATOR_FREE_SETTINGS))
+    if differ:
+        raise CrossmodError(f"{study}: its translators were trained with other settings than this "
+                            f"profile's ({', '.join(differ[:5])}{' ...' if len(differ) > 5 else ''}); "
+                            "only U-Net settings may differ")
+    return study
+
+
+def _take_translator(source_point: Path, point_dir: Path) -> bool:
+    """Copy a finished point's CycleGAN, synthetic MR and cleaned slices into a new point folder;
+    False (nothing copied) when the source point has no finished CycleGAN."""
+    from . import cyclegan
+
+    if not (source_point / RunFolder.cyclegan_dir.relpath / cyclegan.SUMMARY_NAME).is_file():
+        return False
+    for stage in _TRANSLATOR_STAGES:
+        if (source_point / stage).is_dir():
+            shutil.copytree(source_point / stage, point_dir / stage, dirs_exist_ok=True)
+    return True
 # The wall seconds of a point that a run of its profile spends from the prepared slices on (the
 # CycleGAN in all, trunk included; the trunk's own entry is the part trained for this point).
 _RUN_STAGES = ("cyclegan_total", "synthesis", "cleaning", "segmentation", "predict_evaluate")
@@ -525,7 +562,8 @@ def _requality(runs_info: dict, study_dir: Path, base, profile: dict, log=print)
 
 
 def run_study(profile: dict, study_dir, log=print, progress: bool = False,
-              carry_on=None, new_points: bool = True) -> dict[str, pd.DataFrame]:
+              carry_on=None, new_points: bool = True,
+              translator_from=None) -> dict[str, pd.DataFrame]:
     """Run (or carry on) the convergence study of ``profile`` in ``study_dir``; see the module.
 
     Points are visited seed by seed, budgets in increasing order, the trunk trained up to each
@@ -535,13 +573,20 @@ def run_study(profile: dict, study_dir, log=print, progress: bool = False,
     points are taken as they are (:func:`carried_points`), e.g. to add seeds in a later session;
     a seed whose first point was carried trains its baselines again (same seed: same networks).
     ``new_points=False``: run no point, only bring the finished ones' quality measures up to
-    :data:`QUALITY_DEFINITION` and rewrite the tables.
+    :data:`QUALITY_DEFINITION` and rewrite the tables. ``translator_from``: a local study folder
+    of the same translator and cleaning settings (only U-Net settings may differ) whose finished
+    points' CycleGAN, synthetic MR and cleaned slices are copied, so that only the U-Nets train
+    (the synthesis is run again from the copied CycleGAN and the cleaning finds its registrations
+    in the copied cache); each such point names its source (``translator_from``) and keeps the
+    source's CycleGAN seconds.
     """
     from . import cyclegan, preparation
     from .config import save_profile
     from .runs import git_commit
 
     study = study_settings(profile)
+    if translator_from is not None:
+        translator_from = _translator_source(profile, translator_from)
     code_commit = git_commit()  # the code this process runs, whatever HEAD does meanwhile
     study_dir = Path(study_dir).absolute()
     study_dir.mkdir(parents=True, exist_ok=True)
@@ -613,13 +658,18 @@ def run_study(profile: dict, study_dir, log=print, progress: bool = False,
             if not new_points:
                 continue
             k = budget // (2 * ipe)
-            log(f"seed {seed}, budget {budget} iterations: trunk to {k * ipe} ...")
-            t0 = time.perf_counter()
-            cyclegan.train(base.ct_slices, base.mr_slices, trunk_dir,
-                           trunk_settings, head_threshold, resume=True, progress=progress,
-                           max_iterations=k * ipe)
-            trunk_seconds = time.perf_counter() - t0
             point = RunFolder.open(point_profile(profile, seed, budget, ipe), point_dir)
+            taken = translator_from is not None and _take_translator(translator_from / key, point_dir)
+            trunk_seconds = 0.0
+            if taken:
+                log(f"seed {seed}, budget {budget} iterations: translator from {translator_from / key} ...")
+            else:
+                log(f"seed {seed}, budget {budget} iterations: trunk to {k * ipe} ...")
+                t0 = time.perf_counter()
+                cyclegan.train(base.ct_slices, base.mr_slices, trunk_dir,
+                               trunk_settings, head_threshold, resume=True, progress=progress,
+                               max_iterations=k * ipe)
+                trunk_seconds = time.perf_counter() - t0
             _link(base.root / "raw", point.root / "raw")
             _link(prepared, point.root / "prepared")
             started = _provenance(code_commit)
@@ -631,6 +681,7 @@ def run_study(profile: dict, study_dir, log=print, progress: bool = False,
                 "seed": seed, "budget": budget, **started,
                 "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 **outcome, "quality": quality,
+                **({"translator_from": str(translator_from / key)} if taken else {}),
             }
             write_tables()
             first_point = first_point or point_dir

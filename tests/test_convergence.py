@@ -468,3 +468,36 @@ def test_variant_table_sets_each_profile_beside_the_tier_with_its_own_runs(tmp_p
     assert summary.loc[("second MR", "Parotid_R"), "seeds_holding"] == 0
     empty, why = convergence.variant_table({"unrun": unrun}, [tmp_path / "tier"])
     assert empty.empty and list(why) == ["unrun"]
+
+
+def test_a_study_of_other_unet_settings_takes_the_translators_and_trains_only_its_unets(tiny_study, tmp_path):
+    import json
+
+    profile, out, tables, _ = tiny_study
+    cosine = copy.deepcopy(profile)
+    cosine["segmentation"]["lr_schedule"] = "cosine"
+    cosine["convergence"]["models"] = ["cross_modality"]
+    logged = []
+    taken = convergence.run_study(cosine, tmp_path / "cos", log=logged.append, translator_from=out)
+    assert all("translator from" in line for line in logged if line.startswith("seed"))
+    runs_info = json.loads((tmp_path / "cos" / "metrics" / "convergence_runs.json").read_text())
+    point = runs_info["points"]["seed5/budget00120"]
+    assert point["translator_from"] == str(out.absolute() / "seed5" / "budget00120")
+    assert point["seconds"]["trunk_this_point"] == 0.0
+    assert not (tmp_path / "cos" / "seed5" / "trunk").exists()
+    # the same translator: the same synthetic MR and the same slices kept
+    for budget in ("budget00060", "budget00120"):
+        ours = np.load(tmp_path / "cos" / "seed5" / budget / "synthetic" / "synthetic_mr.npz")["image"]
+        theirs = np.load(out / "seed5" / budget / "synthetic" / "synthetic_mr.npz")["image"]
+        assert np.array_equal(ours, theirs)
+    source = json.loads((out / "metrics" / "convergence_runs.json").read_text())["points"]
+    assert point["kept_slices"] == source["seed5/budget00120"]["kept_slices"]
+    assert set(taken["points"]["model"]) == {"cross_modality"}
+    summary = json.loads((tmp_path / "cos" / "seed5" / "budget00120" / "model" / "cross_modality"
+                          / "summary.json").read_text())
+    assert summary["best_epoch"] == summary["epochs_run"]          # the cosine schedule ran
+    # another translator setting: refused, naming it
+    other = copy.deepcopy(cosine)
+    other["cyclegan"]["lambda_cycle"] = 3.0
+    with pytest.raises(CrossmodError, match="other settings than this profile's .*cyclegan.lambda_cycle"):
+        convergence.run_study(other, tmp_path / "other", translator_from=out)
