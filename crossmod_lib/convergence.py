@@ -492,18 +492,22 @@ def tier_run(tier_profile: dict, studies) -> dict:
     :func:`summary_table`), ``"cross_modality_from"``, ``"baselines_from"`` (study names),
     ``"seconds"`` (per seed: the point's stages from the CycleGAN on, plus the U-Nets of the
     baselines' point, which may include a cross-modality network of its own: an upper bound on a
-    run of the profile from its prepared slices), ``"reason"`` (why nothing was found, else None)``}``."""
+    run of the profile from its prepared slices), ``"quality"`` (the synthetic-MR quality rows of
+    those points, :data:`QUALITY_COLUMNS`), ``"reason"`` (why nothing was found, else None)``}``."""
     ipe = (tier_profile.get("convergence") or {}).get("iterations_per_epoch")
     budget = profile_budget(tier_profile, ipe)
     found = {"budget": budget, "points": pd.DataFrame(columns=list(POINT_COLUMNS)),
-             "cross_modality_from": [], "baselines_from": [], "seconds": {}, "reason": None}
+             "cross_modality_from": [], "baselines_from": [], "seconds": {},
+             "quality": pd.DataFrame(columns=list(QUALITY_COLUMNS)), "reason": None}
     if budget is None:
         found["reason"] = ("the profile's CycleGAN budget is no study point (k + k epochs of "
                            f"{ipe} iterations)")
         return found
     ignore = list(STUDY_CHOICES)  # a point's schedule is checked through the budget
     cross, baselines = [], []
+    studies_by_name = {}
     for folder in map(Path, studies):
+        studies_by_name.setdefault(folder.name, folder)
         info, theirs = _read_study(folder)
         table = pd.read_csv(RunFolder.convergence.at(folder))
         if not settings_differences(tier_profile, theirs, ignore):
@@ -528,6 +532,12 @@ def tier_run(tier_profile: dict, studies) -> dict:
     points = pd.concat([ours, *theirs_rows]).drop_duplicates(["seed", "model", "structure"])
     found["points"] = points.sort_values(["seed", "model", "structure"]).reset_index(drop=True)
     found["cross_modality_from"] = [name for name, _, _ in cross]
+    quality = [pd.read_csv(RunFolder.convergence_quality.at(studies_by_name[name]))
+               for name, _, _ in cross if RunFolder.convergence_quality.at(studies_by_name[name]).is_file()]
+    if quality:
+        quality = pd.concat(quality)
+        found["quality"] = (quality[(quality["budget"] == budget) & quality["seed"].isin(seeds)]
+                            .drop_duplicates("seed").sort_values("seed").reset_index(drop=True))
     for seed in seeds:
         total = 0.0
         for _, _, info in cross:
@@ -831,12 +841,17 @@ def tier_verdict(criteria: pd.DataFrame, budget: int) -> str:
             f"of {n} seed × parotid pairs; it fails for " + "; ".join(failures) + ".")
 
 
+#: The synthetic-MR measures set beside each variant's DSC: how MR-like its translator's output is.
+_VARIANT_QUALITY = ("parotid_ratio", "real_parotid_ratio", "kid", "real_kid")
+
+
 def variant_table(profiles: dict[str, dict], studies) -> tuple[pd.DataFrame, dict[str, str]]:
     """The tier beside its variants (issue 14 item 4: a second MR appearance, the MR read from
     DICOM): for each profile (label -> settings) its recorded runs as :func:`tier_run` finds
     them, and per seed and parotid the four networks' patient-mean DSC with the tier's criteria
-    (:func:`tier_criteria`). Returns the table (columns ``profile``, ``budget`` and those of
-    :func:`tier_criteria`) and, per label without a recorded run, why."""
+    (:func:`tier_criteria`), beside its synthetic MR's parotid/head ratio and KID (and the real
+    MR's). Returns the table (columns ``profile``, ``budget``, those of :func:`tier_criteria` and
+    the quality measures) and, per label without a recorded run, why."""
     tables, missing = [], {}
     for label, profile in profiles.items():
         found = tier_run(profile, studies)
@@ -844,21 +859,26 @@ def variant_table(profiles: dict[str, dict], studies) -> tuple[pd.DataFrame, dic
             missing[label] = found["reason"]
             continue
         criteria = tier_criteria(found["points"], found["budget"])
+        quality = found["quality"][["seed", *_VARIANT_QUALITY]].astype(float).astype({"seed": int})
+        criteria = criteria.merge(quality, on="seed", how="left")
         tables.append(criteria.assign(profile=label, budget=found["budget"]))
     columns = ["profile", "budget", "seed", "structure", "cross_modality", "ct_only", "domain_random",
-               "naive", "vs_ct_only", "vs_domain_random", "naive_fails", "holds"]
+               "naive", "vs_ct_only", "vs_domain_random", "naive_fails", "holds", *_VARIANT_QUALITY]
     table = pd.concat(tables, ignore_index=True)[columns] if tables else pd.DataFrame(columns=columns)
     return table, missing
 
 
 def variant_summary(table: pd.DataFrame) -> pd.DataFrame:
     """:func:`variant_table` per profile and parotid: the seeds, the seed means of the four
-    networks, cross-modality's seed SD, and how many seeds meet all the tier's criteria."""
+    networks, cross-modality's seed SD, how many seeds meet all the tier's criteria, and the
+    seed means of the synthetic MR's parotid/head ratio and KID (beside the real MR's)."""
     grouped = table.groupby(["profile", "structure"], sort=False)
     out = grouped.agg(seeds=("seed", "nunique"), cross_modality=("cross_modality", "mean"),
                       cross_modality_seed_sd=("cross_modality", "std"),
                       domain_random=("domain_random", "mean"), ct_only=("ct_only", "mean"),
-                      naive=("naive", "mean"), seeds_holding=("holds", "sum")).reset_index()
+                      naive=("naive", "mean"), seeds_holding=("holds", "sum"),
+                      parotid_ratio=("parotid_ratio", "mean"), real_parotid_ratio=("real_parotid_ratio", "mean"),
+                      kid=("kid", "mean"), real_kid=("real_kid", "mean")).reset_index()
     out["seeds_holding"] = out["seeds_holding"].astype(int)
     return out
 

@@ -454,6 +454,10 @@ def test_variant_table_sets_each_profile_beside_the_tier_with_its_own_runs(tmp_p
 
     _fake_study(tmp_path / "tier", tier, rows((1, 2, 3), 0.6, 0.615))
     _fake_study(tmp_path / "variant", variant, rows((1, 2), 0.5, 0.4))
+    pd.DataFrame([{"seed": s, "budget": b, "parotid_ratio": 1.2, "real_parotid_ratio": 2.0, "kid": 100.0 * s,
+                   "real_kid": 0.5} for s in (1, 2, 9) for b in (60, 120)],
+                 columns=list(convergence.QUALITY_COLUMNS)).to_csv(
+        tmp_path / "variant" / "metrics" / "convergence_quality.csv", index=False)
     table, missing = convergence.variant_table(
         {"tier": tier, "second MR": variant, "unrun": unrun},
         [tmp_path / "tier", tmp_path / "variant"])
@@ -466,6 +470,10 @@ def test_variant_table_sets_each_profile_beside_the_tier_with_its_own_runs(tmp_p
     # tier: 0.61-0.63 against DR 0.615: seeds 2 and 3 hold; variant: 0.51-0.52 below CT only 0.65 - 0.05
     assert summary.loc[("tier", "Parotid_R"), "seeds_holding"] == 2
     assert summary.loc[("second MR", "Parotid_R"), "seeds_holding"] == 0
+    # each variant's synthetic MR beside it (the tier's study kept no quality table here)
+    assert summary.loc[("second MR", "Parotid_R"), "kid"] == pytest.approx(150.0)
+    assert summary.loc[("second MR", "Parotid_R"), "real_parotid_ratio"] == pytest.approx(2.0)
+    assert summary.loc[("tier", "Parotid_R"), ["kid", "parotid_ratio"]].isna().all()
     empty, why = convergence.variant_table({"unrun": unrun}, [tmp_path / "tier"])
     assert empty.empty and list(why) == ["unrun"]
 
