@@ -32,6 +32,8 @@ Training (section 2.E)
     Beyond the paper, ``lr_schedule: cosine`` (:class:`CosineSchedule`) anneals the learning rate
     over all ``epochs`` instead and keeps the last epoch (no early stopping, no pick on the
     validation loss).
+    ``loss: dice_ce`` (:func:`training_loss`) adds the pixel-wise cross-entropy to the soft Dice
+    of the training batches, so no parotid class is left without a gradient.
 
     Every epoch the full state (weights, optimiser, stopper, history, torch RNG state as a tensor)
     is written atomically to ``last.pt`` (temporary file + ``os.replace``), and ``log.csv``
@@ -134,6 +136,20 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, include_backgroun
     if not include_background:
         dice = dice[1:]
     return 1.0 - dice.mean()
+
+
+def training_loss(logits: torch.Tensor, target: torch.Tensor, cfg: dict) -> torch.Tensor:
+    """The loss a training batch minimises, ``segmentation.loss``: ``dice``, the paper's soft Dice
+    (:func:`soft_dice_loss`), or ``dice_ce`` (beyond the paper, as nnU-Net trains): soft Dice plus
+    the pixel-wise cross-entropy. Why: the soft Dice of a class the network has stopped
+    predicting gives it almost no gradient, so a parotid can stay dead for a whole run (seen on
+    the openkbp tier: validation Dice 0 for one side in every epoch); the cross-entropy keeps
+    pulling every mislabelled pixel. Validation always uses the soft Dice loss, so model choice
+    and plateaus mean the same under both."""
+    loss = soft_dice_loss(logits, target, cfg["dice_background"], cfg["dice_smooth"])
+    if cfg["loss"] == "dice_ce":
+        loss = loss + F.cross_entropy(logits.float(), target)
+    return loss
 
 
 # ----------------------------------------------------------------------------------------------
@@ -630,10 +646,11 @@ def train_unet(data, out_dir: str | Path, settings=None, *, seed: int | None = N
             if state[key] != mine:
                 raise CrossmodError(f"{last_path}: cannot resume: {key} differs from this call's "
                                     f"({state[key]} vs {mine})")
-        theirs = state.get("config", {}).get("lr_schedule", "plateau")  # older checkpoints: plateau
-        if theirs != cfg["lr_schedule"]:
-            raise CrossmodError(f"{last_path}: cannot resume: lr_schedule {theirs} there, "
-                                f"{cfg['lr_schedule']} in this call's settings")
+        for key, before in (("lr_schedule", "plateau"), ("loss", "dice")):  # older checkpoints: before
+            theirs = state.get("config", {}).get(key, before)
+            if theirs != cfg[key]:
+                raise CrossmodError(f"{last_path}: cannot resume: {key} {theirs} there, "
+                                    f"{cfg[key]} in this call's settings")
         model.load_state_dict(state["model"])
         optimiser.load_state_dict(state["optimizer"])
         stopper.load_state_dict(state["stopper"])
@@ -686,7 +703,7 @@ def train_unet(data, out_dir: str | Path, settings=None, *, seed: int | None = N
                     x, y = augment_batch(x, y, rng)
                 with _autocast(device, use_amp):
                     logits = model(x)
-                loss = soft_dice_loss(logits, y, cfg["dice_background"], cfg["dice_smooth"])
+                loss = training_loss(logits, y, cfg)
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()

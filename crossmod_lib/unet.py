@@ -102,6 +102,7 @@ def _check_config(cfg: dict) -> None:
     need(isinstance(cfg["epochs"], int) and cfg["epochs"] >= 1, "epochs must be an integer >= 1")
     need(0 <= cfg["min_lr"] <= cfg["learning_rate"], "min_lr must be in [0, learning_rate]")
     need(0 < cfg["lr_factor"] < 1, "lr_factor must be in (0, 1)")
+    need(cfg["loss"] in ("dice", "dice_ce"), f"loss must be dice or dice_ce, got {cfg['loss']!r}")
     need(cfg["lr_schedule"] in ("plateau", "cosine"),
          f"lr_schedule must be plateau or cosine, got {cfg['lr_schedule']!r}")
     need(cfg["lr_patience"] >= 1 and cfg["patience"] >= 1, "lr_patience and patience must be >= 1")

@@ -175,6 +175,27 @@ def test_plateau_stopper_scripted_losses():
     assert clone.state_dict() == stopper.state_dict()
 
 
+def test_dice_ce_loss_keeps_a_gradient_on_a_class_the_network_no_longer_predicts():
+    # background predicted everywhere with high confidence; the target holds a left parotid
+    target = torch.zeros(2, 16, 16, dtype=torch.long)
+    target[:, 4:9, 4:9] = 1
+    logits = torch.zeros(2, 3, 16, 16)
+    logits[:, 0] = 12.0
+    grads = {}
+    for loss in ("dice", "dice_ce"):
+        cfg = seg.segmentation_config({"segmentation": {"loss": loss}})
+        x = logits.clone().requires_grad_(True)
+        value = seg.training_loss(x, target, cfg)
+        value.backward()
+        grads[loss] = float(x.grad[:, 1][target == 1].abs().mean())
+        if loss == "dice_ce":
+            expected = seg.soft_dice_loss(logits, target) + torch.nn.functional.cross_entropy(logits, target)
+            assert float(value.detach()) == pytest.approx(float(expected))
+    assert grads["dice_ce"] > 100 * grads["dice"]
+    with pytest.raises(CrossmodError, match="loss must be dice or dice_ce"):
+        seg.segmentation_config({"segmentation": {"loss": "focal"}})
+
+
 def test_cosine_schedule_anneals_over_the_epochs_and_keeps_the_last():
     schedule = seg.CosineSchedule(lr=1e-3, epochs=4, min_lr=0.0)
     assert schedule.lr == pytest.approx(1e-3)
