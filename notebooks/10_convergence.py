@@ -64,6 +64,7 @@ study_name = "openkbp-convergence"
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import pandas as pd
 from IPython.display import Markdown, display
 
 from crossmod_lib import config, convergence, plots, record, runs
@@ -184,15 +185,20 @@ if study is not None:
 
 # %%
 unet_studies = [r for r in recorded if r.info.get("kind") == "unet-seeds"]
+summaries, descriptions = [], []
 for rec in unet_studies:
     info = rec.json(runs.RunFolder.unet_seeds_runs)
+    point = "/".join(Path(info["point"]).parts[-3:])
     changes = "; ".join(f"`{name}`: " + (", ".join(f"{k} = {v}" for k, v in change.items()) or "as the point")
                         for name, change in info["variants"].items())
-    display(Markdown(f"Recorded U-Net seed study `{rec.root.name}`: point `{'/'.join(Path(info['point']).parts[-3:])}` "
-                     f"(profile `{rec.name}`), {len(info['runs'])} U-Nets; variants {changes}."
-                     + (f"\n\n*Recorder's note:* {rec.info['note']}" if rec.info.get("note") else "")))
-    display(convergence.unet_seed_summary(rec.table(runs.RunFolder.unet_seeds))
-            .drop(columns=["model"]).set_index(["variant", "title", "structure"]).round(3))
+    descriptions.append(f"- `{rec.root.name}`: point `{point}` (profile `{rec.name}`), {len(info['runs'])} U-Nets; "
+                        f"variants {changes}." + (f" *Recorder's note:* {rec.info['note']}" if rec.info.get("note") else ""))
+    summaries.append(convergence.unet_seed_summary(rec.table(runs.RunFolder.unet_seeds))
+                     .assign(point=point, study=rec.root.name))
+if summaries:  # one table: the studies of one point side by side
+    display(pd.concat(summaries).drop(columns=["title"])
+            .set_index(["point", "study", "variant", "model", "structure"]).round(3))
+    display(Markdown("The recorded U-Net seed studies:\n\n" + "\n".join(descriptions)))
 if not unet_studies:
     display(Markdown("*No recorded U-Net seed study* (`crossmod study unet-seeds --point DIR/seed2021/budget02150 "
                      "--out DIR2 --set cross_modality_appearance=true`, then `crossmod record`)."))
