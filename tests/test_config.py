@@ -36,6 +36,7 @@ def test_openkbp_variants_change_only_what_they_name():
     assert tier_budget in study_settings(base)["budgets"]
     named = {"openkbp-identity-loss": {("cyclegan", "lambda_identity")},
              "openkbp-appearance": {("segmentation", "cross_modality_appearance")},
+             "openkbp-dice-ce": {("segmentation", "loss"), ("segmentation", "cross_modality_appearance")},
              "openkbp-cut": {("cyclegan", "translator")},
              "openkbp-dicom": {("data", "mr")},
              "openkbp-mr2": {("data", "mr_simulation")}}
