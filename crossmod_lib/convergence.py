@@ -481,6 +481,15 @@ def _take_translator(source_point: Path, point_dir: Path) -> bool:
 _RUN_STAGES = ("cyclegan_total", "synthesis", "cleaning", "segmentation", "predict_evaluate")
 
 
+def shares_baselines(tier_profile: dict, study) -> bool:
+    """Whether a recorded study's baselines are the tier's: the same data and U-Net settings, so
+    it may differ from ``tier_profile`` only in :data:`BASELINE_FREE_SETTINGS` and the study's own
+    choices (a translator or CycleGAN comparison). Other MR, or other U-Net settings, make their
+    own baselines (:func:`variant_table` sets such studies beside the tier)."""
+    _, theirs = _read_study(Path(study))
+    return not settings_differences(tier_profile, theirs, list(STUDY_CHOICES) + list(BASELINE_FREE_SETTINGS))
+
+
 def tier_run(tier_profile: dict, studies) -> dict:
     """The recorded runs of a tier profile as it stands (e.g. ``openkbp`` on main), from recorded
     studies (paths of ``crossmod record`` study folders): the cross-modality points at the

@@ -158,11 +158,14 @@ if study is not None:
 # the naive network are tested on its MR); the criteria are the tier's
 # (`convergence.variant_table`). Beside them, how MR-like each variant's synthetic MR came out:
 # its parotid/head intensity ratio against its real MR's, and the KID against the real-vs-real
-# floor (as in the study above).
+# floor (as in the study above). The same table holds `openkbp-dice-ce`, the tier with other U-Net
+# settings (soft Dice + cross-entropy, appearance augmentation): its baselines are retrained
+# under them, so it too is compared with its own.
 
 # %%
 if study is not None:
-    variant_profiles = {name: config.load_profile(name) for name in ("openkbp", "openkbp-mr2", "openkbp-dicom")}
+    variant_profiles = {name: config.load_profile(name)
+                        for name in ("openkbp", "openkbp-mr2", "openkbp-dicom", "openkbp-dice-ce")}
     variants, unrecorded = convergence.variant_table(
         variant_profiles, [r.root for r in recorded if r.info.get("kind") == "study"])
     if not variants.empty:
@@ -215,13 +218,17 @@ if not unet_studies:
 # needs them re-ordered: bone bright → dark, fat dark → bright); `openkbp` now trains without it
 # (`openkbp-identity0`, 2,150 iterations). Each recorded study is set beside the study above at
 # the same budgets and seeds, with the baselines of those seeds (they depend on neither
-# translator nor CycleGAN settings).
+# translator nor CycleGAN settings). Studies of other MR or other U-Net settings train baselines
+# of their own and are set beside the tier in the section on variants above
+# (`convergence.shares_baselines`).
 
 # %%
 if study is not None:
+    tier_profile = config.load_profile("openkbp")
     others = {r.root.name: r for r in recorded
               if r.info.get("kind") == "study" and r.root.name != study_name
-              and r.table(runs.RunFolder.convergence) is not None}
+              and r.table(runs.RunFolder.convergence) is not None
+              and convergence.shares_baselines(tier_profile, r.root)}
     if others:
         compared = convergence.translator_table(
             {"CycleGAN with identity loss": points, **{name: r.table(runs.RunFolder.convergence) for name, r in others.items()}})

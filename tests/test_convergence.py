@@ -509,3 +509,21 @@ def test_a_study_of_other_unet_settings_takes_the_translators_and_trains_only_it
     other["cyclegan"]["lambda_cycle"] = 3.0
     with pytest.raises(CrossmodError, match="other settings than this profile's .*cyclegan.lambda_cycle"):
         convergence.run_study(other, tmp_path / "other", translator_from=out)
+
+
+def test_a_study_shares_the_tiers_baselines_only_with_the_same_data_and_unet_settings(tmp_path):
+    tier = load_profile("smoke")
+    row = [{"seed": 1, "budget": 60, "model": "cross_modality", "title": "t", "structure": "Parotid_R",
+            "dsc_mean": 0.5, "dsc_sd": 0.1, "n": 4, "note": ""}]
+    translator = copy.deepcopy(tier)
+    translator["cyclegan"]["translator"] = "cut"
+    translator["segmentation"]["cross_modality_appearance"] = True
+    other_mr = copy.deepcopy(tier)
+    other_mr["data"]["mr_simulation"]["psf_mm"] = 2.0
+    other_unet = copy.deepcopy(tier)
+    other_unet["segmentation"]["loss"] = "dice_ce"
+    for name, profile in (("translator", translator), ("mr", other_mr), ("unet", other_unet)):
+        _fake_study(tmp_path / name, profile, row)
+    assert convergence.shares_baselines(tier, tmp_path / "translator")
+    assert not convergence.shares_baselines(tier, tmp_path / "mr")
+    assert not convergence.shares_baselines(tier, tmp_path / "unet")
