@@ -487,6 +487,10 @@ def shares_baselines(tier_profile: dict, study) -> bool:
     choices (a translator or CycleGAN comparison). Other MR, or other U-Net settings, make their
     own baselines (:func:`variant_table` sets such studies beside the tier)."""
     _, theirs = _read_study(Path(study))
+    return _same_baselines(tier_profile, theirs)
+
+
+def _same_baselines(tier_profile: dict, theirs: dict) -> bool:
     return not settings_differences(tier_profile, theirs, list(STUDY_CHOICES) + list(BASELINE_FREE_SETTINGS))
 
 
@@ -513,17 +517,17 @@ def tier_run(tier_profile: dict, studies) -> dict:
                            f"{ipe} iterations)")
         return found
     ignore = list(STUDY_CHOICES)  # a point's schedule is checked through the budget
-    cross, baselines = [], []
-    studies_by_name = {}
+    cross, baselines, quality = [], [], []
     for folder in map(Path, studies):
-        studies_by_name.setdefault(folder.name, folder)
         info, theirs = _read_study(folder)
         table = pd.read_csv(RunFolder.convergence.at(folder))
         if not settings_differences(tier_profile, theirs, ignore):
             rows = table[(table["model"] == "cross_modality") & (table["budget"] == budget)]
             if not rows.empty:
                 cross.append((folder.name, rows, info))
-        if not settings_differences(tier_profile, theirs, ignore + list(BASELINE_FREE_SETTINGS)):
+                if RunFolder.convergence_quality.at(folder).is_file():
+                    quality.append(pd.read_csv(RunFolder.convergence_quality.at(folder)))
+        if _same_baselines(tier_profile, theirs):
             rows = table[table["model"].isin(BASELINE_MODELS)]
             if not rows.empty:
                 baselines.append((folder.name, rows, info))
@@ -541,8 +545,6 @@ def tier_run(tier_profile: dict, studies) -> dict:
     points = pd.concat([ours, *theirs_rows]).drop_duplicates(["seed", "model", "structure"])
     found["points"] = points.sort_values(["seed", "model", "structure"]).reset_index(drop=True)
     found["cross_modality_from"] = [name for name, _, _ in cross]
-    quality = [pd.read_csv(RunFolder.convergence_quality.at(studies_by_name[name]))
-               for name, _, _ in cross if RunFolder.convergence_quality.at(studies_by_name[name]).is_file()]
     if quality:
         quality = pd.concat(quality)
         found["quality"] = (quality[(quality["budget"] == budget) & quality["seed"].isin(seeds)]
