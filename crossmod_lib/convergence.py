@@ -534,16 +534,24 @@ def tier_run(tier_profile: dict, studies) -> dict:
     if not cross:
         found["reason"] = f"no recorded study ran the profile's settings at {budget:,} CycleGAN iterations"
         return found
-    ours = pd.concat([rows for _, rows, _ in cross]).drop_duplicates(["seed", "structure"])
+    ours = (pd.concat([rows.assign(_from=name) for name, rows, _ in cross])
+            .drop_duplicates(["seed", "structure"]))
     seeds = sorted(set(ours["seed"]))
+    shown = ours.groupby("seed")["_from"].first().to_dict()  # the study whose network a seed shows
     theirs_rows = []
     for name, rows, info in baselines:
         rows = rows[rows["seed"].isin(seeds)]
         if not rows.empty:
-            theirs_rows.append(rows.assign(budget=budget))
-            found["baselines_from"].append(name)
-    points = pd.concat([ours, *theirs_rows]).drop_duplicates(["seed", "model", "structure"])
-    found["points"] = points.sort_values(["seed", "model", "structure"]).reset_index(drop=True)
+            # a seed's baselines come first from the study that ran its cross-modality network
+            # (same machine and code); from the first other study that has them otherwise
+            rank = rows["seed"].map(lambda seed: 0 if shown.get(seed) == name else 1)
+            theirs_rows.append(rows.assign(budget=budget, _from=name, _rank=rank))
+    points = (pd.concat([ours.assign(_rank=-1), *theirs_rows])
+              .sort_values("_rank", kind="stable").drop_duplicates(["seed", "model", "structure"]))
+    used = points[points["model"].isin(BASELINE_MODELS)].groupby("seed")["_from"].first().to_dict()
+    found["baselines_from"] = [name for name, _, _ in baselines if name in used.values()]
+    found["points"] = (points.drop(columns=["_from", "_rank"])
+                       .sort_values(["seed", "model", "structure"]).reset_index(drop=True))
     found["cross_modality_from"] = [name for name, _, _ in cross]
     if quality:
         quality = pd.concat(quality)
@@ -556,9 +564,9 @@ def tier_run(tier_profile: dict, studies) -> dict:
             if point:
                 total = sum(point.get("seconds", {}).get(stage, 0.0) for stage in _RUN_STAGES)
                 break
-        for _, _, info in baselines:  # the seed's first point trained its baselines
+        for name, _, info in baselines:  # the seed's first point trained its baselines
             firsts = [p for p in info.get("points", {}).values() if p.get("seed") == seed]
-            if firsts:
+            if firsts and name == used.get(seed):
                 first = min(firsts, key=lambda p: p["budget"])
                 total += first.get("seconds", {}).get("segmentation", 0.0)
                 break

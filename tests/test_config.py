@@ -39,14 +39,17 @@ def test_openkbp_variants_change_only_what_they_name():
              "openkbp-dice-ce": {("segmentation", "loss"), ("segmentation", "cross_modality_appearance")},
              "openkbp-cut": {("cyclegan", "translator")},
              "openkbp-dicom": {("data", "mr")},
-             "openkbp-mr2": {("data", "mr_simulation")}}
+             "openkbp-mr2": {("data", "mr_simulation")},
+             "openkbp-8600": {("cyclegan", "epochs_constant"), ("cyclegan", "epochs_decay")}}
     for name, keys in named.items():
         variant = load_profile(name)
         changed = {(section, key) for section in base if isinstance(base[section], dict)
                    and section != "convergence"
                    for key in base[section] if variant[section][key] != base[section][key]}
         assert changed == keys, name
-        if name != "openkbp-identity-loss":  # the convergence study itself spans the budgets
+        if name == "openkbp-8600":  # the tier at another budget: a run of it is that study point
+            assert study_settings(variant)["budgets"] == [profile_budget(variant)] == [4 * tier_budget]
+        elif name != "openkbp-identity-loss":  # the convergence study itself spans the budgets
             assert study_settings(variant)["budgets"] == [tier_budget], name
     assert load_profile("openkbp-identity-loss")["cyclegan"]["lambda_identity"] > base["cyclegan"]["lambda_identity"]
     assert study_settings(load_profile("openkbp-cut"))["models"] == ["cross_modality"]

@@ -426,6 +426,24 @@ def test_tier_run_takes_its_settings_study_and_the_baselines_of_the_same_seeds(t
     criteria = convergence.tier_criteria(points, found["budget"])
     assert criteria["holds"].all() and len(criteria) == 4
 
+    # a later study of the tier's settings with all four networks: the seed it adds takes its
+    # baselines from it (the same run), not from the first study that has that seed's
+    late = copy.deepcopy(own)
+    late["convergence"]["models"] = ["cross_modality", "ct_only", "naive", "domain_random"]
+    _fake_study(tmp_path / "late", late, [
+        {**row, "seed": s, "budget": 60, "model": m, "structure": side, "dsc_mean": d}
+        for s in (2, 3) for side in convergence.SIDES
+        for m, d in (("cross_modality", 0.65), ("ct_only", 0.74), ("domain_random", 0.62), ("naive", 0.0))],
+        seconds={"cyclegan_total": 300.0, "segmentation": 60.0})
+    found = convergence.tier_run(tier, folders + [tmp_path / "late"])
+    assert found["cross_modality_from"] == ["own", "late"]
+    assert found["baselines_from"] == ["other", "late"]
+    ct_only = found["points"][found["points"]["model"] == "ct_only"].groupby("seed")["dsc_mean"].first()
+    assert ct_only.to_dict() == {1: 0.72, 2: 0.72, 3: 0.74}   # seed 2's network is own's: other's baselines
+    cross = found["points"][found["points"]["model"] == "cross_modality"].groupby("seed")["dsc_mean"].first()
+    assert cross.to_dict() == {1: 0.7, 2: 0.7, 3: 0.65}
+    assert found["seconds"][3] == pytest.approx(300.0 + 60.0 + 60.0)  # its point, plus its baselines' U-Nets
+
     # a budget no study ran, a budget that is no study point: nothing, and why
     tier["cyclegan"].update(epochs_constant=4, epochs_decay=4)
     missing = convergence.tier_run(tier, folders)

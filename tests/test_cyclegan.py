@@ -588,6 +588,23 @@ def test_fast_cpu_mode_is_reproducible_and_close_to_exact(tiny_data, tmp_path):
     assert np.allclose(losses[0], losses[1], rtol=0.05)
 
 
+def test_compiled_fast_mode_trains_the_same_weights_twice(tiny_data, tmp_path):
+    # The profiles' CycleGAN mode (bf16 where the CPU has it, channels_last, torch.compile) is
+    # what every recorded tier ran: the same seed and data must give the same weights run to run,
+    # or a difference between two recorded runs could be the compiler's and not the data's.
+    ct, mr = tiny_data
+    fast = {**TINY, "bf16": True, "channels_last": True, "compile": True,
+            "max_iterations_per_epoch": 2}
+    a = cg.train(ct, mr, tmp_path / "a", fast, 20.0, progress=False)
+    b = cg.train(ct, mr, tmp_path / "b", fast, 20.0, progress=False)
+    assert "compile" in a["speed_mode"]
+    assert a["weights_digest"] == b["weights_digest"]
+    eager = cg.train(ct, mr, tmp_path / "e", {**fast, "compile": False}, 20.0, progress=False)
+    losses = [np.genfromtxt(tmp_path / run / "losses.csv", delimiter=",", names=True)["G_total"]
+              for run in ("a", "e")]
+    assert np.allclose(losses[0], losses[1], rtol=0.05)
+
+
 def test_instance_norm_is_the_reference_in_fp32_and_close_in_bf16():
     x = torch.randn(3, 5, 12, 12) * 4 + 2
     reference = torch.nn.InstanceNorm2d(5)(x)
