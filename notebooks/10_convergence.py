@@ -152,12 +152,15 @@ if study is not None:
 # (the CycleGAN's fast CPU mode, chapter 7) a CycleGAN iteration costs ~0.16 s instead of ~0.4,
 # and 45 min afford four times the budget: profile `openkbp-8600` (the tier with 20 + 20 epochs of
 # 215 iterations; everything else, and so the baselines of each seed, the tier's). Below, the
-# tier beside it, per seed and parotid, with the tier's criteria and the synthetic MR's quality.
+# tier beside it, per seed and parotid, with the tier's criteria and the synthetic MR's quality;
+# and the same for the second MR appearance of the next section (`openkbp-mr2` and
+# `openkbp-mr2-8600`, each with its own baselines).
 
 # %%
 if study is not None:
     studies_recorded = [r.root for r in recorded if r.info.get("kind") == "study"]
-    budgets = {name: config.load_profile(name) for name in ("openkbp", "openkbp-8600")}
+    budgets = {name: config.load_profile(name)
+               for name in ("openkbp", "openkbp-8600", "openkbp-mr2", "openkbp-mr2-8600")}
     by_budget, unrecorded = convergence.variant_table(budgets, studies_recorded)
     if not by_budget.empty:
         display(convergence.variant_summary(by_budget).set_index(["profile", "structure"]).round(3))
