@@ -148,9 +148,9 @@ if study is not None:
 
 # %% [markdown]
 # ## Four times the budget: `openkbp-8600`
-# The tier's 2,150 iterations are what 45 min allow on two AVX2-only cores. With AVX-512 bf16
-# (the CycleGAN's fast CPU mode, chapter 7) a CycleGAN iteration costs ~0.16 s instead of ~0.4,
-# and 45 min afford four times the budget: profile `openkbp-8600` (the tier with 20 + 20 epochs of
+# The tier's 2,150 iterations fit the 45 min a tier run may take on two AVX2-only cores (~33 min
+# a run). With AVX-512 bf16 (the CycleGAN's fast CPU mode, chapter 7) a CycleGAN iteration costs
+# ~0.16 s instead of ~0.4, and 45 min afford four times the budget: profile `openkbp-8600` (the tier with 20 + 20 epochs of
 # 215 iterations; everything else, and so the baselines of each seed, the tier's). Below, the
 # tier beside it, per seed and parotid, with the tier's criteria and the synthetic MR's quality;
 # and the same for the second MR appearance of the next section (`openkbp-mr2` and
