@@ -590,6 +590,23 @@ def _requality(runs_info: dict, study_dir: Path, base, profile: dict, log=print)
             seed=point["seed"])
 
 
+def _lengthen_trunk(trunk_dir: Path, settings: dict, head_threshold: float, log) -> None:
+    """A study carried on with a larger budget than its trunk was started for (a later session
+    adding 17,200 to a study of 8,600): the trunk's constant rate runs on, so its checkpoint is
+    re-set to the longer constant schedule (:func:`cyclegan.branch` onto itself, which checks that
+    every epoch done ran at the rate the longer trunk would have used) and training resumes."""
+    from . import cyclegan
+
+    checkpoint = trunk_dir / cyclegan.CHECKPOINT_NAME
+    if not checkpoint.is_file():
+        return
+    old = cyclegan.load_checkpoint(checkpoint)["settings"]
+    if old.get("epochs_decay") == 0 and old.get("epochs_constant", 0) < settings["epochs_constant"]:
+        cyclegan.branch(trunk_dir, trunk_dir, settings, head_threshold)
+        log(f"{trunk_dir}: trunk lengthened from {old['epochs_constant']} to "
+            f"{settings['epochs_constant']} constant-rate epochs")
+
+
 def run_study(profile: dict, study_dir, log=print, progress: bool = False,
               carry_on=None, new_points: bool = True,
               translator_from=None) -> dict[str, pd.DataFrame]:
@@ -695,6 +712,7 @@ def run_study(profile: dict, study_dir, log=print, progress: bool = False,
             else:
                 log(f"seed {seed}, budget {budget} iterations: trunk to {k * ipe} ...")
                 t0 = time.perf_counter()
+                _lengthen_trunk(trunk_dir, trunk_settings, head_threshold, log)
                 cyclegan.train(base.ct_slices, base.mr_slices, trunk_dir,
                                trunk_settings, head_threshold, resume=True, progress=progress,
                                max_iterations=k * ipe)

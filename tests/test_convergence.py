@@ -221,6 +221,25 @@ def test_a_finished_study_is_not_run_again_and_records_with_provenance(tiny_stud
     assert list(rec.provenance_table().index) == ["seed5/budget00060", "seed5/budget00120"]
 
 
+def test_a_study_carried_on_with_a_larger_budget_lengthens_its_trunk(tiny_study, tmp_path):
+    import json
+    import shutil
+
+    profile, out, _, _ = tiny_study
+    copy = tmp_path / "study"
+    shutil.copytree(out, copy, symlinks=True)
+    more = {**profile, "convergence": {**profile["convergence"], "budgets": [60, 120, 240]}}
+    logged = []
+    tables = convergence.run_study(more, copy, log=logged.append)
+    assert any("trunk lengthened from 2 to 4 constant-rate epochs" in line for line in logged)
+    assert sorted(tables["quality"]["budget"]) == [60, 120, 240]
+    summary = json.loads((copy / "seed5" / "budget00240" / "synthetic" / "cyclegan" / "summary.json").read_text())
+    assert summary["epochs_total"] == 8 and summary["completed"]
+    # only the new budget's own network was trained; the seed's baselines were copied
+    first = (out / "seed5" / "budget00060" / "model" / "ct_only" / "best.pt").read_bytes()
+    assert (copy / "seed5" / "budget00240" / "model" / "ct_only" / "best.pt").read_bytes() == first
+
+
 def load_profile_name(run_dir):
     import yaml
 

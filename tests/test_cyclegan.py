@@ -427,6 +427,25 @@ def test_branch_of_a_constant_rate_trunk_equals_a_run_of_that_length(tiny_data, 
                                                       "epochs_decay": 3}, 20.0)
 
 
+def test_a_constant_rate_trunk_lengthened_onto_itself_equals_the_longer_trunk(tiny_data, tmp_path):
+    # a study carried on with a larger budget: its trunk's checkpoint is branched onto itself
+    ct, mr = tiny_data
+    short = {**TINY, "epochs_constant": 2, "epochs_decay": 0}
+    longer = {**TINY, "epochs_constant": 3, "epochs_decay": 0}
+    cg.train(ct, mr, tmp_path / "trunk", short, 20.0, progress=False)
+    with pytest.raises(CrossmodError, match="epochs_constant"):
+        cg.train(ct, mr, tmp_path / "trunk", longer, 20.0, progress=False, resume=True)
+    cg.branch(tmp_path / "trunk", tmp_path / "trunk", longer, 20.0)
+    lengthened = cg.train(ct, mr, tmp_path / "trunk", longer, 20.0, progress=False, resume=True)
+    whole = cg.train(ct, mr, tmp_path / "whole", longer, 20.0, progress=False)
+    assert lengthened["completed"] and lengthened["iterations_this_call"] == 6
+    assert lengthened["weights_digest"] == whole["weights_digest"]
+    def logged(run):  # every column but the seconds
+        return [line.rsplit(",", 1)[0] for line in (tmp_path / run / "losses.csv").read_text().splitlines()]
+
+    assert logged("trunk") == logged("whole")
+
+
 def test_branch_refuses_what_a_fresh_run_would_not_have_done(tiny_data, tmp_path):
     ct, mr = tiny_data
     cg.train(ct, mr, tmp_path / "run", TINY, 20.0, progress=False)       # 1 + 1: decayed
