@@ -114,7 +114,7 @@ _TRAINING_KEYS = (
     "batch_size", "lr", "beta1", "beta2", "lambda_adv", "lambda_cycle", "lambda_identity",
     "lambda_geo", "geometric_loss", "mask_temperature", "pool_size", "init_gain", "seed",
     "head_threshold", "translator", "lambda_nce", "nce_patches", "nce_temperature", "nce_features",
-    "random_crop_scale", "random_flip",
+    "random_crop_scale", "random_flip", "cycle_noise_sd",
 )
 
 
@@ -228,6 +228,10 @@ def check_settings(settings: dict, source: str = "cyclegan settings") -> dict:
     if s["translator"] not in TRANSLATORS:
         raise _setting_error(source, "translator", f"must be one of {', '.join(TRANSLATORS)}, "
                                                    f"got {s['translator']!r}")
+    number("cycle_noise_sd", 0.0, 2.0)
+    if s["cycle_noise_sd"] > 0 and s["translator"] != "cyclegan":
+        raise _setting_error(source, "cycle_noise_sd", f"is for the CycleGAN's cycle passes; "
+                                                       f"translator {s['translator']!r} has none")
     if s["lambda_nce"] is not None:
         number("lambda_nce", 0.0)
     integer("nce_patches", 1)
@@ -759,7 +763,7 @@ class _GeneratorPair(nn.Module):
         super().__init__()
         self.g_mr, self.g_ct, self.identity = g_mr, g_ct, identity
 
-    def forward(self, ct, mr):
+    def forward(self, ct, mr, noise_mr=None, noise_ct=None):
         b = ct.shape[0]
         if self.identity:
             fake_mr, idt_mr = self.g_mr(torch.cat((ct, mr))).split(b)
@@ -767,8 +771,10 @@ class _GeneratorPair(nn.Module):
         else:
             fake_mr, fake_ct = self.g_mr(ct), self.g_ct(mr)
             idt_mr = idt_ct = None
-        rec_ct = self.g_ct(fake_mr)
-        rec_mr = self.g_mr(fake_ct)
+        # The cycle passes see the translations through noise when ``cycle_noise_sd`` > 0 (drawn
+        # by the caller, outside any compiled graph, so eager and compiled runs draw the same).
+        rec_ct = self.g_ct(fake_mr if noise_mr is None else fake_mr + noise_mr)
+        rec_mr = self.g_mr(fake_ct if noise_ct is None else fake_ct + noise_ct)
         return fake_mr, rec_ct, fake_ct, rec_mr, idt_mr, idt_ct
 
 
@@ -888,8 +894,16 @@ class CycleGAN:
         s, b = self.settings, ct.shape[0]
         zero = torch.zeros((), device=self.device)
         _set_requires_grad((self.d_mr, self.d_ct), False)
+        noise = ()
+        if s["cycle_noise_sd"] > 0:
+            # Gaussian noise on each translation before it is mapped back (Bashkirova et al.
+            # 2019): the cycle loss can no longer be met by hiding the source image in faint
+            # high-frequency patterns of the translation (CycleGAN "steganography", Chu et al. 2017).
+            # From the global RNG, whose state every checkpoint keeps (resume stays exact).
+            noise = tuple(torch.randn(x.shape, device=self.device).contiguous(
+                memory_format=self.memory_format) * s["cycle_noise_sd"] for x in (ct, mr))
         with self._autocast():
-            fake_mr, rec_ct, fake_ct, rec_mr, idt_mr, idt_ct = self._generators(ct, mr)
+            fake_mr, rec_ct, fake_ct, rec_mr, idt_mr, idt_ct = self._generators(ct, mr, *noise)
         fake_mr, rec_ct, fake_ct, rec_mr = (t.float() for t in (fake_mr, rec_ct, fake_ct, rec_mr))
         with self._autocast():
             score_mr, score_ct = self._d_mr_run(fake_mr), self._d_ct_run(fake_ct)

@@ -42,7 +42,8 @@ def test_openkbp_variants_change_only_what_they_name():
              "openkbp-mr2": {("data", "mr_simulation")},
              "openkbp-8600": {("cyclegan", "epochs_constant"), ("cyclegan", "epochs_decay")},
              "openkbp-mr2-8600": {("data", "mr_simulation"), ("cyclegan", "epochs_constant"),
-                                  ("cyclegan", "epochs_decay")}}
+                                  ("cyclegan", "epochs_decay")},
+             "openkbp-mr2-cycle-noise": {("data", "mr_simulation"), ("cyclegan", "cycle_noise_sd")}}
     for name, keys in named.items():
         variant = load_profile(name)
         changed = {(section, key) for section in base if isinstance(base[section], dict)
@@ -55,6 +56,7 @@ def test_openkbp_variants_change_only_what_they_name():
             assert study_settings(variant)["budgets"] == [tier_budget], name
     assert load_profile("openkbp-identity-loss")["cyclegan"]["lambda_identity"] > base["cyclegan"]["lambda_identity"]
     assert study_settings(load_profile("openkbp-cut"))["models"] == ["cross_modality"]
+    assert study_settings(load_profile("openkbp-mr2-cycle-noise"))["models"] == ["cross_modality"]
 
 
 def _write(tmp_path, data, name="custom.yaml"):

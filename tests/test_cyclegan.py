@@ -446,6 +446,23 @@ def test_a_constant_rate_trunk_lengthened_onto_itself_equals_the_longer_trunk(ti
     assert logged("trunk") == logged("whole")
 
 
+def test_cycle_noise_changes_training_and_resumes_exactly(tiny_data, tmp_path):
+    ct, mr = tiny_data
+    noisy = {**TINY, "cycle_noise_sd": 0.3}
+    plain = cg.train(ct, mr, tmp_path / "plain", TINY, 20.0, progress=False)
+    whole = cg.train(ct, mr, tmp_path / "whole", noisy, 20.0, progress=False)
+    assert whole["weights_digest"] != plain["weights_digest"]
+    cg.train(ct, mr, tmp_path / "part", noisy, 20.0, progress=False, max_iterations=4)
+    resumed = cg.train(ct, mr, tmp_path / "part", noisy, 20.0, progress=False, resume=True)
+    assert resumed["weights_digest"] == whole["weights_digest"]
+    with pytest.raises(CrossmodError, match="cycle_noise_sd"):
+        cg.train(ct, mr, tmp_path / "part", TINY, 20.0, progress=False, resume=True)
+    with pytest.raises(CrossmodError, match="cycle_noise_sd.*'cut' has none"):
+        cg.check_settings({**noisy, "translator": "cut"})
+    with pytest.raises(CrossmodError, match="cycle_noise_sd"):
+        cg.check_settings({**TINY, "cycle_noise_sd": -0.1})
+
+
 def test_branch_refuses_what_a_fresh_run_would_not_have_done(tiny_data, tmp_path):
     ct, mr = tiny_data
     cg.train(ct, mr, tmp_path / "run", TINY, 20.0, progress=False)       # 1 + 1: decayed
