@@ -41,6 +41,7 @@ def test_openkbp_variants_change_only_what_they_name():
              "openkbp-dicom": {("data", "mr")},
              "openkbp-mr2": {("data", "mr_simulation")},
              "openkbp-8600": {("cyclegan", "epochs_constant"), ("cyclegan", "epochs_decay")},
+             "openkbp-17200": {("cyclegan", "epochs_constant"), ("cyclegan", "epochs_decay")},
              "openkbp-mr2-8600": {("data", "mr_simulation"), ("cyclegan", "epochs_constant"),
                                   ("cyclegan", "epochs_decay")},
              "openkbp-mr2-cycle-noise": {("data", "mr_simulation"), ("cyclegan", "cycle_noise_sd")}}
@@ -50,8 +51,9 @@ def test_openkbp_variants_change_only_what_they_name():
                    and section != "convergence"
                    for key in base[section] if variant[section][key] != base[section][key]}
         assert changed == keys, name
-        if name.endswith("-8600"):  # at 4x the tier's budget: a run of it is that study point
-            assert study_settings(variant)["budgets"] == [profile_budget(variant)] == [4 * tier_budget]
+        if name.endswith(("-8600", "-17200")):  # at 4x / 8x the tier's budget: a run of it is that study point
+            times = 4 if name.endswith("-8600") else 8
+            assert study_settings(variant)["budgets"] == [profile_budget(variant)] == [times * tier_budget]
         elif name != "openkbp-identity-loss":  # the convergence study itself spans the budgets
             assert study_settings(variant)["budgets"] == [tier_budget], name
     assert load_profile("openkbp-identity-loss")["cyclegan"]["lambda_identity"] > base["cyclegan"]["lambda_identity"]
