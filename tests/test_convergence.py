@@ -158,6 +158,12 @@ def test_verdict_names_the_budget_or_says_it_is_not_reached():
     low = convergence.verdict(points[points["budget"] < 2150])
     assert low.count("does **not** reach") == 2 and "at 860 iterations 0.50" in low
     assert convergence.verdict(points.iloc[0:0]) == "No study point has finished yet."
+    # a larger budget run for one seed only: its numbers are named as that seed's, and it is no
+    # budget from which "every seed" reaches the baseline
+    one = points[(points["budget"] == 2150) & (points["seed"] == 2)].assign(budget=8600)
+    lower = points[points["budget"] < 4300]
+    text = convergence.verdict(pd.concat([lower, one]))
+    assert "every seed from" not in text and "at 8,600 iterations 0.67 against 0.60, seed 2 only" in text
 
 
 @pytest.fixture(scope="module")
