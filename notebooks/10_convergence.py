@@ -267,7 +267,9 @@ if not unet_studies:
 # CUT {cite}`park2020`, the peer repository's successor to the CycleGAN, translates CT → MR with one
 # generator, kept on its input's anatomy by a patch-wise contrastive loss instead of a second
 # generator and the cycle (`cyclegan.translator: cut`, `crossmod_lib.cut`; the geometric loss as
-# for the CycleGAN). The same table holds every recorded study of other CycleGAN settings, among
+# for the CycleGAN; profile `openkbp-cut`), and FastCUT, its lighter variant without the NCE
+# identity pass and with a stronger PatchNCE weight (`translator: fastcut`, profile
+# `openkbp-fastcut`). The same table holds every recorded study of other CycleGAN settings, among
 # them the tier as it stands: the study above ran the CycleGAN with the reference
 # implementation's identity loss (profile `openkbp-identity-loss`, λ 0.5), which the paper does
 # not name and which pulls the CT → MR generator towards passing intensities through (CT → T2 MR

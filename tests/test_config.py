@@ -38,6 +38,7 @@ def test_openkbp_variants_change_only_what_they_name():
              "openkbp-appearance": {("segmentation", "cross_modality_appearance")},
              "openkbp-dice-ce": {("segmentation", "loss"), ("segmentation", "cross_modality_appearance")},
              "openkbp-cut": {("cyclegan", "translator")},
+             "openkbp-fastcut": {("cyclegan", "translator")},
              "openkbp-dicom": {("data", "mr")},
              "openkbp-mr2": {("data", "mr_simulation")},
              "openkbp-8600": {("cyclegan", "epochs_constant"), ("cyclegan", "epochs_decay")},
