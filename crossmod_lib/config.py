@@ -120,6 +120,7 @@ def _validate(profile: dict, path: Path) -> None:
         (0 < pre.get("mr_upper_percentile", 99) <= 100,
          "preprocessing.mr_upper_percentile must be in (0, 100]"),
         (0 <= pre.get("head_threshold", 0) < 255, "preprocessing.head_threshold must be in [0, 255)"),
+        (pre.get("mr_background", "keep") in ("keep", "zero"), "preprocessing.mr_background must be keep or zero"),
         (pre.get("min_head_area_cm2", 0) >= 0, "preprocessing.min_head_area_cm2 must be >= 0"),
         (pre.get("cc_rule", "none") in ("parotid_centred", "parotid_extent", "none"),
          "preprocessing.cc_rule must be parotid_centred, parotid_extent or none"),

@@ -81,8 +81,10 @@ def _model_and_preprocessing(model, settings, device):
         raise CrossmodError("preprocessing: the model records no preprocessing settings; give a "
                             "profile with a preprocessing block")
     if recorded is not None and given is not None:
-        keys = ("pixel_mm", "crop", "mr_upper_percentile", "ct_window", "head_threshold")
-        differ = [k for k in keys if recorded.get(k) != given.get(k)]
+        keys = ("pixel_mm", "crop", "mr_upper_percentile", "ct_window", "head_threshold", "mr_background")
+        # a model from before a setting existed was trained with its default
+        defaults = {"mr_background": "keep"}
+        differ = [k for k in keys if recorded.get(k, defaults.get(k)) != given.get(k, defaults.get(k))]
         if differ:
             warnings.warn(f"the model was trained with other preprocessing ({', '.join(differ)}); "
                           "using the model's", stacklevel=3)

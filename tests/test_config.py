@@ -45,7 +45,8 @@ def test_openkbp_variants_change_only_what_they_name():
              "openkbp-17200": {("cyclegan", "epochs_constant"), ("cyclegan", "epochs_decay")},
              "openkbp-mr2-8600": {("data", "mr_simulation"), ("cyclegan", "epochs_constant"),
                                   ("cyclegan", "epochs_decay")},
-             "openkbp-mr2-cycle-noise": {("data", "mr_simulation"), ("cyclegan", "cycle_noise_sd")}}
+             "openkbp-mr2-cycle-noise": {("data", "mr_simulation"), ("cyclegan", "cycle_noise_sd")},
+             "openkbp-mr2-background": {("data", "mr_simulation"), ("preprocessing", "mr_background")}}
     for name, keys in named.items():
         variant = load_profile(name)
         changed = {(section, key) for section in base if isinstance(base[section], dict)

@@ -162,6 +162,43 @@ def test_prepare_case_crops_around_the_head_and_keeps_labels(modality):
     assert prepared.head_mask[:, 23:25, 23:25].all()
 
 
+def noisy_mr_phantom(noise_sd, seed=1):
+    """The MR head phantom on a magnitude (Rician) noise floor: |signal + complex Gaussian noise|."""
+    case = head_phantom("MR", seed=seed)
+    clean = sitk.GetArrayFromImage(case.image).astype(np.float64)
+    clean[clean < 100] = 0.0                        # the phantom's own faint background off
+    rng = np.random.default_rng(seed)
+    noisy = np.hypot(clean + rng.normal(0, noise_sd, clean.shape), rng.normal(0, noise_sd, clean.shape))
+    image = make_image(noisy.astype(np.float32))
+    return Case("noisy", image, case.structures), clean > 0
+
+
+def test_zeroed_mr_background_keeps_the_head_outline_on_a_noise_floor():
+    # SNR ~10 against the 99th-percentile tissue: the noise floor's mean (~1.25 sigma) lands near
+    # the fixed head threshold (20 of 255), and the fixed-threshold outline takes the whole frame
+    case, head = noisy_mr_phantom(noise_sd=350.0)
+    volume = prep.standardise_mr(sitk.GetArrayFromImage(case.image))
+    swallowed = prep.head_mask(volume, 20.0)
+    assert swallowed.mean() > 0.9                   # the failure this setting is for
+    zeroed = prep.zero_mr_background(volume)
+    outline = prep.head_mask(zeroed, 20.0)
+    dice = 2 * (outline & head).sum() / (outline.sum() + head.sum())
+    assert dice > 0.95 and zeroed[~prep.mr_foreground(volume)].max() == 0.0
+    assert np.array_equal(zeroed[outline & head], volume[outline & head])  # the head untouched
+    prepared = prep.prepare_case(case, "MR", {**SETTINGS, "mr_background": "zero"})
+    kept = prep.prepare_case(case, "MR", SETTINGS)
+    assert prepared.head_mask.mean() < 0.8 < kept.head_mask.mean()
+    with pytest.raises(CrossmodError, match="noisy: preprocessing.mr_background must be keep or zero"):
+        prep.prepare_case(case, "MR", {**SETTINGS, "mr_background": "blank"})
+
+
+def test_zeroed_mr_background_leaves_a_clean_mr_alone():
+    case = head_phantom("MR")
+    volume = prep.standardise_mr(sitk.GetArrayFromImage(case.image))
+    zeroed = prep.zero_mr_background(volume)
+    assert np.array_equal(prep.head_mask(zeroed, 20.0), prep.head_mask(volume, 20.0))
+
+
 def test_prepare_case_drops_ct_slices_without_head():
     # a CT volume padded with air beyond the scan (as OpenKBP's fixed grid): those slices are dropped
     case = head_phantom("CT")
