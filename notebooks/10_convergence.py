@@ -209,19 +209,25 @@ if study is not None:
 # under them, so it too is compared with its own.
 #
 # On the second appearance the CycleGAN fails outright (below, and at four times the budget in the
-# section above): its synthetic slices keep the CT's contrast and carry faint checkerboard grids.
-# That is the CycleGAN hiding the CT in low-amplitude high-frequency patterns which the MR → CT
-# generator decodes to meet the cycle loss ({cite}`chu2017`), easier to slip past the discriminator
-# when the real MR has a visible noise floor. `openkbp-mr2-cycle-noise` tries the remedy of
-# {cite}`bashkirova2019`: Gaussian noise (SD 0.1 of the [−1, 1] range) on each translation before
-# the cycle pass maps it back (`cyclegan.cycle_noise_sd`), so the cycle can only be met through
-# the image content. It trains only the cross-modality network; its baselines are `openkbp-mr2`'s.
+# section above): its synthetic slices keep the CT's contrast and carry checkerboard grids. Two
+# remedies were tried on it. `openkbp-mr2-cycle-noise` assumed the CycleGAN hides the CT in
+# low-amplitude patterns which the MR → CT generator decodes to meet the cycle loss
+# ({cite}`chu2017`) and added Gaussian noise (SD 0.1 of the [−1, 1] range) to each translation
+# before the cycle pass maps it back ({cite}`bashkirova2019`; `cyclegan.cycle_noise_sd`; only the
+# cross-modality network trains, the baselines are `openkbp-mr2`'s). The cause lay earlier: at
+# SNR 10–15 the MR's Rician noise floor sits near the fixed head threshold (20 of 255), and the
+# fixed-threshold head outline of the prepared MR took the whole field of view on most slices, so
+# the crops were not centred on the head and the CycleGAN's geometric loss asked the MR → CT
+# generator for a head that fills the frame. `openkbp-mr2-background` finds the MR's head by Otsu's
+# threshold on the smoothed volume and sets everything outside it to zero
+# (`preprocessing.mr_background: zero`, `preparation.zero_mr_background`), for training and for
+# every MR a network is tested on; its four networks are trained on that MR.
 
 # %%
 if study is not None:
     variant_profiles = {name: config.load_profile(name)
-                        for name in ("openkbp", "openkbp-mr2", "openkbp-mr2-cycle-noise", "openkbp-dicom",
-                                     "openkbp-dice-ce")}
+                        for name in ("openkbp", "openkbp-mr2", "openkbp-mr2-cycle-noise", "openkbp-mr2-background",
+                                     "openkbp-dicom", "openkbp-dice-ce")}
     variants, unrecorded = convergence.variant_table(
         variant_profiles, [r.root for r in recorded if r.info.get("kind") == "study"])
     if not variants.empty:
