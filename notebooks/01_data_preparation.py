@@ -134,7 +134,11 @@ else:
 # {cite}`otsu1979` separates head from background and the 99th percentile of the head maps to
 # 255, in the spirit of {cite}`nyul2000`), cropped to a square window centred on the head outline,
 # and cut into axial slices. The CT's cranio-caudal range is restricted to the MR's coverage
-# centred on the parotids.
+# centred on the parotids. A noisy MR (its Rician noise floor near the head threshold of 20 on the
+# 0-255 scale, as at SNR 10) would make the fixed-threshold head outline swallow the background;
+# `preprocessing.mr_background: zero` (not in the paper; off by default) then finds the head by
+# Otsu's threshold on the smoothed volume and sets everything outside it to 0 (chapter 10 shows
+# where it matters).
 
 # %%
 coverage_mm, mr_cases, ct_cases = stage.coverage_mm, stage.cases["MR"], stage.cases["CT"]
