@@ -446,15 +446,22 @@ def test_a_constant_rate_trunk_lengthened_onto_itself_equals_the_longer_trunk(ti
     assert logged("trunk") == logged("whole")
 
 
+def assert_changes_training_and_resumes_exactly(tiny_data, tmp_path, settings, split, part="part"):
+    """A training option draws random numbers: it changes the weights against TINY, and a run
+    stopped after ``split`` iterations and resumed ends bit-identical to one run through."""
+    ct, mr = tiny_data
+    whole = cg.train(ct, mr, tmp_path / "whole", settings, 20.0, progress=False)
+    plain = cg.train(ct, mr, tmp_path / "plain", TINY, 20.0, progress=False)
+    assert whole["weights_digest"] != plain["weights_digest"]
+    cg.train(ct, mr, tmp_path / part, settings, 20.0, progress=False, max_iterations=split)
+    resumed = cg.train(ct, mr, tmp_path / part, settings, 20.0, progress=False, resume=True)
+    assert resumed["weights_digest"] == whole["weights_digest"]
+
+
 def test_cycle_noise_changes_training_and_resumes_exactly(tiny_data, tmp_path):
     ct, mr = tiny_data
     noisy = {**TINY, "cycle_noise_sd": 0.3}
-    plain = cg.train(ct, mr, tmp_path / "plain", TINY, 20.0, progress=False)
-    whole = cg.train(ct, mr, tmp_path / "whole", noisy, 20.0, progress=False)
-    assert whole["weights_digest"] != plain["weights_digest"]
-    cg.train(ct, mr, tmp_path / "part", noisy, 20.0, progress=False, max_iterations=4)
-    resumed = cg.train(ct, mr, tmp_path / "part", noisy, 20.0, progress=False, resume=True)
-    assert resumed["weights_digest"] == whole["weights_digest"]
+    assert_changes_training_and_resumes_exactly(tiny_data, tmp_path, noisy, split=4)
     with pytest.raises(CrossmodError, match="cycle_noise_sd"):
         cg.train(ct, mr, tmp_path / "part", TINY, 20.0, progress=False, resume=True)
     with pytest.raises(CrossmodError, match="cycle_noise_sd.*'cut' has none"):
@@ -514,14 +521,8 @@ def test_jitter_batch_crops_scaled_slices_and_mirrors_with_the_mask():
 
 
 def test_resume_with_random_crops_is_bit_identical(tiny_data, tmp_path):
-    ct, mr = tiny_data
     settings = {**TINY, "random_crop_scale": 1.12, "random_flip": True}
-    whole = cg.train(ct, mr, tmp_path / "whole", settings, 20.0, progress=False)
-    plain = cg.train(ct, mr, tmp_path / "plain", TINY, 20.0, progress=False)
-    assert whole["weights_digest"] != plain["weights_digest"]
-    cg.train(ct, mr, tmp_path / "split", settings, 20.0, progress=False, max_iterations=5)
-    rest = cg.train(ct, mr, tmp_path / "split", settings, 20.0, progress=False, resume=True)
-    assert rest["weights_digest"] == whole["weights_digest"]
+    assert_changes_training_and_resumes_exactly(tiny_data, tmp_path, settings, split=5, part="split")
 
 
 class NotAWeight:
