@@ -14,6 +14,8 @@ with the provenance of the machine that ran it); the computation-time chapter sh
     and neck CT. Target: 30 ms per pair.
 ``registration``, ``cyclegan``
     See :func:`bench_registration_profile` and :func:`bench_cyclegan_profile`.
+``unet``
+    U-Net training slices/s, exact fp32 against bf16 autocast on the CPU (:func:`bench_unet_profile`).
 ``inference``
     Seconds per MR patient end to end, as section 2.F times it (:func:`bench_inference_profile`).
 """
@@ -33,7 +35,7 @@ import numpy as np
 from crossmod_lib.metrics import compare_masks
 
 __all__ = ["BENCHMARKS", "bench_cyclegan_profile", "bench_inference_profile", "bench_metrics",
-           "bench_registration_profile", "format_table", "load_benchmarks", "parotid_pair",
+           "bench_registration_profile", "bench_unet_profile", "format_table", "load_benchmarks", "parotid_pair",
            "peer_images_per_s", "peer_step_script", "recorded_benchmarks",
            "result_table", "save_benchmark"]
 
@@ -260,6 +262,38 @@ def bench_cyclegan_profile(repeats: int = 10, profile: str = "demo") -> dict:
     return result
 
 
+def bench_unet_profile(repeats: int = 20, profile: str = "demo") -> dict:
+    """``crossmod bench unet``: U-Net training slices/s of the ``profile``'s network at its crop
+    size and batch on this CPU, exact fp32 against bf16 autocast with channels_last (what
+    ``segmentation.cpu_bf16`` turns on; on a CPU without native bf16 the fast row is not run:
+    training keeps fp32 there)."""
+    import torch
+
+    from .config import load_profile
+    from .cyclegan import cpu_has_native_bf16
+    from .segmentation import segmentation_config, training_throughput
+
+    settings = load_profile(profile)
+    cfg = segmentation_config(settings)
+    size = int(settings["preprocessing"]["crop"])
+    threads = torch.get_num_threads()
+    iterations = max(2, int(repeats))
+    prefix = (f"{profile} ({size}², base {cfg['base_features']}, {cfg['levels']} levels, "
+              f"batch {cfg['batch_size']})")
+    result = {"name": "unet", "device": f"cpu ({threads} threads)",
+              "native bf16": cpu_has_native_bf16()}
+    exact = training_throughput(settings, size, iterations=iterations)
+    result[f"{prefix}: exact fp32 slices/s"] = exact
+    if cpu_has_native_bf16():
+        fast = training_throughput(settings, size, bf16=True, iterations=iterations)
+        result[f"{prefix}: bf16 + channels_last slices/s"] = fast
+        result[f"{prefix}: bf16 / exact"] = fast / exact
+    steps = int(cfg["epochs"]) * int(cfg["max_steps_per_epoch"] or 0)
+    if steps:  # the training steps of one model at the profile's settings (validation aside)
+        result[f"{prefix}: minutes per {steps}-step model, exact"] = steps * cfg["batch_size"] / exact / 60
+    return result
+
+
 def bench_inference_profile(repeats: int = 3, profile: str = "demo") -> dict:
     """``crossmod bench inference``: seconds per MR patient end to end (read NIfTI, preprocess,
     U-Net, write NIfTI) on a Table-I-sized MR (512 x 512 x 30, 0.5 x 0.5 x 4 mm) with the profile's
@@ -280,6 +314,7 @@ BENCHMARKS: dict[str, Callable[..., dict]] = {
     "registration": bench_registration_profile,
     "cyclegan": bench_cyclegan_profile,
     "inference": bench_inference_profile,
+    "unet": bench_unet_profile,
 }
 
 BENCH_FORMAT = "crossmod-benchmark-1"

@@ -191,11 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", choices=sorted(BENCHMARKS),
                    help="metrics: DSC/HD/HD95/MSD of a parotid-sized pair on a 512x512x150 grid; "
                         "registration: elastix per 256x256 slice; cyclegan: training throughput, "
-                        "reference vs fast mode")
+                        "reference vs fast mode, beside the peer; unet: U-Net training slices/s, "
+                        "fp32 vs bf16 on the CPU; inference: seconds per MR patient")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed repetitions (default: the benchmark's own)")
     p.add_argument("--profile", default=None,
-                   help="profile whose settings to use (registration: full, cyclegan: demo)")
+                   help="profile whose settings to use (registration: full, cyclegan, unet "
+                        "and inference: demo)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--save", type=Path, default=None, metavar="RUN_DIR",
                    help="also keep the result, with this machine's provenance, in "

@@ -39,6 +39,7 @@ def predict_slices(model: UNet, images: np.ndarray, batch_size: int = 32, device
     single = images.ndim == 2
     images = images[None] if single else images
     channels_last = device.type == "cuda"
+    amp = amp and device.type == "cuda"  # the CPU predicts in fp32 (cpu_bf16 is for training)
     outputs = []
     for start in range(0, len(images), batch_size):
         x = _to_input(images[start:start + batch_size], device, channels_last)

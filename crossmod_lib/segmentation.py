@@ -42,7 +42,9 @@ Training (section 2.E)
     so ``resume=True`` continues from ``last.pt`` and gives bit-identical weights on CPU.
     Checkpoints are read with ``torch.load(..., weights_only=True)`` only: they hold tensors and
     plain Python values. On a GPU the forward pass runs under bf16 autocast with channels-last
-    tensors; the loss is computed in float32.
+    tensors; the loss is computed in float32. On a CPU the same holds with ``cpu_bf16`` (beyond
+    the paper; only where the CPU computes bf16 natively, :func:`crossmod_lib.unet.training_bf16`);
+    predictions on a CPU stay fp32. ``crossmod bench unet`` measures what it gains.
 
     This part of the module imports only numpy and torch, so ``python -m
     crossmod_lib.segmentation train --slices X.npz --out DIR --config cfg.json`` runs on a bare
@@ -99,7 +101,7 @@ from .runs import PredictionFiles, RunFolder, TrainingFiles
 from .unet import (  # noqa: F401
     CHECKPOINT_FORMAT, CLASSES, STRUCTURES, UNet, _atomic_text, _autocast, _plain, _to_input,
     architecture_table, build_model, count_parameters, flops_per_slice, load_checkpoint, load_model,
-    resolve_device, save_checkpoint, segmentation_config, training_seed)
+    resolve_device, save_checkpoint, segmentation_config, training_bf16, training_seed)
 from .slices import annotated_patients, read_slices
 from .training import progress_bar, write_log
 
@@ -512,14 +514,16 @@ def _select(arrays: dict, patients) -> np.ndarray:
 @torch.no_grad()
 def evaluate(model: UNet, images: np.ndarray, labels: np.ndarray, batch_size: int = 32,
              include_background: bool = False, smooth: float = 1.0, device=None,
-             amp: bool = True) -> dict:
-    """Soft Dice loss and hard Dice per parotid over a whole slice set (sums over all slices)."""
+             amp: bool | None = None) -> dict:
+    """Soft Dice loss and hard Dice per parotid over a whole slice set (sums over all slices).
+    ``amp``: bf16 autocast (with channels_last); None: on a GPU only, as predictions."""
     device = resolve_device(device) if device is not None else next(model.parameters()).device
     model.eval()
     n_classes = len(CLASSES)
     soft = torch.zeros(3, n_classes, dtype=torch.float64)
     hard = torch.zeros(3, n_classes, dtype=torch.float64)
-    channels_last = device.type == "cuda"
+    amp = device.type == "cuda" if amp is None else bool(amp)
+    channels_last = device.type == "cuda" or amp
     for start in range(0, len(images), batch_size):
         x = _to_input(images[start:start + batch_size], device, channels_last)
         y = torch.from_numpy(labels[start:start + batch_size].astype(np.int64)).to(device)
@@ -541,6 +545,51 @@ def evaluate(model: UNet, images: np.ndarray, labels: np.ndarray, batch_size: in
 def _arch_state(cfg: dict) -> dict:
     return {"base_features": int(cfg["base_features"]), "levels": int(cfg["levels"]),
             "in_channels": 1, "classes": len(CLASSES), "norm": str(cfg["norm"])}
+
+
+def training_throughput(settings, size: int, *, bf16: bool = False, iterations: int = 10,
+                        warmup: int = 3, batch_size: int | None = None, device="cpu") -> float:
+    """Training slices per second of the settings' U-Net at ``size`` x ``size``: forward,
+    the training loss, backward and an Adam step on random slices with two square "parotids",
+    after ``warmup`` untimed steps. ``bf16``: autocast and channels_last, as :func:`train_unet`
+    with ``cpu_bf16`` (or ``amp`` on a GPU); else exact fp32."""
+    cfg = segmentation_config(settings)
+    device = resolve_device(device)
+    batch = int(batch_size or cfg["batch_size"])
+    torch.manual_seed(0)
+    model = UNet(**_arch_state(cfg)).to(device)
+    if bf16:
+        model = model.to(memory_format=torch.channels_last)
+    optimiser = torch.optim.Adam(model.parameters(), lr=float(cfg["learning_rate"]))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (batch, size, size), dtype=np.uint8)
+    labels = np.zeros((batch, size, size), np.int64)
+    labels[:, size // 3:size // 2, size // 5:size // 3] = 1
+    labels[:, size // 3:size // 2, 2 * size // 3:4 * size // 5] = 2
+    x = _to_input(images, device, bf16)
+    y = torch.from_numpy(labels).to(device)
+    model.train()
+
+    def step():
+        with _autocast(device, bf16):
+            logits = model(x)
+        loss = training_loss(logits, y, cfg)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        step()
+    sync()
+    started = time.perf_counter()
+    for _ in range(iterations):
+        step()
+    sync()
+    return iterations * batch / (time.perf_counter() - started)
 
 
 def train_unet(data, out_dir: str | Path, settings=None, *, seed: int | None = None, init=None,
@@ -572,8 +621,8 @@ def train_unet(data, out_dir: str | Path, settings=None, *, seed: int | None = N
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(device if device is not None else cfg["device"])
-    use_amp = bool(cfg["amp"]) and device.type == "cuda"
-    channels_last = device.type == "cuda"
+    use_amp = training_bf16(cfg, device)
+    channels_last = device.type == "cuda" or use_amp
 
     if split is None:
         train_ids, val_ids = split_patients(arrays["patient"], cfg["val_fraction"], seed)

@@ -128,6 +128,8 @@ def _check_config(cfg: dict) -> None:
          f"cross_modality_appearance must be true or false, got {cfg['cross_modality_appearance']!r}")
     need(cfg["seed"] is None or (isinstance(cfg["seed"], int) and not isinstance(cfg["seed"], bool)),
          f"seed must be null (the profile's seed) or an integer, got {cfg['seed']!r}")
+    need(isinstance(cfg["cpu_bf16"], bool),
+         f"cpu_bf16 must be true or false, got {cfg['cpu_bf16']!r}")
     need(isinstance(cfg["cpu_threads"], int) and cfg["cpu_threads"] >= 0,
          "cpu_threads must be an integer >= 0 (0: torch's default)")
     need(cfg["device"] in ("auto", "cpu", "cuda") or str(cfg["device"]).startswith("cuda:"),
@@ -397,7 +399,22 @@ def _to_input(images: np.ndarray, device: torch.device, channels_last: bool) -> 
 
 
 def _autocast(device: torch.device, enabled: bool):
-    if device.type == "cuda" and enabled:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
+    """bf16 autocast on ``device`` when ``enabled`` (the caller decides: :func:`training_bf16`
+    for training, the GPU only for predictions), else fp32."""
+    if enabled:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return torch.autocast(device.type if device.type in ("cuda", "cpu") else "cpu", enabled=False)
+
+
+def training_bf16(cfg: dict, device: torch.device) -> bool:
+    """Whether a U-Net trains under bf16 autocast (with channels_last) on ``device``: on a GPU
+    with ``amp``; on a CPU with ``cpu_bf16``, and only where the CPU computes bf16 natively
+    (emulated bf16 is slower than fp32)."""
+    if device.type == "cuda":
+        return bool(cfg["amp"])
+    if device.type == "cpu" and cfg.get("cpu_bf16"):
+        from .cyclegan import cpu_has_native_bf16
+
+        return cpu_has_native_bf16()
+    return False
 

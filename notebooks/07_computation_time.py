@@ -163,7 +163,7 @@ display(implied.style.format({"paper-scale work (TFLOP)": "{:,.1f}",
 
 # %% [markdown]
 # ## Recorded benchmarks
-# The benchmarks of the earlier chapters (`crossmod bench metrics|registration|cyclegan|inference`)
+# The benchmarks of the earlier chapters (`crossmod bench metrics|registration|cyclegan|unet|inference`)
 # print a table; saved into a run folder or into the repository's `recorded/benchmarks`
 # (`crossmod bench NAME --save FOLDER`, kept as `metrics/bench_<name>.json` with the machine and
 # commit that ran it) they appear here. Benchmarks are run separately from the book, possibly on
@@ -175,6 +175,11 @@ display(implied.style.format({"paper-scale work (TFLOP)": "{:,.1f}",
 # runs in two modes: *exact* (fp32, eager: what the determinism and resume tests check bit for bit)
 # and *fast* (bf16 autocast, channels_last memory layout and `torch.compile`, the profiles' setting).
 # crossmod's step does more than the peer's: it includes the geometric loss and its hole fill.
+#
+# `crossmod bench unet` times the U-Net's training step (forward, soft Dice, backward, Adam) at the
+# demo's size, exact fp32 against bf16 autocast with channels_last: what `segmentation.cpu_bf16`
+# turns on for training on a CPU that computes bf16 natively (the demo profile does; predictions
+# stay fp32).
 
 # %%
 if recorded:

@@ -42,3 +42,20 @@ def test_recorded_benchmarks_load_with_provenance():
 
 def test_recorded_benchmarks_of_a_missing_folder_are_none(tmp_path):
     assert bench.recorded_benchmarks(tmp_path / "nothing") == {}
+
+
+def test_unet_bench_compares_fp32_with_bf16_where_the_cpu_has_it(monkeypatch):
+    from crossmod_lib import cyclegan
+
+    for native in (False, True):  # bf16 emulated where the CPU lacks it: the row still runs
+        monkeypatch.setattr(cyclegan, "cpu_has_native_bf16", lambda native=native: native)
+        result = bench.BENCHMARKS["unet"](repeats=2, profile="smoke")
+        rates = {k: v for k, v in result.items() if k.endswith("slices/s")}
+        assert result["name"] == "unet" and result["native bf16"] is native
+        assert len(rates) == (2 if native else 1) and all(v > 0 for v in rates.values())
+        assert any(k.startswith("smoke (64², base 4") for k in rates)
+        if native:
+            ratio = next(v for k, v in result.items() if k.endswith("bf16 / exact"))
+            fp32, bf16 = (next(v for k, v in rates.items() if w in k) for w in ("exact", "bf16"))
+            assert ratio == pytest.approx(bf16 / fp32)
+    assert "\n" in bench.format_table(result)

@@ -264,6 +264,37 @@ def test_training_is_deterministic_and_resume_is_bit_identical(tmp_path):
     assert isinstance(final["a"]["torch_rng"], torch.Tensor)
 
 
+def test_cpu_bf16_trains_reproducibly_close_to_fp32_and_only_where_the_cpu_has_bf16(tmp_path, monkeypatch):
+    # cpu_bf16 (beyond the paper) trains under bf16 autocast with channels_last on a CPU with
+    # native bf16; the same seed gives the same weights twice, and its losses follow fp32's.
+    from crossmod_lib import cyclegan, unet
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(cyclegan, "cpu_has_native_bf16", lambda: False)
+    assert not unet.training_bf16(seg.segmentation_config(settings(cpu_bf16=True)), cpu)
+    monkeypatch.setattr(cyclegan, "cpu_has_native_bf16", lambda: True)  # emulated where absent
+    assert unet.training_bf16(seg.segmentation_config(settings(cpu_bf16=True)), cpu)
+    assert not unet.training_bf16(seg.segmentation_config(settings()), cpu)  # default: fp32
+    data = fake_slices()
+    a = seg.train_unet(data, tmp_path / "a", settings(cpu_bf16=True, epochs=2), progress=False)
+    b = seg.train_unet(data, tmp_path / "b", settings(cpu_bf16=True, epochs=2), progress=False)
+    exact = seg.train_unet(data, tmp_path / "e", settings(epochs=2), progress=False)
+    ckpt = {d: seg.load_checkpoint(tmp_path / d / "last.pt") for d in "abe"}
+    assert state_equal(ckpt["a"]["model"], ckpt["b"]["model"])
+    assert not state_equal(ckpt["a"]["model"], ckpt["e"]["model"])  # bf16 really ran
+    assert [r["train_loss"] for r in ckpt["a"]["history"]] == pytest.approx(
+        [r["train_loss"] for r in ckpt["e"]["history"]], rel=0.05)
+    # predictions on the CPU stay fp32 whatever the setting: the same weights, the same labels
+    model = seg.load_model(a["best"])
+    images = data["image"][:4]
+    fp32 = model(seg._to_input(images, cpu, False)).argmax(1).numpy()
+    assert np.array_equal(seg.predict_slices(model, images), fp32)
+    with pytest.raises(CrossmodError, match="cpu_bf16"):
+        seg.segmentation_config(settings(cpu_bf16="yes"))
+    rate = seg.training_throughput(settings(), 32, bf16=True, iterations=1, warmup=1)
+    assert rate > 0
+
+
 def test_checkpoint_write_is_atomic_and_loading_weights_only(tmp_path, monkeypatch):
     path = tmp_path / "ck.pt"
     seg.save_checkpoint({"format": seg.CHECKPOINT_FORMAT, "x": torch.ones(2)}, path)
