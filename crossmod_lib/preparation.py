@@ -165,23 +165,34 @@ def standardise_mr(volume: np.ndarray, upper_percentile: float = 99.0) -> np.nda
     return (np.clip(values / upper, 0.0, 1.0) * 255.0).astype(np.float32)
 
 
-def mr_foreground(volume: np.ndarray, smooth_px: float = 1.0, dilate_px: int = 1) -> np.ndarray:
+def mr_foreground(volume: np.ndarray, smooth_px: float = 1.0, dilate_px: int = 0,
+                  close_px: int = 2) -> np.ndarray:
     """The head of a standardised (0-255) MR volume [n, H, W] against a noisy background.
 
     Real MR has a noise floor: magnitude images turn the background's Gaussian noise into a Rician
     one of mean ~1.25 sigma, which at SNR 10 lands near the fixed ``head_threshold`` (20 of 255),
     so the fixed-threshold outline of :func:`head_mask` swallows the whole field of view. Here the
-    slices are smoothed (Gaussian, ``smooth_px``), thresholded at Otsu's level over the whole
-    smoothed volume (background against tissue, whatever the noise level), reduced to the largest
-    component per slice with holes filled, and grown by ``dilate_px`` to keep the skin's edge.
+    slices are smoothed (Gaussian, ``smooth_px``) and thresholded at the lower of two Otsu
+    thresholds over the whole smoothed volume (three classes: background, soft tissue, bright
+    fat and fluid; whatever the noise level). A single Otsu threshold is not enough: on a T2
+    image it can fall between soft tissue and the bright subcutaneous fat, and a slice whose fat
+    ring is open then kept only fragments of its head (seen on 11 of 353 slices of a simulated
+    cohort at SNR 10-15). Gaps in the outline up to ~2 ``close_px`` are closed, each slice is
+    reduced to its largest component with holes filled, and grown by ``dilate_px`` to keep the
+    skin's edge.
     """
     volume = np.asarray(volume, dtype=np.float32)
     smoothed = ndimage.gaussian_filter(volume, sigma=(0.0, smooth_px, smooth_px)) if smooth_px > 0 else volume
-    otsu = sitk.OtsuThresholdImageFilter()
-    otsu.SetInsideValue(0)
-    otsu.SetOutsideValue(1)
+    otsu = sitk.OtsuMultipleThresholdsImageFilter()
+    otsu.SetNumberOfThresholds(2)
+    otsu.SetNumberOfHistogramBins(256)
     otsu.Execute(sitk.GetImageFromArray(smoothed))
-    mask = head_mask(smoothed, otsu.GetThreshold())
+    above = smoothed > min(otsu.GetThresholds())
+    if close_px > 0:  # padded, so that a head touching the frame's edge is not eroded there
+        pad = ((0, 0), (close_px, close_px), (close_px, close_px))
+        above = ndimage.binary_closing(np.pad(above, pad), structure=np.ones((1, 3, 3), bool),
+                                       iterations=close_px)[:, close_px:-close_px, close_px:-close_px]
+    mask = head_mask(above.astype(np.uint8), 0)
     if dilate_px > 0:
         mask = ndimage.binary_dilation(mask, structure=np.ones((1, 3, 3), bool), iterations=dilate_px)
     return mask

@@ -192,6 +192,23 @@ def test_zeroed_mr_background_keeps_the_head_outline_on_a_noise_floor():
         prep.prepare_case(case, "MR", {**SETTINGS, "mr_background": "blank"})
 
 
+def test_mr_foreground_keeps_a_head_whose_bright_fat_ring_is_open():
+    # T2-like: mid-grey tissue inside a bright subcutaneous fat ring that is open at the front, on
+    # a Rician noise floor. A single Otsu threshold falls between tissue and fat there, and the
+    # slice kept only the ring (Dice ~0.5 with the head); the lower of two thresholds keeps it all.
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:96, :96]
+    r = np.hypot((yy - 48) / 34, (xx - 48) / 28)
+    head = r < 1
+    clean = np.where(head, 70.0, 0.0)
+    clean[(r > 0.85) & head & ~((yy < 30) & (abs(xx - 48) < 6))] = 250.0
+    volume = prep.standardise_mr(np.stack([np.hypot(clean + rng.normal(0, 12, clean.shape),
+                                                    rng.normal(0, 12, clean.shape)) for _ in range(6)]))
+    found = prep.mr_foreground(volume)
+    dice = 2 * (found & head).sum() / (found.sum() + head.sum() * len(volume))
+    assert dice > 0.95 and found[:, 48, 48].all()
+
+
 def test_zeroed_mr_background_leaves_a_clean_mr_alone():
     case = head_phantom("MR")
     volume = prep.standardise_mr(sitk.GetArrayFromImage(case.image))
