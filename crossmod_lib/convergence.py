@@ -465,6 +465,20 @@ def _translator_source(profile: dict, study: Path) -> Path:
     return study
 
 
+def taken_stage_seconds(seconds: dict, source_study: Path, key: str) -> dict:
+    """A point's stage seconds when it took its translator from ``source_study``'s point ``key``:
+    the CycleGAN's come with its summary, but the cleaning found its output copied and took
+    seconds only, so its time is the source point's (what a run of the profile spends on it)."""
+    try:
+        source = json.loads(RunFolder.convergence_runs.at(Path(source_study)).read_text())["points"][key]["seconds"]
+    except (OSError, KeyError, TypeError, json.JSONDecodeError):
+        return dict(seconds)
+    out = dict(seconds)
+    if "cleaning" in source:
+        out["cleaning"] = max(float(seconds.get("cleaning", 0.0)), float(source["cleaning"]))
+    return out
+
+
 def _take_translator(source_point: Path, point_dir: Path) -> bool:
     """Copy a finished point's CycleGAN, synthetic MR and cleaned slices into a new point folder;
     False (nothing copied) when the source point has no finished CycleGAN."""
@@ -504,8 +518,8 @@ def tier_run(tier_profile: dict, studies) -> dict:
     :data:`POINT_COLUMNS` at that budget, ready for :func:`tier_criteria` and
     :func:`summary_table`), ``"cross_modality_from"``, ``"baselines_from"`` (study names),
     ``"seconds"`` (per seed: the point's stages from the CycleGAN on, plus the U-Nets of the
-    baselines' point, which may include a cross-modality network of its own: an upper bound on a
-    run of the profile from its prepared slices), ``"quality"`` (the synthetic-MR quality rows of
+    baselines' point when that is another point, which may include a cross-modality network of
+    its own: an upper bound on a run of the profile from its prepared slices), ``"quality"`` (the synthetic-MR quality rows of
     those points, :data:`QUALITY_COLUMNS`), ``"reason"`` (why nothing was found, else None)``}``."""
     ipe = (tier_profile.get("convergence") or {}).get("iterations_per_epoch")
     budget = profile_budget(tier_profile, ipe)
@@ -558,17 +572,19 @@ def tier_run(tier_profile: dict, studies) -> dict:
         found["quality"] = (quality[(quality["budget"] == budget) & quality["seed"].isin(seeds)]
                             .drop_duplicates("seed").sort_values("seed").reset_index(drop=True))
     for seed in seeds:
-        total = 0.0
-        for _, _, info in cross:
+        total, timed = 0.0, None
+        for name, _, info in cross:
             point = info.get("points", {}).get(f"seed{seed}/budget{budget:05d}")
             if point:
                 total = sum(point.get("seconds", {}).get(stage, 0.0) for stage in _RUN_STAGES)
+                timed = (name, budget)
                 break
         for name, _, info in baselines:  # the seed's first point trained its baselines
             firsts = [p for p in info.get("points", {}).values() if p.get("seed") == seed]
             if firsts and name == used.get(seed):
                 first = min(firsts, key=lambda p: p["budget"])
-                total += first.get("seconds", {}).get("segmentation", 0.0)
+                if (name, first["budget"]) != timed:  # else already in that point's U-Nets
+                    total += first.get("seconds", {}).get("segmentation", 0.0)
                 break
         found["seconds"][int(seed)] = total
     return found
@@ -722,6 +738,8 @@ def run_study(profile: dict, study_dir, log=print, progress: bool = False,
             started = _provenance(code_commit)
             outcome = run_point(point, trunk_dir, first_point, study["models"], log=log)
             outcome["seconds"]["trunk_this_point"] = trunk_seconds
+            if taken:  # its cleaning came with the slices: a run of the profile spends the source's
+                outcome["seconds"] = taken_stage_seconds(outcome["seconds"], translator_from, key)
             quality = synthesis_quality(point.synthetic_mr, base.ct_slices, base.mr_slices,
                                         head_threshold, outline_threshold, seed=seed)
             runs_info["points"][key] = {
@@ -1009,6 +1027,11 @@ def run_unet_seed_study(point_dir, out_dir, seeds, variants: dict[str, dict],
             segmentation.segmentation_config(trial)
         except CrossmodError as exc:
             raise CrossmodError(f"variant {name!r}: {exc}") from None
+    recipes = segmentation.model_recipes(base_profile)
+    unknown = sorted(set(models) - {r["name"] for r in recipes} - {r["kind"] for r in recipes})
+    if unknown:
+        raise CrossmodError(f"{point_dir}: no U-Net named {', '.join(unknown)} in its profile "
+                            f"(models: {', '.join(dict.fromkeys(segmentation._method_name(r) for r in recipes))})")
     for stage in _POINT_STAGES:
         if not (point_dir / stage).is_dir():
             raise CrossmodError(f"{point_dir / stage}: stage output missing (the point's {stage}/)")
@@ -1046,10 +1069,13 @@ def run_unet_seed_study(point_dir, out_dir, seeds, variants: dict[str, dict],
                 _link(point_dir / stage, run.root / stage)
             started = _provenance(code_commit)
             t0 = time.perf_counter()
-            segmentation.train_run(run, kinds=sorted({r["kind"] for r in segmentation.model_recipes(profile)
-                                                      if r["name"] in models}), progress=False)
-            segmentation.predict_run(run, models=list(models))
-            dsc = dsc_by_model(evaluation.evaluate_predictions(run), models)
+            # a model is named as its recipe or its kind (mr_oracle: its folds, one method)
+            recipes = [r for r in segmentation.model_recipes(profile)
+                       if r["name"] in models or r["kind"] in models]
+            methods = list(dict.fromkeys(segmentation._method_name(r) for r in recipes))
+            segmentation.train_run(run, kinds=sorted({r["kind"] for r in recipes}), progress=False)
+            segmentation.predict_run(run, models=[r["name"] for r in recipes])
+            dsc = dsc_by_model(evaluation.evaluate_predictions(run), methods)
             info["runs"][key] = {"variant": name, "unet_seed": int(seed), "changes": changes, **started,
                                  "seconds": time.perf_counter() - t0, "dsc": dsc}
             table = write_tables()

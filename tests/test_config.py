@@ -46,15 +46,24 @@ def test_openkbp_variants_change_only_what_they_name():
              "openkbp-mr2-8600": {("data", "mr_simulation"), ("cyclegan", "epochs_constant"),
                                   ("cyclegan", "epochs_decay")},
              "openkbp-mr2-cycle-noise": {("data", "mr_simulation"), ("cyclegan", "cycle_noise_sd")},
-             "openkbp-mr2-background": {("data", "mr_simulation"), ("preprocessing", "mr_background")}}
+             "openkbp-mr2-background": {("data", "mr_simulation"), ("preprocessing", "mr_background")},
+             "openkbp-mr2-background-8600": {("data", "mr_simulation"), ("preprocessing", "mr_background"),
+                                             ("cyclegan", "epochs_constant"), ("cyclegan", "epochs_decay")},
+             "openkbp-8600-unet1600": {("cyclegan", "epochs_constant"), ("cyclegan", "epochs_decay"),
+                                       ("segmentation", "epochs"), ("segmentation", "max_steps_per_epoch"),
+                                       ("segmentation", "cpu_bf16")},
+             "openkbp-8600-unet1600-appearance": {
+                 ("cyclegan", "epochs_constant"), ("cyclegan", "epochs_decay"), ("segmentation", "epochs"),
+                 ("segmentation", "max_steps_per_epoch"), ("segmentation", "cpu_bf16"),
+                 ("segmentation", "cross_modality_appearance")}}
     for name, keys in named.items():
         variant = load_profile(name)
         changed = {(section, key) for section in base if isinstance(base[section], dict)
                    and section != "convergence"
                    for key in base[section] if variant[section][key] != base[section][key]}
         assert changed == keys, name
-        if name.endswith(("-8600", "-17200")):  # at 4x / 8x the tier's budget: a run of it is that study point
-            times = 4 if name.endswith("-8600") else 8
+        if "-8600" in name or name.endswith("-17200"):  # 4x / 8x the tier's budget: a run of it is that study point
+            times = 4 if "-8600" in name else 8
             assert study_settings(variant)["budgets"] == [profile_budget(variant)] == [times * tier_budget]
         elif name != "openkbp-identity-loss":  # the convergence study itself spans the budgets
             assert study_settings(variant)["budgets"] == [tier_budget], name

@@ -294,6 +294,12 @@ def test_unet_seed_study_retrains_a_points_networks_per_seed_and_variant(tiny_st
         convergence.run_unet_seed_study(point, tmp_path / "v", [5], {"bad": {"no_such": 1}})
     with pytest.raises(CrossmodError, match="not a run folder"):
         convergence.run_unet_seed_study(tmp_path, tmp_path / "v", [5], variants)
+    with pytest.raises(CrossmodError, match="no U-Net named nnunet"):
+        convergence.run_unet_seed_study(point, tmp_path / "v", [5], variants, models=["nnunet"])
+    # the MR oracle by its kind: its cross-validation folds train, scored as one method
+    oracle = convergence.run_unet_seed_study(point, tmp_path / "o", [5], {"paper": {}}, models=["mr_oracle"])
+    assert set(oracle["model"]) == {"mr_oracle"} and len(oracle) == 2
+    assert oracle["n"].min() >= 1 and oracle["dsc_mean"].between(0, 1).all()
     assert cli.main(["study", "unet-seeds", "--point", str(point), "--out", str(tmp_path / "w"),
                      "--seeds", "5"]) == 0
     assert "cross_modality" in capsys.readouterr().out
@@ -467,7 +473,7 @@ def test_tier_run_takes_its_settings_study_and_the_baselines_of_the_same_seeds(t
     assert ct_only.to_dict() == {1: 0.72, 2: 0.72, 3: 0.74}   # seed 2's network is own's: other's baselines
     cross = found["points"][found["points"]["model"] == "cross_modality"].groupby("seed")["dsc_mean"].first()
     assert cross.to_dict() == {1: 0.7, 2: 0.7, 3: 0.65}
-    assert found["seconds"][3] == pytest.approx(300.0 + 60.0 + 60.0)  # its point, plus its baselines' U-Nets
+    assert found["seconds"][3] == pytest.approx(300.0 + 60.0)  # its baselines trained in that very point: once
 
     # a budget no study ran, a budget that is no study point: nothing, and why
     tier["cyclegan"].update(epochs_constant=4, epochs_decay=4)
@@ -543,6 +549,9 @@ def test_a_study_of_other_unet_settings_takes_the_translators_and_trains_only_it
         assert np.array_equal(ours, theirs)
     source = json.loads((out / "metrics" / "convergence_runs.json").read_text())["points"]
     assert point["kept_slices"] == source["seed5/budget00120"]["kept_slices"]
+    # the cleaning it took counts at the source's time: what a run of the profile spends
+    assert point["seconds"]["cleaning"] == pytest.approx(source["seed5/budget00120"]["seconds"]["cleaning"])
+    assert point["seconds"]["cyclegan_total"] == pytest.approx(source["seed5/budget00120"]["seconds"]["cyclegan_total"])
     assert set(taken["points"]["model"]) == {"cross_modality"}
     summary = json.loads((tmp_path / "cos" / "seed5" / "budget00120" / "model" / "cross_modality"
                           / "summary.json").read_text())
