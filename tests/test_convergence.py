@@ -551,7 +551,8 @@ def test_a_study_of_other_unet_settings_takes_the_translators_and_trains_only_it
     assert point["kept_slices"] == source["seed5/budget00120"]["kept_slices"]
     # the cleaning it took counts at the source's time: what a run of the profile spends
     assert point["seconds"]["cleaning"] == pytest.approx(source["seed5/budget00120"]["seconds"]["cleaning"])
-    assert point["seconds"]["cyclegan_total"] == pytest.approx(source["seed5/budget00120"]["seconds"]["cyclegan_total"])
+    assert point["seconds"]["cyclegan_total"] == pytest.approx(  # from the copied summary
+        source["seed5/budget00120"]["seconds"]["cyclegan_total"], rel=0.05)
     assert set(taken["points"]["model"]) == {"cross_modality"}
     summary = json.loads((tmp_path / "cos" / "seed5" / "budget00120" / "model" / "cross_modality"
                           / "summary.json").read_text())
