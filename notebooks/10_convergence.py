@@ -162,8 +162,8 @@ if study is not None:
 # epochs of 40; the paper's plateau rules still stop it early), on the same CycleGANs, synthetic
 # MR and cleaned slices as `openkbp-8600` (the study takes them with `--translator-from`), and
 # trains the U-Nets under bf16 autocast where the CPU computes bf16 natively
-# (`segmentation.cpu_bf16`; `crossmod bench unet` measures 2.1 times the fp32 rate on this book's
-# CPU). `openkbp-8600-unet1600-appearance` adds the appearance augmentation to its cross-modality
+# (`segmentation.cpu_bf16`; 2.1 times the fp32 rate on an Intel Xeon with AVX-512 bf16, chapter 7's
+# recorded `crossmod bench unet`). `openkbp-8600-unet1600-appearance` adds the appearance augmentation to its cross-modality
 # network (its baselines are `openkbp-8600-unet1600`'s). Below, the tier beside all of them, per seed and parotid, with the tier's criteria and the
 # synthetic MR's quality; and the same for the second MR appearance of the next section
 # (`openkbp-mr2`, `openkbp-mr2-8600`, and both with the MR's noisy background zeroed,
