@@ -547,6 +547,19 @@ def _arch_state(cfg: dict) -> dict:
             "in_channels": 1, "classes": len(CLASSES), "norm": str(cfg["norm"])}
 
 
+def _training_step(model, optimiser, x: torch.Tensor, y: torch.Tensor, cfg: dict,
+                   device: torch.device, bf16: bool) -> torch.Tensor:
+    """One optimiser step of :func:`train_unet` (forward under ``bf16`` autocast, the training
+    loss in fp32, backward, Adam); :func:`training_throughput` times this very step."""
+    with _autocast(device, bf16):
+        logits = model(x)
+    loss = training_loss(logits, y, cfg)
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    optimiser.step()
+    return loss
+
+
 def training_throughput(settings, size: int, *, bf16: bool = False, iterations: int = 10,
                         warmup: int = 3, batch_size: int | None = None, device="cpu") -> float:
     """Training slices per second of the settings' U-Net at ``size`` x ``size``: forward,
@@ -571,12 +584,7 @@ def training_throughput(settings, size: int, *, bf16: bool = False, iterations: 
     model.train()
 
     def step():
-        with _autocast(device, bf16):
-            logits = model(x)
-        loss = training_loss(logits, y, cfg)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
+        _training_step(model, optimiser, x, y, cfg, device, bf16)
 
     def sync():
         if device.type == "cuda":
@@ -750,12 +758,7 @@ def train_unet(data, out_dir: str | Path, settings=None, *, seed: int | None = N
                 y = torch.from_numpy(labels[idx].astype(np.int64)).to(device)
                 if cfg["augment"]:
                     x, y = augment_batch(x, y, rng)
-                with _autocast(device, use_amp):
-                    logits = model(x)
-                loss = training_loss(logits, y, cfg)
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
+                loss = _training_step(model, optimiser, x, y, cfg, device, use_amp)
                 losses.append(float(loss.detach()))
             val = evaluate(model, val_images, val_labels, int(cfg["inference_batch"]),
                            cfg["dice_background"], cfg["dice_smooth"], device, use_amp)

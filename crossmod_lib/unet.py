@@ -403,7 +403,7 @@ def _autocast(device: torch.device, enabled: bool):
     for training, the GPU only for predictions), else fp32."""
     if enabled:
         return torch.autocast(device.type, dtype=torch.bfloat16)
-    return torch.autocast(device.type if device.type in ("cuda", "cpu") else "cpu", enabled=False)
+    return torch.autocast("cpu", enabled=False)
 
 
 def training_bf16(cfg: dict, device: torch.device) -> bool:
