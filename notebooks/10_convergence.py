@@ -117,6 +117,12 @@ if study is not None and not points.empty:
 
 # %% [markdown]
 # ## The tier over seeds: Table II of `openkbp`
+# The tier's settings are chosen from this study and the budget and U-Net sections below: the
+# CycleGAN of the study above without its identity loss, for 8,600 iterations (20 + 20 epochs)
+# in the fast CPU mode, and U-Nets of up to 1,600 steps (40 epochs of at most 40, bf16 autocast
+# where the CPU computes bf16 natively) — the settings of `openkbp-8600-unet1600`, which `openkbp`
+# now is. Its first settings (2,150 iterations and 400 fp32 U-Net steps, which fit 45 min on
+# AVX2-only cores) are kept as `openkbp-2150`, the profile every variant below extends.
 # When the `openkbp` profile trains its CycleGAN for k + k epochs of the study's 215 iterations, a
 # run of it *is* the study point of that budget for the seed it takes. Below, Table II of the tier
 # as it stands on this commit, from every recorded study that ran exactly its settings
@@ -148,47 +154,50 @@ if study is not None:
 
 # %% [markdown]
 # ## Four and eight times the budget, and four times the U-Net steps
-# The tier's 2,150 iterations fit the 45 min a tier run may take on two AVX2-only cores (~33 min
+# How the tier's settings were found. Its first settings (`openkbp-2150`) train the CycleGAN for
+# 2,150 iterations, which fit the 45 min a tier run may take on two AVX2-only cores (~33 min
 # a run). With AVX-512 bf16 (the CycleGAN's fast CPU mode, chapter 7) a CycleGAN iteration costs
-# ~0.15 s instead of ~0.4, and 45 min afford four times the budget: profile `openkbp-8600` (the
-# tier with 20 + 20 epochs of 215 iterations; everything else, and so the baselines of each seed,
-# the tier's). `openkbp-17200` (40 + 40 epochs) is eight times the tier's budget, over the 45 min
+# ~0.15 s instead of ~0.4, and 45 min afford four times the budget: profile `openkbp-8600`
+# (`openkbp-2150` with 20 + 20 epochs of 215 iterations; everything else, and so the baselines of each seed,
+# `openkbp-2150`'s). `openkbp-17200` (40 + 40 epochs) is eight times that budget, over the 45 min
 # (~55 min a run from the prepared slices): the budget at which the tier's criteria are asked
 # again where 8,600 does not meet them for every seed.
 #
-# The U-Nets were short of training too: at the tier's 400 steps (20 epochs of 20) the
+# The U-Nets were short of training too: at the first settings' 400 steps (20 epochs of 20) the
 # cross-modality network of every 8,600 point was still improving at its last epoch.
 # `openkbp-8600-unet1600` gives every network of the comparison up to four times the steps (40
 # epochs of 40; the paper's plateau rules still stop it early), on the same CycleGANs, synthetic
 # MR and cleaned slices as `openkbp-8600` (the study takes them with `--translator-from`), and
 # trains the U-Nets under bf16 autocast where the CPU computes bf16 natively
 # (`segmentation.cpu_bf16`; 2.1 times the fp32 rate on an Intel Xeon with AVX-512 bf16, chapter 7's
-# recorded `crossmod bench unet`). `openkbp-8600-unet1600-appearance` adds the appearance augmentation to its cross-modality
-# network (its baselines are `openkbp-8600-unet1600`'s). Below, the tier beside all of them, per seed and parotid, with the tier's criteria and the
+# recorded `crossmod bench unet`): these are the settings of `openkbp`, so its row below is the
+# tier's. `openkbp-8600-unet1600-appearance` adds the appearance augmentation to its cross-modality
+# network (its baselines are `openkbp-8600-unet1600`'s). Below, the first settings beside all of them, per seed and parotid, with the tier's criteria and the
 # synthetic MR's quality; and the same for the second MR appearance of the next section
 # (`openkbp-mr2`, `openkbp-mr2-8600`, and both with the MR's noisy background zeroed,
-# `openkbp-mr2-background` and `openkbp-mr2-background-8600`, each with its own baselines).
+# `openkbp-mr2-background` and `openkbp-mr2-background-8600`, each with its own baselines;
+# `openkbp-mr2-background-8600-unet1600` with the tier's U-Net settings).
 
 # %%
 if study is not None:
     studies_recorded = [r.root for r in recorded if r.info.get("kind") == "study"]
     budgets = {name: config.load_profile(name)
-               for name in ("openkbp", "openkbp-8600", "openkbp-17200", "openkbp-8600-unet1600",
+               for name in ("openkbp-2150", "openkbp-8600", "openkbp-17200", "openkbp-8600-unet1600",
                             "openkbp-8600-unet1600-appearance", "openkbp-mr2", "openkbp-mr2-8600", "openkbp-mr2-background",
-                            "openkbp-mr2-background-8600")}
+                            "openkbp-mr2-background-8600", "openkbp-mr2-background-8600-unet1600")}
     by_budget, unrecorded = convergence.variant_table(budgets, studies_recorded)
     if not by_budget.empty:
         display(convergence.variant_summary(by_budget).set_index(["profile", "structure"]).round(3))
         display(by_budget.drop(columns=["vs_ct_only", "vs_domain_random", "naive_fails"])
                 .set_index(["profile", "seed", "structure"]).round(3))
     longer = {name: convergence.tier_run(budgets[name], studies_recorded)
-              for name in ("openkbp-8600", "openkbp-17200", "openkbp-8600-unet1600")}
+              for name in ("openkbp-2150", "openkbp-8600", "openkbp-17200", "openkbp-8600-unet1600")}
     longer = {name: found for name, found in longer.items() if not found["reason"]}
-    if longer and not tier["reason"]:  # tier: the openkbp run of the section above
+    same_unets = [name for name in ("openkbp-2150", "openkbp-8600", "openkbp-17200") if name in longer]
+    if len(same_unets) > 1:  # the budgets at the first settings' U-Nets (400 fp32 steps)
         display(Markdown("**When does the tier's CycleGAN (no identity loss) overtake domain "
-                         "randomisation?** " + convergence.verdict(pd.concat(
-                             [tier["points"], *(found["points"] for name, found in longer.items()
-                                                if name in ("openkbp-8600", "openkbp-17200"))]))))
+                         "randomisation?** (U-Nets of 400 steps) " + convergence.verdict(pd.concat(
+                             [longer[name]["points"] for name in same_unets]))))
     for name, found in longer.items():
         minutes = [s / 60 for s in found["seconds"].values()]
         display(Markdown(
@@ -253,7 +262,7 @@ if study is not None:
 # %%
 if study is not None:
     variant_profiles = {name: config.load_profile(name)
-                        for name in ("openkbp", "openkbp-mr2", "openkbp-mr2-cycle-noise", "openkbp-mr2-background",
+                        for name in ("openkbp-2150", "openkbp-mr2", "openkbp-mr2-cycle-noise", "openkbp-mr2-background",
                                      "openkbp-dicom", "openkbp-dice-ce")}
     variants, unrecorded = convergence.variant_table(
         variant_profiles, [r.root for r in recorded if r.info.get("kind") == "study"])
@@ -306,8 +315,8 @@ if not unet_studies:
 # them the tier as it stands: the study above ran the CycleGAN with the reference
 # implementation's identity loss (profile `openkbp-identity-loss`, λ 0.5), which the paper does
 # not name and which pulls the CT → MR generator towards passing intensities through (CT → T2 MR
-# needs them re-ordered: bone bright → dark, fat dark → bright); `openkbp` now trains without it
-# (`openkbp-identity0`, 2,150 iterations). Each recorded study is set beside the study above at
+# needs them re-ordered: bone bright → dark, fat dark → bright); the tier trains without it
+# (`openkbp-identity0`: `openkbp-2150`, 2,150 iterations). Each recorded study is set beside the study above at
 # the same budgets and seeds, with the baselines of those seeds (they depend on neither
 # translator nor CycleGAN settings). Studies of other MR or other U-Net settings train baselines
 # of their own and are set beside the tier in the section on variants above
@@ -315,7 +324,7 @@ if not unet_studies:
 
 # %%
 if study is not None:
-    tier_profile = config.load_profile("openkbp")
+    tier_profile = config.load_profile("openkbp-2150")  # the U-Net settings these studies ran
     others = {r.root.name: r for r in recorded
               if r.info.get("kind") == "study" and r.root.name != study_name
               and r.table(runs.RunFolder.convergence) is not None

@@ -27,11 +27,12 @@ def test_extends_overrides_only_what_differs():
 
 
 def test_openkbp_variants_change_only_what_they_name():
-    """A variant of the tier changes its named settings and nothing else, so its study compares
-    with the tier's points of the same seeds; each variant's study runs the tier's budget."""
+    """A variant of the tier's first settings (openkbp-2150, the settings of the records) changes
+    its named settings and nothing else, so its study compares with the tier's points of the same
+    seeds; each variant's study runs the tier's budget."""
     from crossmod_lib.convergence import profile_budget, study_settings
 
-    base = load_profile("openkbp")
+    base = load_profile("openkbp-2150")
     tier_budget = profile_budget(base)
     assert tier_budget in study_settings(base)["budgets"]
     named = {"openkbp-identity-loss": {("cyclegan", "lambda_identity")},
@@ -52,6 +53,10 @@ def test_openkbp_variants_change_only_what_they_name():
              "openkbp-8600-unet1600": {("cyclegan", "epochs_constant"), ("cyclegan", "epochs_decay"),
                                        ("segmentation", "epochs"), ("segmentation", "max_steps_per_epoch"),
                                        ("segmentation", "cpu_bf16")},
+             "openkbp-mr2-background-8600-unet1600": {
+                 ("data", "mr_simulation"), ("preprocessing", "mr_background"), ("cyclegan", "epochs_constant"),
+                 ("cyclegan", "epochs_decay"), ("segmentation", "epochs"), ("segmentation", "max_steps_per_epoch"),
+                 ("segmentation", "cpu_bf16")},
              "openkbp-8600-unet1600-appearance": {
                  ("cyclegan", "epochs_constant"), ("cyclegan", "epochs_decay"), ("segmentation", "epochs"),
                  ("segmentation", "max_steps_per_epoch"), ("segmentation", "cpu_bf16"),
@@ -70,6 +75,21 @@ def test_openkbp_variants_change_only_what_they_name():
     assert load_profile("openkbp-identity-loss")["cyclegan"]["lambda_identity"] > base["cyclegan"]["lambda_identity"]
     assert study_settings(load_profile("openkbp-cut"))["models"] == ["cross_modality"]
     assert study_settings(load_profile("openkbp-mr2-cycle-noise"))["models"] == ["cross_modality"]
+
+
+def test_the_tier_profile_is_the_chosen_variant():
+    """`openkbp` runs the settings chosen in chapter 10 (openkbp-8600-unet1600), so the recorded
+    3-seed study of that variant is the tier's record; its own convergence block spans one order
+    of magnitude up to its budget, with the tier's seeds and networks."""
+    from crossmod_lib.convergence import profile_budget, settings_differences, study_settings
+
+    tier, chosen = load_profile("openkbp"), load_profile("openkbp-8600-unet1600")
+    assert tier["name"] == "openkbp" and not settings_differences(tier, chosen)
+    assert settings_differences(tier, load_profile("openkbp-2150"))  # not the first settings
+    study = study_settings(tier)
+    assert study["budgets"][-1] == profile_budget(tier) == 8600
+    assert study["budgets"][-1] >= 10 * study["budgets"][0] and len(study["seeds"]) >= 3
+    assert study["models"] == study_settings(chosen)["models"]
 
 
 def _write(tmp_path, data, name="custom.yaml"):
