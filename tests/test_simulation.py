@@ -322,7 +322,7 @@ def test_a_second_appearance_changes_contrast_and_is_checked():
 
 
 def test_openkbp_mr2_profile_differs_only_in_the_acquisition():
-    base, other = load_profile("openkbp"), load_profile("openkbp-mr2")
+    base, other = load_profile("openkbp-2150"), load_profile("openkbp-mr2")  # the variant of the first settings
     assert other["data"]["mr"] == base["data"]["mr"] and other["data"]["ct"] == base["data"]["ct"]
     assert other["cyclegan"] == base["cyclegan"] and other["segmentation"] == base["segmentation"]
     settings = simulation.SimulationSettings.from_dict(other["data"]["mr_simulation"])
