@@ -230,13 +230,14 @@ if study is not None:
 
 # %% [markdown]
 # ## Is the result tuned to one simulator? A second MR appearance, and the MR read from DICOM
-# A user brings real MR, not this book's simulation. Two variants of the tier run the same
-# networks, budget and seeds with other MR: `openkbp-mr2` simulates the MR cohort with a second,
+# A user brings real MR, not this book's simulation. Two variants of the tier's first settings
+# (`openkbp-2150`) run the same networks, budget and seeds with other MR: `openkbp-mr2` simulates the MR cohort with a second,
 # clearly different acquisition (TE 60–70 ms instead of ~100, TR 2,000–2,500 ms, SNR 10–15
 # instead of 20–30, a stronger bias field, a 2 mm point-spread function, and parotids 15 % darker
 # than the relaxation model gives), and `openkbp-dicom` writes the simulated cohort out as one
 # DICOM MR series and one RTSTRUCT per patient and reads it back through the `dicom` reader, the
-# path a user's own folder takes. Each variant's baselines are its own (domain randomisation and
+# path a user's own folder takes; `openkbp-dicom-8600` does the same for the tier as it stands
+# (`openkbp`, the last rows, beside it). Each variant's baselines are its own (domain randomisation and
 # the naive network are tested on its MR); the criteria are the tier's
 # (`convergence.variant_table`). Beside them, how MR-like each variant's synthetic MR came out:
 # its parotid/head intensity ratio against its real MR's, and the KID against the real-vs-real
@@ -263,7 +264,7 @@ if study is not None:
 if study is not None:
     variant_profiles = {name: config.load_profile(name)
                         for name in ("openkbp-2150", "openkbp-mr2", "openkbp-mr2-cycle-noise", "openkbp-mr2-background",
-                                     "openkbp-dicom", "openkbp-dice-ce")}
+                                     "openkbp-dicom", "openkbp-dice-ce", "openkbp", "openkbp-dicom-8600")}
     variants, unrecorded = convergence.variant_table(
         variant_profiles, [r.root for r in recorded if r.info.get("kind") == "study"])
     if not variants.empty:

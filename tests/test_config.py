@@ -90,6 +90,10 @@ def test_the_tier_profile_is_the_chosen_variant():
     assert study["budgets"][-1] == profile_budget(tier) == 8600
     assert study["budgets"][-1] >= 10 * study["budgets"][0] and len(study["seeds"]) >= 3
     assert study["models"] == study_settings(chosen)["models"]
+    # its DICOM variant changes where the MR is read from, nothing else; a run of it is the 8,600 point
+    dicom = load_profile("openkbp-dicom-8600")
+    assert settings_differences(dicom, tier) == ["data.mr.format"] and dicom["data"]["mr"]["format"] == "dicom"
+    assert study_settings(dicom)["budgets"] == [profile_budget(dicom)] == [8600]
 
 
 def _write(tmp_path, data, name="custom.yaml"):
