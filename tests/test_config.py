@@ -79,8 +79,8 @@ def test_openkbp_variants_change_only_what_they_name():
 
 def test_the_tier_profile_is_the_chosen_variant():
     """`openkbp` runs the settings chosen in chapter 10 (openkbp-8600-unet1600), so the recorded
-    3-seed study of that variant is the tier's record; its own convergence block spans one order
-    of magnitude up to its budget, with the tier's seeds and networks."""
+    3-seed study of that variant is the tier's record; its own convergence block ends at its
+    budget, with the tier's networks (the span and seeds: test_convergence)."""
     from crossmod_lib.convergence import profile_budget, settings_differences, study_settings
 
     tier, chosen = load_profile("openkbp"), load_profile("openkbp-8600-unet1600")
@@ -88,7 +88,6 @@ def test_the_tier_profile_is_the_chosen_variant():
     assert settings_differences(tier, load_profile("openkbp-2150"))  # not the first settings
     study = study_settings(tier)
     assert study["budgets"][-1] == profile_budget(tier) == 8600
-    assert study["budgets"][-1] >= 10 * study["budgets"][0] and len(study["seeds"]) >= 3
     assert study["models"] == study_settings(chosen)["models"]
     # its DICOM variant changes where the MR is read from, nothing else; a run of it is the 8,600 point
     dicom = load_profile("openkbp-dicom-8600")
