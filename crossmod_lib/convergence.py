@@ -47,7 +47,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import CrossmodError
-from .runs import RunFolder
+from .runs import RunFolder, TrainingFiles
 
 QUALITY_COLUMNS = ("seed", "budget", "parotid_ratio", "real_parotid_ratio", "outline_dice_median",
                    "outline_dice_share", "histogram_w1", "kid", "kid_sd", "real_kid")
@@ -298,6 +298,15 @@ def dsc_by_model(metrics: pd.DataFrame, models, postprocess: str = "lcc") -> lis
     return rows
 
 
+def scored_models(models) -> list[str]:
+    """The methods a point reports for its trained ``models``: with ``ct_only`` comes its paired
+    control (:data:`crossmod_lib.segmentation.PAIRED_CT`) where the MR is simulated from CT."""
+    from .segmentation import PAIRED_CT
+
+    models = list(models)
+    return models + [PAIRED_CT] if "ct_only" in models and PAIRED_CT not in models else models
+
+
 def run_point(point, trunk_dir: Path, baseline_from: Path | None, models, log=print) -> dict:
     """One study point (a :class:`~crossmod_lib.runs.RunFolder` with ``raw`` and ``prepared``
     linked): CycleGAN branched off the trunk and finished, synthesis, cleaning, the U-Nets
@@ -348,7 +357,7 @@ def run_point(point, trunk_dir: Path, baseline_from: Path | None, models, log=pr
     segmentation.predict_run(point, models=models)
     metrics = evaluation.evaluate_predictions(point)
     seconds["predict_evaluate"] = time.perf_counter() - t0
-    dsc = dsc_by_model(metrics, models)
+    dsc = dsc_by_model(metrics, scored_models(models))
     if kept == 0:
         mr_patients = metrics[metrics["modality"] == "MR"]["patient"].nunique()
         dsc = [{"model": "cross_modality", "title": "Cross-modality (synthetic MR, CT labels)",
@@ -438,7 +447,8 @@ def carried_points(profile: dict, recorded) -> dict:
 #: the CycleGAN, the cleaning or the cross-modality network's augmentation, so any study of the
 #: same data and U-Net settings holds them for its seeds, whatever its translator.
 BASELINE_FREE_SETTINGS = ("cyclegan", "cleaning", "segmentation.cross_modality_appearance")
-BASELINE_MODELS = ("ct_only", "domain_random", "naive")
+#: The networks that never see the translator (``ct_only_paired``: segmentation.PAIRED_CT).
+BASELINE_MODELS = ("ct_only", "domain_random", "naive", "ct_only_paired")
 #: Settings neither the translator nor the cleaning sees: a study that differs from another only
 #: in these (its U-Nets) can take that study's CycleGANs, synthetic MR and cleaned slices as they
 #: are (``translator_from`` of :func:`run_study`) and train only its U-Nets.
@@ -606,6 +616,41 @@ def _requality(runs_info: dict, study_dir: Path, base, profile: dict, log=print)
             seed=point["seed"])
 
 
+def _add_paired_control(runs_info: dict, study_dir: Path, profile: dict, log=print) -> None:
+    """Give the finished points of a study on simulated MR that predate the paired control
+    (CT only on the MR patients' own CT) its numbers: each point's networks predict and are
+    evaluated again (deterministic on the CPU: the other methods' numbers must come out the
+    same, which is checked and recorded) and the control's rows are added. A carried point
+    without its folder keeps what it has."""
+    from . import evaluation, segmentation
+
+    if profile["data"]["mr"].get("dataset") != "simulated_mr":
+        return
+    study = study_settings(profile)
+    for key, point in sorted(runs_info["points"].items()):
+        if "paired_control" in point or any(r["model"] == segmentation.PAIRED_CT for r in point["dsc"]):
+            continue
+        point_dir = study_dir / key
+        if not (point_dir / "model" / "ct_only" / TrainingFiles.BEST).is_file():
+            continue
+        run = RunFolder.open(point_profile(profile, point["seed"], point["budget"],
+                                           study["iterations_per_epoch"]), point_dir)
+        models = [m for m in study["models"] if (point_dir / "model" / m / TrainingFiles.BEST).is_file()]
+        log(f"{key}: predicting again with the paired control ({', '.join(models)}) ...")
+        t0 = time.perf_counter()
+        segmentation.predict_run(run, models=models)
+        metrics = evaluation.evaluate_predictions(run)
+        rows = dsc_by_model(metrics, scored_models(models))
+        new = {(r["model"], r["structure"]): r["dsc_mean"] for r in rows}
+        changed = sorted({r["model"] for r in point["dsc"] if (r["model"], r["structure"]) in new
+                          and abs(new[(r["model"], r["structure"])] - r["dsc_mean"]) > 1e-9})
+        if changed:
+            log(f"{key}: predicting again changed {', '.join(changed)}; their recorded numbers are kept")
+        point["dsc"] = point["dsc"] + [r for r in rows if r["model"] == segmentation.PAIRED_CT]
+        point["paired_control"] = {**_provenance(), "seconds": time.perf_counter() - t0,
+                                   "others_changed": changed}
+
+
 def _lengthen_trunk(trunk_dir: Path, settings: dict, head_threshold: float, log) -> None:
     """A study carried on with a larger budget than its trunk was started for (a later session
     adding 17,200 to a study of 8,600): the trunk's constant rate runs on, so its checkpoint is
@@ -664,6 +709,7 @@ def run_study(profile: dict, study_dir, log=print, progress: bool = False,
     prepared = base.root / "prepared"
     if base.ct_slices.is_file():
         _requality(runs_info, study_dir, base, profile, log)
+        _add_paired_control(runs_info, study_dir, profile, log)
     elif not new_points:
         raise CrossmodError(f"{study_dir}: no prepared slices (base/prepared/): nothing to bring "
                             "up to date without running the study")
@@ -861,7 +907,13 @@ def tier_criteria(points: pd.DataFrame, budget: int, margin: float = CT_ONLY_MAR
     cross-modality, CT-only, domain-randomisation and naive networks, and whether
     cross-modality ≥ CT-only − ``margin`` (``vs_ct_only``), cross-modality ≥ domain
     randomisation (``vs_domain_random``) and naive ≤ ``naive_ceiling`` (``naive_fails``) hold;
-    ``holds`` is all three. A model missing at that seed gives NaN and the criterion False."""
+    ``holds`` is all three. A model missing at that seed gives NaN and the criterion False.
+    Where the points hold the paired control (CT only on the MR patients' own CT,
+    :data:`crossmod_lib.segmentation.PAIRED_CT`), ``ct_only_paired`` and ``vs_ct_only_paired``
+    (cross-modality ≥ it − ``margin``) are added beside them: the same comparison on the same
+    patients, so that only the modality differs; ``holds`` stays the criteria above."""
+    from .segmentation import PAIRED_CT
+
     at = points[points["budget"] == budget]
     if at.empty:
         raise CrossmodError(f"convergence: no study point at budget {budget:,} "
@@ -878,6 +930,9 @@ def tier_criteria(points: pd.DataFrame, budget: int, margin: float = CT_ONLY_MAR
     out["vs_domain_random"] = out["cross_modality"] >= out["domain_random"]
     out["naive_fails"] = out["naive"] <= naive_ceiling
     out["holds"] = out["vs_ct_only"] & out["vs_domain_random"] & out["naive_fails"]
+    if PAIRED_CT in wide:
+        out[PAIRED_CT] = wide[PAIRED_CT].to_numpy()
+        out[f"vs_{PAIRED_CT}"] = out["cross_modality"] >= out[PAIRED_CT] - margin
     return out
 
 
@@ -888,7 +943,7 @@ def tier_verdict(criteria: pd.DataFrame, budget: int) -> str:
     if criteria["holds"].all():
         return (f"At {budget:,} CycleGAN iterations the tier holds for all {n} seed × parotid "
                 f"pairs: cross-modality ≥ CT-only − {CT_ONLY_MARGIN:g}, ≥ domain randomisation, "
-                f"naive ≤ {NAIVE_CEILING:g}.")
+                f"naive ≤ {NAIVE_CEILING:g}." + _paired_sentence(criteria))
     names = {"vs_ct_only": f"below CT-only − {CT_ONLY_MARGIN:g}",
              "vs_domain_random": "below domain randomisation",
              "naive_fails": f"naive above {NAIVE_CEILING:g}"}
@@ -897,7 +952,25 @@ def tier_verdict(criteria: pd.DataFrame, budget: int) -> str:
         why = ", ".join(text for column, text in names.items() if not row[column])
         failures.append(f"seed {row['seed']} {SIDES.get(row['structure'], row['structure'])} ({why})")
     return (f"At {budget:,} CycleGAN iterations the tier holds for {int(criteria['holds'].sum())} "
-            f"of {n} seed × parotid pairs; it fails for " + "; ".join(failures) + ".")
+            f"of {n} seed × parotid pairs; it fails for " + "; ".join(failures) + "."
+            + _paired_sentence(criteria))
+
+
+def _paired_sentence(criteria: pd.DataFrame) -> str:
+    """The CT-only comparison again on the same patients (the paired control), when measured."""
+    from .segmentation import PAIRED_CT
+
+    if PAIRED_CT not in criteria or criteria[PAIRED_CT].isna().all():
+        return ""
+    paired = criteria[criteria[PAIRED_CT].notna()]
+    held = paired[f"vs_{PAIRED_CT}"]
+    gap = (paired[PAIRED_CT] - paired["cross_modality"])
+    return (f" Against the CT-only network on the same patients' own CT (the paired control: "
+            f"only the modality differs), cross-modality ≥ it − {CT_ONLY_MARGIN:g} for "
+            f"{int(held.sum())} of {len(paired)} pairs (its DSC minus cross-modality's: "
+            f"{gap.min():+.2f} to {gap.max():+.2f}; against the held-out CT patients: "
+            f"{(paired['ct_only'] - paired['cross_modality']).min():+.2f} to "
+            f"{(paired['ct_only'] - paired['cross_modality']).max():+.2f}).")
 
 
 #: The synthetic-MR measures set beside each variant's DSC: how MR-like its translator's output is.

@@ -123,7 +123,7 @@ INDEX_COLUMNS = ("model", "title", "patient", "modality", "labels", "labels_lcc"
 #: The two versions of every prediction: as the network gave it, and its largest 3D component.
 POSTPROCESSING = {"raw": "labels", "lcc": "labels_lcc"}
 #: Order of the methods in tables and figures; others follow, by name.
-METHOD_ORDER = ("cross_modality", "ct_only", "naive", "domain_random", "mr_oracle")
+METHOD_ORDER = ("cross_modality", "ct_only", "ct_only_paired", "naive", "domain_random", "mr_oracle")
 METRIC_TITLES = {"dsc": "DSC", "hd": "HD (mm)", "hd95": "HD95 (mm)", "msd": "MSD (mm)"}
 SEGMENTATION_COLUMNS = ["model", "title", "patient", "modality", "common", "postprocess",
                         "structure", "label", "dsc", "hd", "hd95", "msd", "reference_voxels",
@@ -442,7 +442,8 @@ def paired_tests(metrics: pd.DataFrame, reference: str = "cross_modality", again
     Wilcoxon signed-rank test (:func:`scipy.stats.wilcoxon`, exact for small samples without
     ties). A method tested on other patients (CT only: held-out CT patients) cannot be paired:
     Mann-Whitney U test (:func:`scipy.stats.mannwhitneyu`) of the two groups of patients, and
-    the ``test`` column says so. Patients with an undefined distance (an empty contour) are left
+    the ``test`` column says so. The paired control (CT only on the CT each simulated MR patient
+    was made from) shares the MR patients and is compared paired on them. Patients with an undefined distance (an empty contour) are left
     out of that metric's test and counted in ``note``. Fewer than 2 pairs (or 1 patient per
     group) gives NaN with a note instead of a result. ``p_holm``: Holm's adjustment over the
     comparisons of each metric.
@@ -473,16 +474,21 @@ def paired_tests(metrics: pd.DataFrame, reference: str = "cross_modality", again
             ref_mod, oth_mod = ref["modality"].iloc[0], oth["modality"].iloc[0]
             row = {"metric": metric, "reference": reference, "other": other}
             notes = []
-            if ref_mod == oth_mod == "MR":
+            # CT and MR cohorts never share a patient, except the paired control: the CT an
+            # MR patient was simulated from (segmentation.PAIRED_CT), tested on the same patients
+            own_ct = (ref_mod == "MR" and oth_mod == "CT"
+                      and bool(set(ref[ref["common"]]["patient"]) & set(oth["patient"])))
+            if ref_mod == oth_mod == "MR" or own_ct:
                 a = ref[ref["common"]].set_index("patient")[metric]
-                b = oth[oth["common"]].set_index("patient")[metric]
+                b = (oth if own_ct else oth[oth["common"]]).set_index("patient")[metric]
                 pair = pd.concat([a, b], axis=1, keys=["a", "b"], join="inner")
                 finite = np.isfinite(pair).all(axis=1)
                 if (~finite).any():
                     notes.append(f"{int((~finite).sum())} patient(s) with an undefined distance left out")
                 pair = pair[finite]
                 n = len(pair)
-                row.update(test="Wilcoxon signed-rank (paired, common MR patients)",
+                row.update(test=("Wilcoxon signed-rank (paired: the same patients' MR and CT)" if own_ct
+                                 else "Wilcoxon signed-rank (paired, common MR patients)"),
                            n_reference=n, n_other=n,
                            median_reference=float(pair["a"].median()) if n else np.nan,
                            median_other=float(pair["b"].median()) if n else np.nan,

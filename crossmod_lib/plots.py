@@ -23,8 +23,8 @@ STRUCTURE_COLOURS = {"Parotid_L": "#e41a1c", "Parotid_R": "#4daf4a"}
 #: Fig. 7 (paper): the automatic contour red, the manual one blue.
 CONTOUR_COLOURS = {"automatic": "#e41a1c", "manual": "#377eb8"}
 #: Fig. 8 (paper): cross-modality learning red, the CT-trained network green; the rest follow.
-METHOD_COLOURS = {"cross_modality": "#d62728", "ct_only": "#2ca02c", "naive": "#7f7f7f",
-                  "domain_random": "#9467bd", "mr_oracle": "#1f77b4"}
+METHOD_COLOURS = {"cross_modality": "#d62728", "ct_only": "#2ca02c", "ct_only_paired": "#98df8a",
+                  "naive": "#7f7f7f", "domain_random": "#9467bd", "mr_oracle": "#1f77b4"}
 _MORE_COLOURS = ("#ff7f0e", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
 
 

@@ -1082,6 +1082,29 @@ def _method_name(recipe: dict) -> str:
 PREDICTION_COLUMNS = ("model", "title", "patient", "modality", "labels", "labels_lcc", "reference",
                       "seconds", "predict_seconds", "device", "common")
 
+#: The paired control (beyond the paper): the CT-only network on the CT that each simulated MR
+#: patient was made from. CT only is otherwise tested on other patients (held-out CT) than the MR
+#: methods, so its gap to them mixes the change of modality with the change of patients; on the
+#: same patients only the modality differs. Only where the MR cohort is simulated from CT.
+PAIRED_CT = "ct_only_paired"
+PAIRED_CT_TITLE = "CT only on the MR patients' own CT (paired control)"
+
+
+def paired_ct_source(sources: dict):
+    """``(CohortSource of CT, {MR patient: its source CT folder})`` when the MR cohort was
+    simulated from CT patients (:class:`~crossmod_lib.preparation.CohortSource` ``origins``),
+    else None: a real MR cohort has no CT of its own patients."""
+    from .preparation import CohortSource
+
+    mr = sources.get("MR")
+    if mr is None or mr.origins is None or not mr.simulated_from:
+        return None
+    by_name = {Path(origin).name: Path(origin) for origin in mr.origins}
+    table = {patient: by_name[patient] for patient in mr.patient_ids() if patient in by_name}
+    if not table:
+        return None
+    return CohortSource("CT", mr.simulated_from, list(table.values())), table
+
 
 def predict_run(run, *, progress: bool = False, device=None, models=None) -> pd.DataFrame:
     """Contour every test patient of every trained model of a run; the stage ``predictions/``.
@@ -1095,6 +1118,9 @@ def predict_run(run, *, progress: bool = False, device=None, models=None) -> pd.
     convergence study's ``cross_modality``, ``domain_random``, ``ct_only``). The manual contours of the same patients go to
     ``predictions/reference/<modality>/<patient>_labels.nii.gz``, on the same grid. The oracle's
     folds are one method, ``mr_oracle`` (each patient predicted by the fold that did not see it).
+    Where the MR cohort is simulated from CT patients, the CT-only network also contours each MR
+    patient's own CT (method :data:`PAIRED_CT`, modality CT, a paired control: the same patients
+    as the MR methods, only the modality differs).
 
     Writes ``predictions/index.csv`` (columns :data:`PREDICTION_COLUMNS`; paths relative to the
     run folder; ``seconds``: preprocess + predict + post-process + write of that patient, plus its
@@ -1122,19 +1148,25 @@ def predict_run(run, *, progress: bool = False, device=None, models=None) -> pd.
         raise CrossmodError(f"{run.model_root}: no trained model for {', '.join(missing)}; "
                             "run chapter 4 (train_run) first")
     sources = cohort_sources(run, progress=False)
-    items = {modality: dict(zip(source.patient_ids(), source.items))
-             for modality, source in sources.items()}
+    # cohort key -> (source, {patient: item}); PAIRED_CT: the simulated MR patients' own CT
+    cohorts = {modality: (source, dict(zip(source.patient_ids(), source.items)))
+               for modality, source in sources.items()}
+    paired = paired_ct_source(sources) if any(r["name"] == "ct_only" for r in recipes) else None
+    if paired is not None:
+        cohorts[PAIRED_CT] = paired
     out_root = run.stage("predictions")
     cache: dict = {}
 
-    def case_of(modality: str, patient: str):
-        key = (modality, patient)
+    def case_of(cohort: str, patient: str):
+        key = (cohort, patient)
+        source, items = cohorts[cohort]
+        modality = source.modality
         if key not in cache:
-            if patient not in items[modality]:
+            if patient not in items:
                 raise CrossmodError(f"{modality} cohort: test patient {patient!r} not found "
-                                    f"(cohort: {sources[modality].root})")
+                                    f"(cohort: {source.root})")
             t0 = time.perf_counter()
-            case = sources[modality].read(items[modality][patient])
+            case = source.read(items[patient])
             read_s = time.perf_counter() - t0
             reference = run.prediction_references / modality / PredictionFiles.labels(patient)
             if case.structures:
@@ -1147,38 +1179,40 @@ def predict_run(run, *, progress: bool = False, device=None, models=None) -> pd.
         return cache[key]
 
     rows = []
-    tasks = []
+    tasks = []  # (recipe, patient, cohort, method, title)
     for recipe in recipes:
         summary = json.loads((run.model_dir(recipe["name"]) / TrainingFiles.SUMMARY).read_text())
-        patients = summary.get("test_patients") or list(items[recipe["test"]])
-        tasks += [(recipe, patient) for patient in patients]
+        patients = summary.get("test_patients") or list(cohorts[recipe["test"]][1])
+        method = _method_name(recipe)
+        title = "MR oracle (cross-validated)" if method == "mr_oracle" else recipe["title"]
+        tasks += [(recipe, patient, recipe["test"], method, title) for patient in patients]
+        if recipe["name"] == "ct_only" and paired is not None:
+            tasks += [(recipe, patient, PAIRED_CT, PAIRED_CT, PAIRED_CT_TITLE) for patient in paired[1]]
     # Visit patients in order so that each is read once and all its models run together.
-    tasks.sort(key=lambda t: (t[0]["test"], t[1]))
+    tasks.sort(key=lambda t: (t[2], t[1]))
     iterator = tasks
     if progress:
         from tqdm.auto import tqdm
 
         iterator = tqdm(tasks, desc="predict", unit="case")
     models: dict = {}
-    for recipe, patient in iterator:
-        case, read_s, reference = case_of(recipe["test"], patient)
+    for recipe, patient, cohort, method, title in iterator:
+        case, read_s, reference = case_of(cohort, patient)
         if recipe["name"] not in models:
             models[recipe["name"]] = load_model(run.model_dir(recipe["name"]) / TrainingFiles.BEST,
                                                 resolve_device(device) if device else "cpu")
-        method = _method_name(recipe)
         t0 = time.perf_counter()
         steps: dict = {}
-        maps = predict_label_maps(models[recipe["name"]], case, profile, modality=recipe["test"],
-                                  device=device, timings=steps)
+        maps = predict_label_maps(models[recipe["name"]], case, profile,
+                                  modality=cohorts[cohort][0].modality, device=device, timings=steps)
         paths = {}
         for key in ("raw", "lcc"):
             path = out_root / method / PredictionFiles.labels(patient, key)
             write_image(sitk.Cast(maps[key], sitk.sitkUInt8), path)
             paths[key] = path
         seconds = read_s + time.perf_counter() - t0
-        rows.append({"model": method,
-                     "title": "MR oracle (cross-validated)" if method == "mr_oracle" else recipe["title"],
-                     "patient": patient, "modality": recipe["test"],
+        rows.append({"model": method, "title": title,
+                     "patient": patient, "modality": cohorts[cohort][0].modality,
                      "labels": str(paths["raw"].relative_to(run.root)),
                      "labels_lcc": str(paths["lcc"].relative_to(run.root)),
                      "reference": str(reference.relative_to(run.root)) if reference else "",

@@ -1,0 +1,141 @@
+"""The paired control: the CT-only network on the CT each simulated MR patient was made from.
+
+A run whose MR is simulated from CT patients (here synthetic CTs in the PDDCA layout, so no
+data is needed) contours those patients' own CT with the CT-only network beside its held-out CT
+test; chapter 5 compares it with the MR methods paired, on the same patients, and the
+convergence study's tier criteria set it beside CT only.
+"""
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from crossmod_lib import convergence, evaluation, preparation
+from crossmod_lib import segmentation as seg
+from crossmod_lib.config import load_profile
+from crossmod_lib.io import write_image
+from crossmod_lib.runs import RunFolder
+from test_simulation import _synthetic_ct
+
+CT_PATIENTS = ["case_a", "case_b", "case_c", "case_d", "case_e"]
+MR_PATIENTS = ["case_f", "case_g"]
+
+
+def _pddca(root):
+    for i, name in enumerate(CT_PATIENTS + MR_PATIENTS):
+        case = _synthetic_ct(n_slices=40 + 2 * i)
+        write_image(case.image, root / name / "img.nrrd")
+        for structure, mask in case.structures.items():
+            write_image(mask, root / name / "structures" / f"{structure}.nrrd")
+    return root
+
+
+@pytest.fixture(scope="module")
+def simulated_run(tmp_path_factory):
+    """A smoke run on synthetic CTs with an MR cohort simulated from two other patients; the
+    CT-only network trained (a second or two) and every model predicted."""
+    tmp = tmp_path_factory.mktemp("paired")
+    source = _pddca(tmp / "ctdata")
+    path = tmp / "sim.yaml"
+    path.write_text(yaml.safe_dump({"extends": "smoke", "name": "sim", "data": {
+        "ct": {"dataset": "pddca", "root": str(source), "patients": CT_PATIENTS},
+        "mr": {"dataset": "simulated_mr", "source": "pddca", "root": str(source),
+               "patients": MR_PATIENTS},
+        "mr_simulation": {"pixel_mm": 2.0, "matrix": 64, "slices": 16, "min_slices": 8,
+                          "workers": 1}}}))
+    run = RunFolder.open(load_profile(path), tmp / "run")
+    preparation.prepare_run(run)
+    seg.train_run(run, kinds=["ct_only", "naive"])
+    index = seg.predict_run(run, models=["ct_only", "naive"])
+    return run, index
+
+
+def test_the_simulated_mr_patients_own_ct_is_their_source(simulated_run):
+    run, _ = simulated_run
+    sources = preparation.cohort_sources(run, progress=False)
+    ct, table = seg.paired_ct_source(sources)
+    assert ct.modality == "CT" and ct.dataset == "pddca"
+    assert sorted(table) == MR_PATIENTS
+    assert all(folder.name == patient for patient, folder in table.items())
+    case = ct.read(table["case_f"])
+    assert set(case.structures) == {"Parotid_L", "Parotid_R"}
+    # a cohort that is not simulated from CT has none
+    assert seg.paired_ct_source({"CT": sources["CT"], "MR": preparation.CohortSource("MR", "dicom", [])}) is None
+    assert seg.paired_ct_source({"CT": sources["CT"]}) is None
+
+
+def test_predict_run_contours_the_mr_patients_ct_with_the_ct_network(simulated_run):
+    run, index = simulated_run
+    paired = index[index["model"] == seg.PAIRED_CT]
+    assert sorted(paired["patient"]) == MR_PATIENTS
+    assert (paired["modality"] == "CT").all() and not paired["common"].any()
+    assert (paired["title"] == seg.PAIRED_CT_TITLE).all()
+    held_out = index[index["model"] == "ct_only"]
+    assert set(held_out["patient"]) <= set(CT_PATIENTS)  # the held-out test is unchanged
+    for _, row in paired.iterrows():
+        assert (run.root / row["labels_lcc"]).is_file()
+        assert row["reference"] == f"predictions/reference/CT/{row['patient']}_labels.nii.gz"
+    metrics = evaluation.evaluate_predictions(run)
+    assert set(metrics[metrics["model"] == seg.PAIRED_CT]["patient"]) == set(MR_PATIENTS)
+    assert evaluation.method_order(metrics["model"])[:2] == ["ct_only", seg.PAIRED_CT]
+    # only the networks asked for: no control without the CT-only network
+    index = seg.predict_run(run, models=["naive"])
+    assert seg.PAIRED_CT not in set(index["model"])
+
+
+def _metrics(rows):
+    out = []
+    for model, modality, patient, dsc in rows:
+        for structure in ("Parotid_L", "Parotid_R"):
+            out.append({"model": model, "title": model, "patient": patient, "modality": modality,
+                        "common": modality == "MR", "postprocess": "lcc", "structure": structure,
+                        "label": 1, "dsc": dsc, "hd": 5.0 + dsc, "hd95": 4.0, "msd": 1.0 + dsc,
+                        "reference_voxels": 10, "prediction_voxels": 10, "seconds": 0.1})
+    return pd.DataFrame(out)
+
+
+def test_the_mr_methods_are_compared_with_the_control_paired_and_with_ct_only_unpaired():
+    mr_patients = [f"p{i}" for i in range(6)]
+    rows = [("cross_modality", "MR", p, 0.6 + 0.01 * i) for i, p in enumerate(mr_patients)]
+    rows += [(seg.PAIRED_CT, "CT", p, 0.7 + 0.01 * i) for i, p in enumerate(mr_patients)]
+    rows += [("ct_only", "CT", f"c{i}", 0.8) for i in range(4)]
+    tests = evaluation.paired_tests(_metrics(rows))
+    dsc = tests[tests["metric"] == "dsc"].set_index("other")
+    assert dsc.loc[seg.PAIRED_CT, "test"].startswith("Wilcoxon signed-rank (paired: the same patients")
+    assert dsc.loc[seg.PAIRED_CT, "n_reference"] == 6
+    assert np.isclose(dsc.loc[seg.PAIRED_CT, "median_difference"], -0.1)
+    assert dsc.loc["ct_only", "test"].startswith("Mann-Whitney U")
+
+
+def test_tier_criteria_set_the_paired_control_beside_ct_only():
+    rows = []
+    for seed, (cross, ct, paired) in {2021: (0.63, 0.72, 0.66), 2022: (0.66, 0.68, 0.61)}.items():
+        for model, value in (("cross_modality", cross), ("ct_only", ct), (seg.PAIRED_CT, paired),
+                             ("domain_random", 0.55), ("naive", 0.02)):
+            for structure in ("Parotid_L", "Parotid_R"):
+                rows.append({"seed": seed, "budget": 8600, "model": model, "title": model,
+                             "structure": structure, "dsc_mean": value, "dsc_sd": 0.1, "n": 12,
+                             "note": ""})
+    criteria = convergence.tier_criteria(pd.DataFrame(rows), 8600)
+    by_seed = criteria.groupby("seed").first()
+    assert list(by_seed["vs_ct_only"]) == [False, True]  # 0.63 < 0.72 - 0.05
+    assert list(by_seed[f"vs_{seg.PAIRED_CT}"]) == [True, True]  # 0.63 >= 0.66 - 0.05
+    assert list(by_seed["holds"]) == [False, True]  # the criteria themselves are unchanged
+    verdict = convergence.tier_verdict(criteria, 8600)
+    assert "holds for 2 of 4" in verdict and "same patients' own CT" in verdict
+    assert "for 4 of 4 pairs" in verdict
+    # without the control, no column and no sentence
+    plain = convergence.tier_criteria(pd.DataFrame([r for r in rows if r["model"] != seg.PAIRED_CT]), 8600)
+    assert seg.PAIRED_CT not in plain and "same patients" not in convergence.tier_verdict(plain, 8600)
+
+
+def test_scored_models_add_the_control_only_with_ct_only():
+    assert convergence.scored_models(["cross_modality", "ct_only"]) == ["cross_modality", "ct_only", seg.PAIRED_CT]
+    assert convergence.scored_models(["cross_modality"]) == ["cross_modality"]
+
+
+def test_a_study_on_phantom_mr_has_no_control_to_add(tmp_path):
+    runs_info = {"points": {"seed2021/budget00430": {"seed": 2021, "budget": 430, "dsc": []}}}
+    convergence._add_paired_control(runs_info, tmp_path, load_profile("smoke"))
+    assert "paired_control" not in runs_info["points"]["seed2021/budget00430"]
