@@ -964,13 +964,16 @@ def _paired_sentence(criteria: pd.DataFrame) -> str:
         return ""
     paired = criteria[criteria[PAIRED_CT].notna()]
     held = paired[f"vs_{PAIRED_CT}"]
-    gap = (paired[PAIRED_CT] - paired["cross_modality"])
+    gap = paired["cross_modality"] - paired[PAIRED_CT]
+    held_out = paired["cross_modality"] - paired["ct_only"]
+    misses = [f"seed {row['seed']} {SIDES.get(row['structure'], row['structure'])}"
+              for _, row in paired[~held].iterrows()]
     return (f" Against the CT-only network on the same patients' own CT (the paired control: "
             f"only the modality differs), cross-modality ≥ it − {CT_ONLY_MARGIN:g} for "
-            f"{int(held.sum())} of {len(paired)} pairs (its DSC minus cross-modality's: "
-            f"{gap.min():+.2f} to {gap.max():+.2f}; against the held-out CT patients: "
-            f"{(paired['ct_only'] - paired['cross_modality']).min():+.2f} to "
-            f"{(paired['ct_only'] - paired['cross_modality']).max():+.2f}).")
+            f"{int(held.sum())} of {len(paired)} pairs"
+            + (f" (not: {', '.join(misses)})" if misses else "")
+            + f"; cross-modality minus the control per pair: {gap.min():+.3f} to {gap.max():+.3f} "
+            f"(minus CT only on its held-out CT patients: {held_out.min():+.3f} to {held_out.max():+.3f}).")
 
 
 #: The synthetic-MR measures set beside each variant's DSC: how MR-like its translator's output is.
