@@ -443,7 +443,7 @@ def paired_tests(metrics: pd.DataFrame, reference: str = "cross_modality", again
     ties). A method tested on other patients (CT only: held-out CT patients) cannot be paired:
     Mann-Whitney U test (:func:`scipy.stats.mannwhitneyu`) of the two groups of patients, and
     the ``test`` column says so. The paired control (CT only on the CT each simulated MR patient
-    was made from) shares the MR patients and is compared paired on them. Patients with an undefined distance (an empty contour) are left
+    was made from) shares the MR patients and is compared paired on every patient both have. Patients with an undefined distance (an empty contour) are left
     out of that metric's test and counted in ``note``. Fewer than 2 pairs (or 1 patient per
     group) gives NaN with a note instead of a result. ``p_holm``: Holm's adjustment over the
     comparisons of each metric.
@@ -479,7 +479,8 @@ def paired_tests(metrics: pd.DataFrame, reference: str = "cross_modality", again
             own_ct = (ref_mod == "MR" and oth_mod == "CT"
                       and bool(set(ref[ref["common"]]["patient"]) & set(oth["patient"])))
             if ref_mod == oth_mod == "MR" or own_ct:
-                a = ref[ref["common"]].set_index("patient")[metric]
+                # the control is paired on every patient both have (not only the common ones)
+                a = (ref if own_ct else ref[ref["common"]]).set_index("patient")[metric]
                 b = (oth if own_ct else oth[oth["common"]]).set_index("patient")[metric]
                 pair = pd.concat([a, b], axis=1, keys=["a", "b"], join="inner")
                 finite = np.isfinite(pair).all(axis=1)
