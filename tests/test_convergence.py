@@ -434,7 +434,8 @@ def test_tier_run_takes_its_settings_study_and_the_baselines_of_the_same_seeds(t
     _fake_study(tmp_path / "other", other, [
         {**row, "seed": s, "budget": 30, "model": m, "structure": side, "dsc_mean": d}
         for s in (1, 2, 3) for side in convergence.SIDES
-        for m, d in (("cross_modality", 0.1), ("ct_only", 0.72), ("domain_random", 0.6), ("naive", 0.0))],
+        for m, d in (("cross_modality", 0.1), ("ct_only", 0.72), ("domain_random", 0.6), ("naive", 0.0),
+                     ("ct_only_paired", 0.66))],
         seconds={"segmentation": 40.0})
     # other U-Net settings: neither counts
     unet = copy.deepcopy(other)
@@ -449,13 +450,14 @@ def test_tier_run_takes_its_settings_study_and_the_baselines_of_the_same_seeds(t
     assert found["cross_modality_from"] == ["own"] and found["baselines_from"] == ["other"]
     points = found["points"]
     assert set(points["seed"]) == {1, 2} and set(points["budget"]) == {60}
-    assert len(points) == 2 * 2 * 4
+    assert len(points) == 2 * 2 * 5  # the paired control comes with the baselines
     assert points[points["model"] == "ct_only"]["dsc_mean"].eq(0.72).all()
     assert points[points["model"] == "cross_modality"]["dsc_mean"].eq(0.7).all()
     # the point's stages from the CycleGAN on, plus the baselines' U-Nets
     assert found["seconds"] == {1: pytest.approx(170.0), 2: pytest.approx(170.0)}
     criteria = convergence.tier_criteria(points, found["budget"])
     assert criteria["holds"].all() and len(criteria) == 4
+    assert criteria["ct_only_paired"].eq(0.66).all() and criteria["vs_ct_only_paired"].all()
 
     # a later study of the tier's settings with all four networks: the seed it adds takes its
     # baselines from it (the same run), not from the first study that has that seed's
