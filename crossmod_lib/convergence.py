@@ -986,7 +986,8 @@ def variant_table(profiles: dict[str, dict], studies) -> tuple[pd.DataFrame, dic
     them, and per seed and parotid the four networks' patient-mean DSC with the tier's criteria
     (:func:`tier_criteria`), beside its synthetic MR's parotid/head ratio and KID (and the real
     MR's). Returns the table (columns ``profile``, ``budget``, those of :func:`tier_criteria` and
-    the quality measures) and, per label without a recorded run, why."""
+    the quality measures; ``ct_only_paired``, the paired control, NaN where not measured) and,
+    per label without a recorded run, why."""
     tables, missing = [], {}
     for label, profile in profiles.items():
         found = tier_run(profile, studies)
@@ -997,9 +998,12 @@ def variant_table(profiles: dict[str, dict], studies) -> tuple[pd.DataFrame, dic
         quality = found["quality"][["seed", *_VARIANT_QUALITY]].astype(float).astype({"seed": int})
         criteria = criteria.merge(quality, on="seed", how="left")
         tables.append(criteria.assign(profile=label, budget=found["budget"]))
-    columns = ["profile", "budget", "seed", "structure", "cross_modality", "ct_only", "domain_random",
-               "naive", "vs_ct_only", "vs_domain_random", "naive_fails", "holds", *_VARIANT_QUALITY]
-    table = pd.concat(tables, ignore_index=True)[columns] if tables else pd.DataFrame(columns=columns)
+    # ct_only_paired (segmentation.PAIRED_CT): NaN where a variant's runs predate the control
+    columns = ["profile", "budget", "seed", "structure", "cross_modality", "ct_only", "ct_only_paired",
+               "domain_random", "naive", "vs_ct_only", "vs_domain_random", "naive_fails", "holds",
+               *_VARIANT_QUALITY]
+    table = (pd.concat(tables, ignore_index=True).reindex(columns=columns) if tables
+             else pd.DataFrame(columns=columns))
     return table, missing
 
 
@@ -1011,6 +1015,7 @@ def variant_summary(table: pd.DataFrame) -> pd.DataFrame:
     out = grouped.agg(seeds=("seed", "nunique"), cross_modality=("cross_modality", "mean"),
                       cross_modality_seed_sd=("cross_modality", "std"),
                       domain_random=("domain_random", "mean"), ct_only=("ct_only", "mean"),
+                      ct_only_paired=("ct_only_paired", "mean"),
                       naive=("naive", "mean"), seeds_holding=("holds", "sum"),
                       parotid_ratio=("parotid_ratio", "mean"), real_parotid_ratio=("real_parotid_ratio", "mean"),
                       kid=("kid", "mean"), real_kid=("real_kid", "mean")).reset_index()

@@ -251,7 +251,10 @@ if study is not None:
 # its parotid/head intensity ratio against its real MR's, and the KID against the real-vs-real
 # floor (as in the study above). The same table holds `openkbp-dice-ce`, the tier with other U-Net
 # settings (soft Dice + cross-entropy, appearance augmentation): its baselines are retrained
-# under them, so it too is compared with its own.
+# under them, so it too is compared with its own. Where a variant's runs hold the paired control
+# (`ct_only_paired`: its CT-only network on the CT its MR patients were simulated from, the same
+# for every appearance of a seed), that column says what the change of modality costs on the same
+# patients, whatever the MR looks like.
 #
 # On the second appearance the CycleGAN fails outright (below, and at four times the budget in the
 # section above): its synthetic slices keep the CT's contrast and carry checkerboard grids. Two
