@@ -150,6 +150,8 @@ display(pd.DataFrame(split_rows).style.hide(axis="index"))
 # slice by slice, reassembled in 3D and resampled onto the native MR grid, once as it is and once
 # keeping only the largest 3D connected component per side (`postprocess_lcc`; chapter 5 reports
 # both). The predictions and the manual contours are written as label maps under `predictions/`.
+# Where the MR cohort is simulated from CT patients, the CT-only network also contours those
+# patients' own CT (`ct_only_paired`, the paired control of chapter 5).
 
 # %%
 timing = index.groupby(["model", "modality"])["seconds"].agg(["count", "mean", "std"]).reset_index()
