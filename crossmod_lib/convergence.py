@@ -968,12 +968,18 @@ def _paired_sentence(criteria: pd.DataFrame) -> str:
     held_out = paired["cross_modality"] - paired["ct_only"]
     misses = [f"seed {row['seed']} {SIDES.get(row['structure'], row['structure'])}"
               for _, row in paired[~held].iterrows()]
+    # The seed mean per side: what the change of modality costs these patients, seeds pooled.
+    side_mean = gap.groupby(paired["structure"]).mean()
+    sides = [side for side in SIDES if side in side_mean.index]
     return (f" Against the CT-only network on the same patients' own CT (the paired control: "
             f"only the modality differs), cross-modality ≥ it − {CT_ONLY_MARGIN:g} for "
             f"{int(held.sum())} of {len(paired)} pairs"
             + (f" (not: {', '.join(misses)})" if misses else "")
             + f"; cross-modality minus the control per pair: {gap.min():+.3f} to {gap.max():+.3f} "
-            f"(minus CT only on its held-out CT patients: {held_out.min():+.3f} to {held_out.max():+.3f}).")
+            f"(minus CT only on its held-out CT patients: {held_out.min():+.3f} to {held_out.max():+.3f})"
+            + (f"; seed mean of cross-modality minus the control: "
+               + ", ".join(f"{SIDES[side]} {side_mean[side]:+.2f}" for side in sides) if sides else "")
+            + ".")
 
 
 #: The synthetic-MR measures set beside each variant's DSC: how MR-like its translator's output is.

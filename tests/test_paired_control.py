@@ -127,6 +127,8 @@ def test_tier_criteria_set_the_paired_control_beside_ct_only():
     verdict = convergence.tier_verdict(criteria, 8600)
     assert "holds for 2 of 4" in verdict and "same patients' own CT" in verdict
     assert "for 4 of 4 pairs" in verdict
+    # seeds pooled per side: (0.63 - 0.66 + 0.66 - 0.61) / 2 = +0.01 on each side
+    assert "seed mean of cross-modality minus the control: right +0.01, left +0.01." in verdict
     # without the control, no column and no sentence
     plain = convergence.tier_criteria(pd.DataFrame([r for r in rows if r["model"] != seg.PAIRED_CT]), 8600)
     assert seg.PAIRED_CT not in plain and "same patients" not in convergence.tier_verdict(plain, 8600)
