@@ -1080,6 +1080,26 @@ def unet_seed_summary(table: pd.DataFrame) -> pd.DataFrame:
     return grouped.agg(unet_seeds=("unet_seed", "nunique"), dsc=("dsc_mean", "mean"),
                        seed_sd=("dsc_mean", "std"), lowest=("dsc_mean", "min"),
                        highest=("dsc_mean", "max"), patient_sd=("dsc_sd", "mean")).reset_index()
+
+
+def unet_spread_sentence(study: str, info: dict, table: pd.DataFrame, model: str = "cross_modality") -> str:
+    """One sentence on a U-Net seed study (``info``: its ``unet_seeds_runs.json``, ``table``: its
+    ``unet_seeds.csv``): how far ``model``'s patient-mean DSC moves with the U-Net seed alone, per
+    parotid, over the runs that trained as the point did (variants changing no setting). "" when
+    fewer than two such runs of ``model`` exist (no spread to give)."""
+    as_point = [name for name, changes in (info.get("variants") or {}).items() if not changes]
+    rows = table[table["variant"].isin(as_point) & (table["model"] == model)]
+    spread = rows.groupby("structure")["dsc_mean"].agg(["count", "mean", "std", "min", "max"])
+    sides = [side for side in SIDES if side in spread.index and spread.loc[side, "count"] >= 2]
+    if not sides:
+        return ""
+    parts = [f"{SIDES[side]} {spread.loc[side, 'mean']:.2f} ± {spread.loc[side, 'std']:.2f} "
+             f"({spread.loc[side, 'min']:.2f}–{spread.loc[side, 'max']:.2f})" for side in sides]
+    return (f"The {model.replace('_', '-')} U-Net trained again under {int(spread.loc[sides, 'count'].max())} "
+            f"U-Net seeds on the same cleaned slices of one run (recorded U-Net seed study `{study}`) scores DSC "
+            + ", ".join(parts) + ": a difference smaller than that spread is one U-Net's draw.")
+
+
 # The stages a U-Net seed study's runs share with their point (linked, never written).
 _POINT_STAGES = ("raw", "prepared", "synthetic", "cleaned")
 

@@ -47,7 +47,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from IPython.display import Markdown, display
 
-from crossmod_lib import contour_review, evaluation, paper, plots, runs
+from crossmod_lib import contour_review, convergence, evaluation, paper, plots, record, runs
 from crossmod_lib.metrics import METRIC_CONVENTIONS as metrics_conventions
 
 run = runs.RunFolder.open(profile_path or profile, run_dir or None)
@@ -207,6 +207,13 @@ if mr_scored:
     lines.append(f"- Cross-modality learning reached a DSC of {cm_dsc:.2f} ± {cm_sd:.2f} and {hd_text} "
                  f"(both glands, {cm_n:.0f} MR patients); the paper reported 0.77 ± 0.07 and "
                  f"18.32 ± 10.12 mm on 27 real patients.")
+    for rec in record.recorded_runs():  # how much of that is one U-Net's draw, where recorded
+        if rec.info.get("kind") == "unet-seeds" and rec.name == run.profile["name"]:
+            spread = convergence.unet_spread_sentence(rec.root.name, rec.json(runs.RunFolder.unet_seeds_runs),
+                                                      rec.table(runs.RunFolder.unet_seeds))
+            if spread:
+                lines.append(f"- {spread}")
+                break
     phantom_mr = run.profile["data"]["mr"]["dataset"] == "phantom"
     if interobserver is not None:
         io_dsc = inter_patients["dsc"].mean()

@@ -143,3 +143,19 @@ def test_a_study_on_phantom_mr_has_no_control_to_add(tmp_path):
     runs_info = {"points": {"seed2021/budget00430": {"seed": 2021, "budget": 430, "dsc": []}}}
     convergence._add_paired_control(runs_info, tmp_path, load_profile("smoke"))
     assert "paired_control" not in runs_info["points"]["seed2021/budget00430"]
+
+
+def test_the_unet_spread_sentence_reads_only_the_runs_trained_as_the_point():
+    rows = []
+    for variant, values in {"paper": (0.80, 0.84, 0.82), "+augment=True": (0.10, 0.20, 0.30)}.items():
+        for seed, value in zip((2021, 2022, 2023), values):
+            for structure in ("Parotid_R", "Parotid_L"):
+                rows.append({"variant": variant, "unet_seed": seed, "model": "cross_modality", "title": "",
+                             "structure": structure, "dsc_mean": value, "dsc_sd": 0.1, "n": 8})
+    info = {"variants": {"paper": {}, "+augment=True": {"augment": True}}}
+    sentence = convergence.unet_spread_sentence("unet-seeds-x", info, pd.DataFrame(rows))
+    assert "3 U-Net seeds" in sentence and "`unet-seeds-x`" in sentence
+    assert "right 0.82 ± 0.02 (0.80–0.84), left 0.82 ± 0.02 (0.80–0.84)" in sentence  # augment ignored
+    # one seed as the point: no spread to give; another model: nothing either
+    assert convergence.unet_spread_sentence("s", info, pd.DataFrame(rows[:2] + rows[6:])) == ""
+    assert convergence.unet_spread_sentence("s", info, pd.DataFrame(rows), model="ct_only") == ""
