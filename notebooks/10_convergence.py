@@ -311,7 +311,8 @@ unet_studies = [r for r in recorded if r.info.get("kind") == "unet-seeds"]
 summaries, descriptions = [], []
 for rec in unet_studies:
     info = rec.json(runs.RunFolder.unet_seeds_runs)
-    point = "/".join(Path(info["point"]).parts[-3:])
+    parts = Path(info["point"]).parts  # a study point is study/seedS/budgetB; a whole run, its folder
+    point = "/".join(parts[-3:]) if len(parts) > 2 and parts[-2].startswith("seed") else parts[-1]
     changes = "; ".join(f"`{name}`: " + (", ".join(f"{k} = {v}" for k, v in change.items()) or "as the point")
                         for name, change in info["variants"].items())
     descriptions.append(f"- `{rec.root.name}`: point `{point}` (profile `{rec.name}`), {len(info['runs'])} U-Nets; "
