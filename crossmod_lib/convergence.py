@@ -1089,13 +1089,14 @@ def unet_spread_sentence(study: str, info: dict, table: pd.DataFrame, model: str
     fewer than two such runs of ``model`` exist (no spread to give)."""
     as_point = [name for name, changes in (info.get("variants") or {}).items() if not changes]
     rows = table[table["variant"].isin(as_point) & (table["model"] == model)]
-    spread = rows.groupby("structure")["dsc_mean"].agg(["count", "mean", "std", "min", "max"])
-    sides = [side for side in SIDES if side in spread.index and spread.loc[side, "count"] >= 2]
+    # the runs as the point, pooled into one variant
+    spread = unet_seed_summary(rows.assign(variant="as the point", title=model)).set_index("structure")
+    sides = [side for side in SIDES if side in spread.index and spread.loc[side, "unet_seeds"] >= 2]
     if not sides:
         return ""
-    parts = [f"{SIDES[side]} {spread.loc[side, 'mean']:.2f} ± {spread.loc[side, 'std']:.2f} "
-             f"({spread.loc[side, 'min']:.2f}–{spread.loc[side, 'max']:.2f})" for side in sides]
-    return (f"The {model.replace('_', '-')} U-Net trained again under {int(spread.loc[sides, 'count'].max())} "
+    parts = [f"{SIDES[side]} {spread.loc[side, 'dsc']:.2f} ± {spread.loc[side, 'seed_sd']:.2f} "
+             f"({spread.loc[side, 'lowest']:.2f}–{spread.loc[side, 'highest']:.2f})" for side in sides]
+    return (f"The {model.replace('_', '-')} U-Net trained again under {int(spread.loc[sides, 'unet_seeds'].max())} "
             f"U-Net seeds on the same cleaned slices of one run (recorded U-Net seed study `{study}`) scores DSC "
             + ", ".join(parts) + ": a difference smaller than that spread is one U-Net's draw.")
 

@@ -71,6 +71,7 @@ from crossmod_lib import config, convergence, plots, record, runs
 
 run = runs.RunFolder.open(profile_path or profile, run_dir or None)
 recorded = record.recorded_runs(recorded_dir or None)  # verified once, read by every section
+recorded_studies = [r.root for r in recorded if r.info.get("kind") == "study"]  # the tier and variant tables' input
 studies = [r for r in recorded if r.info.get("kind") == "study" and r.root.name == study_name]
 study = studies[0] if studies else None
 if study is None:
@@ -142,8 +143,7 @@ if study is not None and not points.empty:
 
 # %%
 if study is not None:
-    tier = convergence.tier_run(config.load_profile("openkbp"),
-                                [r.root for r in recorded if r.info.get("kind") == "study"])
+    tier = convergence.tier_run(config.load_profile("openkbp"), recorded_studies)
     if tier["reason"]:
         display(Markdown(f"*No recorded run of `openkbp` as it stands: {tier['reason']}.*"))
     else:
@@ -188,17 +188,16 @@ if study is not None:
 
 # %%
 if study is not None:
-    studies_recorded = [r.root for r in recorded if r.info.get("kind") == "study"]
     budgets = {name: config.load_profile(name)
                for name in ("openkbp-2150", "openkbp-8600", "openkbp-17200", "openkbp-8600-unet1600",
                             "openkbp-8600-unet1600-appearance", "openkbp-mr2", "openkbp-mr2-8600", "openkbp-mr2-background",
                             "openkbp-mr2-background-8600", "openkbp-mr2-background-8600-unet1600")}
-    by_budget, unrecorded = convergence.variant_table(budgets, studies_recorded)
+    by_budget, unrecorded = convergence.variant_table(budgets, recorded_studies)
     if not by_budget.empty:
         display(convergence.variant_summary(by_budget).set_index(["profile", "structure"]).round(3))
         display(by_budget.drop(columns=["vs_ct_only", "vs_domain_random", "naive_fails"])
                 .set_index(["profile", "seed", "structure"]).round(3))
-    longer = {name: convergence.tier_run(budgets[name], studies_recorded)
+    longer = {name: convergence.tier_run(budgets[name], recorded_studies)
               for name in ("openkbp-2150", "openkbp-8600", "openkbp-17200", "openkbp-8600-unet1600")}
     longer = {name: found for name, found in longer.items() if not found["reason"]}
     same_unets = [name for name in ("openkbp-2150", "openkbp-8600", "openkbp-17200") if name in longer]
@@ -277,7 +276,7 @@ if study is not None:
 # %%
 if study is not None:
     second = config.load_profile("openkbp-mr2-background-8600-unet1600")
-    second_run = convergence.tier_run(second, [r.root for r in recorded if r.info.get("kind") == "study"])
+    second_run = convergence.tier_run(second, recorded_studies)
     if not second_run["reason"]:
         display(Markdown(
             "`openkbp-mr2-background-8600-unet1600`: "
@@ -287,7 +286,7 @@ if study is not None:
                         for name in ("openkbp-2150", "openkbp-mr2", "openkbp-mr2-cycle-noise", "openkbp-mr2-background",
                                      "openkbp-dicom", "openkbp-dice-ce", "openkbp", "openkbp-dicom-8600")}
     variants, unrecorded = convergence.variant_table(
-        variant_profiles, [r.root for r in recorded if r.info.get("kind") == "study"])
+        variant_profiles, recorded_studies)
     if not variants.empty:
         display(convergence.variant_summary(variants).set_index(["profile", "structure"]).round(3))
         display(variants.drop(columns=["vs_ct_only", "vs_domain_random", "naive_fails"])
