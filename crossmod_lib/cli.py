@@ -13,6 +13,7 @@
     crossmod bench NAME                                           run a benchmark
     crossmod study convergence --profile NAME --out DIR            CycleGAN budget x seed study
     crossmod study unet-seeds --point DIR --out DIR [--set K=V]   a point's U-Nets over U-Net seeds
+    crossmod study ideal-translation --point DIR --out DIR        what the translator costs (simulated MR)
 
 Errors a user can fix are printed as one line (``crossmod: error: ...``) with exit status 2.
 """
@@ -208,13 +209,17 @@ def build_parser() -> argparse.ArgumentParser:
                        description="convergence: the pipeline from the prepared slices for every "
                                    "seed and CycleGAN budget of the profile's convergence block; "
                                    "unet-seeds: the U-Nets of one finished point (--point) again "
-                                   "under other U-Net seeds, with and without --set changes. "
+                                   "under other U-Net seeds, with and without --set changes; "
+                                   "ideal-translation: a point's cross-modality U-Net trained on the "
+                                   "simulator's own MR of its CT patients instead of the synthetic MR "
+                                   "(what the translator costs; MR cohorts simulated from CT only). "
                                    "Tables in OUT/metrics/ (resumable: finished runs are kept).")
-    p.add_argument("name", choices=["convergence", "unet-seeds"])
+    p.add_argument("name", choices=["convergence", "unet-seeds", "ideal-translation"])
     p.add_argument("--profile", default=None,
                    help="convergence: profile name (smoke, demo, full, ...) or path to a profile .yaml")
     p.add_argument("--point", type=Path, default=None,
-                   help="unet-seeds: a finished study point or run folder (its synthetic/ and cleaned/)")
+                   help="unet-seeds, ideal-translation: a finished study point or run folder (its "
+                        "synthetic/ and cleaned/)")
     p.add_argument("--set", dest="changes", nargs="+", default=[], metavar="KEY=VALUE",
                    help="unet-seeds: segmentation settings of the variant run beside the point's "
                         "own (e.g. cross_modality_appearance=true)")
@@ -222,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unet-seeds: the models trained again (default: cross_modality)")
     p.add_argument("--out", type=Path, required=True, help="study folder (created; resumed if it exists)")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
-                   help="override convergence.seeds (default: the profile's); unet-seeds: the "
+                   help="override convergence.seeds (default: the profile's); unet-seeds, ideal-translation: the "
                         "U-Net seeds (default: the profile's convergence.seeds)")
     p.add_argument("--budgets", type=int, nargs="+", default=None,
                    help="override convergence.budgets, in CycleGAN iterations")
@@ -467,6 +472,13 @@ def cmd_study(args) -> int:
 
     if args.name == "unet-seeds":
         return _study_unet_seeds(args)
+    if args.name == "ideal-translation":
+        if args.point is None:
+            raise CrossmodError("study ideal-translation: give --point, a finished study point or run folder")
+        table = convergence.run_ideal_translation_study(args.point, args.out, args.seeds, log=print)
+        if not table.empty:
+            print(convergence.unet_seed_summary(table).drop(columns=["title"]).round(3).to_string(index=False))
+        return 0
     if args.profile is None:
         raise CrossmodError("study convergence: give --profile")
     profile = load_profile(args.profile)

@@ -1087,6 +1087,8 @@ def unet_spread_sentence(study: str, info: dict, table: pd.DataFrame, model: str
     ``unet_seeds.csv``): how far ``model``'s patient-mean DSC moves with the U-Net seed alone, per
     parotid, over the runs that trained as the point did (variants changing no setting). "" when
     fewer than two such runs of ``model`` exist (no spread to give)."""
+    if info.get("training"):  # trained on other slices than the point's (an ideal translation)
+        return ""
     as_point = [name for name, changes in (info.get("variants") or {}).items() if not changes]
     rows = table[table["variant"].isin(as_point) & (table["model"] == model)]
     # the runs as the point, pooled into one variant
@@ -1106,7 +1108,7 @@ _POINT_STAGES = ("raw", "prepared", "synthetic", "cleaned")
 
 
 def run_unet_seed_study(point_dir, out_dir, seeds, variants: dict[str, dict],
-                        models=("cross_modality",), log=print) -> pd.DataFrame:
+                        models=("cross_modality",), log=print, extra: dict | None = None) -> pd.DataFrame:
     """How much of a point's result is the U-Net's: the U-Nets of one finished study point (or
     any run folder with ``synthetic/`` and ``cleaned/``) trained again with other U-Net seeds,
     under each variant of the segmentation settings (``{"paper": {}, "appearance":
@@ -1115,7 +1117,9 @@ def run_unet_seed_study(point_dir, out_dir, seeds, variants: dict[str, dict],
     ``OUT/<variant>/seed<S>/`` is a run folder whose earlier stages link to the point's; the
     tables are ``OUT/metrics/unet_seeds.csv`` and ``unet_seeds_runs.json`` (provenance per run),
     rewritten after every run, so an interrupted study keeps what it finished and resumes.
-    ``seeds`` None or empty: the point's ``convergence.seeds`` (else its own seed).
+    ``seeds`` None or empty: the point's ``convergence.seeds`` (else its own seed). ``extra``:
+    what else the study's JSON keeps about it (e.g. :func:`run_ideal_translation_study`'s
+    ``training``: the U-Nets did not train on the point's own slices).
     """
     import yaml
 
@@ -1150,7 +1154,7 @@ def run_unet_seed_study(point_dir, out_dir, seeds, variants: dict[str, dict],
     os.replace(tmp, RunFolder.settings_file.at(out_dir))
     runs_path = RunFolder.unet_seeds_runs.at(out_dir)
     info = json.loads(runs_path.read_text()) if runs_path.is_file() else {"runs": {}}
-    info.update({"point": str(point_dir), "variants": variants, "models": list(models)})
+    info.update({"point": str(point_dir), "variants": variants, "models": list(models), **(extra or {})})
 
     def write_tables() -> pd.DataFrame:
         rows = [{"variant": r["variant"], "unet_seed": r["unet_seed"], **row}
@@ -1190,3 +1194,137 @@ def run_unet_seed_study(point_dir, out_dir, seeds, variants: dict[str, dict],
             log(f"  {key}: " + ", ".join(f"{r['model']} {SIDES[r['structure']][0].upper()} "
                                          f"{r['dsc_mean']:.2f}" for r in dsc))
     return table
+
+
+# ----------------------------------------------------------------------------------------------
+# What the translator costs: the ideal translation (beyond the paper)
+
+IDEAL_VARIANT = "ideal-translation"
+IDEAL_TRAINING = ("ideal translation: the simulator's own MR of each CT patient, labelled by "
+                  "its contours, in place of the cleaned synthetic MR")
+
+
+def run_ideal_translation_study(point_dir, out_dir, seeds=None, workers: int = 1,
+                                log=print) -> pd.DataFrame:
+    """What the CT -> MR translator costs a finished point whose MR cohort is simulated from CT:
+    its cross-modality U-Net trained again, under U-Net ``seeds``, on the *ideal* translation of
+    the same CT patients (:func:`crossmod_lib.simulation.ideal_translation_slices`: the
+    simulator's own MR of each, prepared as the MR cohort, with its own contours) instead of the
+    cleaned synthetic MR, and tested on the same MR cohort.
+
+    ``OUT/ideal_point/`` is the point with those slices in ``cleaned/`` (its other stages
+    linked); the U-Nets run as a U-Net seed study of it (:func:`run_unet_seed_study`, variant
+    ``ideal-translation``), whose JSON also keeps ``training`` and the point's own DSC per model
+    (``point_dsc``: the CycleGAN's cross-modality network, CT only and its paired control), so a
+    record of ``OUT`` holds both sides of the comparison.
+    """
+    import yaml
+
+    from . import datasets, simulation
+    from .runs import RawFiles
+    from .preparation import SIMULATED_MR
+    from .segmentation import PAIRED_CT
+    from .slices import read_slices, write_slices
+
+    point_dir, out_dir = Path(point_dir).absolute(), Path(out_dir).absolute()
+    settings_path = RunFolder.settings_file.at(point_dir)
+    if not settings_path.is_file():
+        raise CrossmodError(f"{point_dir}: not a run folder (no profile.yaml)")
+    profile = yaml.safe_load(settings_path.read_text())
+    data = profile.get("data") or {}
+    if (data.get("mr") or {}).get("dataset") != SIMULATED_MR:
+        raise CrossmodError(f"{point_dir}: the ideal translation needs an MR cohort simulated from CT "
+                            f"(data.mr.dataset: {SIMULATED_MR}), not {(data.get('mr') or {}).get('dataset')!r}")
+    cohort_json = RunFolder.raw_simulated_mr.at(point_dir) / RawFiles.SIMULATION
+    if not cohort_json.is_file():
+        raise CrossmodError(f"{cohort_json}: missing (the point's simulated MR cohort)")
+    cleaned = RunFolder.training_slices.at(point_dir)
+    if not cleaned.is_file():
+        raise CrossmodError(f"{cleaned}: missing (the point's cleaned synthetic MR)")
+    patients = sorted(set(np.asarray(read_slices(cleaned, "training slices", ("image", "patient"))["patient"]).astype(str)))
+    folders = {Path(f).name: Path(f) for f in datasets.cohort_cases(data["ct"], root=data.get("root"))}
+    missing = [p for p in patients if p not in folders]
+    if missing:
+        raise CrossmodError(f"{point_dir}: CT patient(s) {', '.join(missing[:3])} of the cleaned slices "
+                            "are not in the profile's CT cohort")
+
+    ideal = out_dir / "ideal_point"
+    (ideal / "cleaned").mkdir(parents=True, exist_ok=True)
+    for stage in ("raw", "prepared", "synthetic"):
+        _link(point_dir / stage, ideal / stage)
+    shutil.copyfile(settings_path, RunFolder.settings_file.at(ideal))
+    for item in cleaned.parent.iterdir():  # the cleaning's other files, as the point has them
+        link = ideal / "cleaned" / item.name
+        if item.name != cleaned.name and not (link.exists() or link.is_symlink()):
+            link.symlink_to(item.resolve(), target_is_directory=item.is_dir())
+    slices_path = RunFolder.training_slices.at(ideal)
+    if not slices_path.is_file():
+        log(f"ideal translation of {len(patients)} CT patients ...")
+        write_slices(simulation.ideal_translation_slices(
+            cohort_json, [folders[p] for p in patients], profile["preprocessing"], workers=workers),
+            slices_path)
+    point_dsc = []
+    metrics_path = RunFolder.segmentation_metrics.at(point_dir)
+    if metrics_path.is_file():
+        point_dsc = dsc_by_model(pd.read_csv(metrics_path), ["cross_modality", "ct_only", PAIRED_CT])
+    return run_unet_seed_study(ideal, out_dir, seeds, {IDEAL_VARIANT: {}}, models=("cross_modality",),
+                               log=log, extra={"training": IDEAL_TRAINING, "translated_point": str(point_dir),
+                                               "translated_profile": profile.get("name", ""),
+                                               "point_dsc": point_dsc})
+
+
+def ideal_translation_table(records) -> pd.DataFrame:
+    """One row per recorded ideal-translation study and parotid: the point's CycleGAN
+    cross-modality DSC, the ideal translation's (mean, SD and range over U-Net seeds), the
+    translator's cost (ideal - CycleGAN), CT only and its paired control (the MR patients' own
+    CT). ``records``: (name, runs JSON, unet_seeds table) triples."""
+    rows = []
+    for name, info, table in records:
+        if info.get("training") != IDEAL_TRAINING:
+            continue
+        point = {(r["model"], r["structure"]): r["dsc_mean"] for r in info.get("point_dsc") or []}
+        summary = unet_seed_summary(table[table["model"] == "cross_modality"]).set_index("structure")
+        parts = Path(info.get("translated_point", "")).parts
+        where = "/".join(parts[-3:]) if len(parts) > 2 and parts[-2].startswith("seed") else (parts[-1] if parts else "")
+        for side in SIDES:
+            if side not in summary.index:
+                continue
+            cyclegan = point.get(("cross_modality", side), np.nan)
+            rows.append({"study": name, "profile": info.get("translated_profile", ""), "point": where,
+                         "structure": side,
+                         "cyclegan": cyclegan, "ideal": summary.loc[side, "dsc"],
+                         "ideal_seed_sd": summary.loc[side, "seed_sd"],
+                         "ideal_lowest": summary.loc[side, "lowest"], "ideal_highest": summary.loc[side, "highest"],
+                         "unet_seeds": int(summary.loc[side, "unet_seeds"]),
+                         "translator_cost": summary.loc[side, "dsc"] - cyclegan,
+                         "ct_only": point.get(("ct_only", side), np.nan),
+                         "ct_only_paired": point.get(("ct_only_paired", side), np.nan)})
+    return pd.DataFrame(rows, columns=["study", "profile", "point", "structure", "cyclegan", "ideal", "ideal_seed_sd",
+                                       "ideal_lowest", "ideal_highest", "unet_seeds", "translator_cost",
+                                       "ct_only", "ct_only_paired"])
+
+
+def ideal_translation_sentence(table: pd.DataFrame) -> str:
+    """What :func:`ideal_translation_table` says, one sentence per study: the ideal translation
+    against the CycleGAN's network and against CT only's paired control, per parotid."""
+    sentences = []
+    for study, rows in table.groupby("study", sort=False):
+        rows = rows.set_index("structure")
+        sides = [side for side in SIDES if side in rows.index]
+
+        def per_side(column, signed=False):
+            return ", ".join(f"{SIDES[side]} {rows.loc[side, column]:+.2f}" if signed
+                             else f"{SIDES[side]} {rows.loc[side, column]:.2f}" for side in sides)
+
+        first = rows.iloc[0]
+        text = (f"`{study}` (profile `{first['profile']}`, point `{first['point']}`): the ideal translation "
+                f"scores {per_side('ideal')} (mean of {int(first['unet_seeds'])} U-Net seeds, "
+                + ", ".join(f"{SIDES[side]} {rows.loc[side, 'ideal_lowest']:.2f}–{rows.loc[side, 'ideal_highest']:.2f}"
+                            for side in sides)
+                + f") against the CycleGAN's {per_side('cyclegan')}: the translator costs {per_side('translator_cost', True)}")
+        if rows.loc[sides, "ct_only_paired"].notna().all():
+            rows = rows.assign(appearance=rows["ideal"] - rows["ct_only_paired"])
+            text += (f"; the ideal translation minus CT only on the same patients' CT (the paired control, "
+                     f"{per_side('ct_only_paired')}): {per_side('appearance', True)}")
+        sentences.append(text + ".")
+    return " ".join(sentences)

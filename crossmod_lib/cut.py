@@ -131,7 +131,7 @@ class CUT:
         self.compiled = False
         self.options = translator_defaults(s)
         self.layers = nce_layers(s["n_blocks"])
-        self.g_mr = cg.init_weights(cg.Generator(1, 1, s["ngf"], s["n_blocks"]), s["init_gain"])
+        self.g_mr = cg.init_weights(cg.Generator(1, 1, s["ngf"], s["n_blocks"], s["upsampling"]), s["init_gain"])
         self.d_mr = cg.init_weights(cg.Discriminator(1, s["ndf"]), s["init_gain"])
         with torch.no_grad():
             probe = encode(self.g_mr, torch.zeros(1, 1, 16, 16), self.layers)

@@ -105,6 +105,7 @@ def __getattr__(name: str):
 
 
 TRANSLATORS = ("cyclegan", "cut", "fastcut")
+UPSAMPLING = ("transpose", "resize")
 DEFAULT_SEED = 2021
 DEFAULT_HEAD_THRESHOLD = 20.0
 
@@ -114,7 +115,7 @@ _TRAINING_KEYS = (
     "batch_size", "lr", "beta1", "beta2", "lambda_adv", "lambda_cycle", "lambda_identity",
     "lambda_geo", "geometric_loss", "mask_temperature", "pool_size", "init_gain", "seed",
     "head_threshold", "translator", "lambda_nce", "nce_patches", "nce_temperature", "nce_features",
-    "random_crop_scale", "random_flip", "cycle_noise_sd",
+    "random_crop_scale", "random_flip", "cycle_noise_sd", "upsampling",
 )
 
 
@@ -229,6 +230,9 @@ def check_settings(settings: dict, source: str = "cyclegan settings") -> dict:
         raise _setting_error(source, "translator", f"must be one of {', '.join(TRANSLATORS)}, "
                                                    f"got {s['translator']!r}")
     number("cycle_noise_sd", 0.0, 2.0)
+    if s["upsampling"] not in UPSAMPLING:
+        raise _setting_error(source, "upsampling", f"must be one of {', '.join(UPSAMPLING)}, "
+                                                   f"got {s['upsampling']!r}")
     if s["cycle_noise_sd"] > 0 and s["translator"] != "cyclegan":
         raise _setting_error(source, "cycle_noise_sd", f"is for the CycleGAN's cycle passes; "
                                                        f"translator {s['translator']!r} has none")
@@ -322,12 +326,21 @@ class ResidualBlock(nn.Module):
 class Generator(nn.Module):
     """The reference ResNet generator (paper Fig. 4, top): [N, C, H, W] in, tanh output.
 
-    H and W must be multiples of 4 (two stride-2 levels).
+    H and W must be multiples of 4 (two stride-2 levels). ``upsampling`` picks the two layers that
+    return to full resolution: ``transpose``, the paper's and the reference's 3 x 3 transposed
+    convolutions of stride 2, or ``resize`` (beyond the paper), a nearest-neighbour enlargement by
+    2 followed by a 3 x 3 convolution. A stride-2 transposed 3 x 3 kernel covers every other output
+    pixel twice as often as its neighbours, which leaves a checkerboard in the output unless the
+    weights learn to cancel it; a resize then convolution weighs every output pixel alike
+    (Odena et al. 2016, "Deconvolution and checkerboard artifacts").
     """
 
     def __init__(self, in_channels: int = 1, out_channels: int = 1, ngf: int = 64,
-                 n_blocks: int = 9):
+                 n_blocks: int = 9, upsampling: str = "transpose"):
         super().__init__()
+        if upsampling not in UPSAMPLING:
+            raise CrossmodError(f"generator upsampling must be one of {', '.join(UPSAMPLING)}, "
+                                f"got {upsampling!r}")
         layers = [nn.ReflectionPad2d(3), nn.Conv2d(in_channels, ngf, 7), InstanceNorm(ngf),
                   nn.ReLU(True)]
         width = ngf
@@ -337,9 +350,13 @@ class Generator(nn.Module):
             width *= 2
         layers += [ResidualBlock(width) for _ in range(n_blocks)]
         for _ in range(2):
-            layers += [nn.ConvTranspose2d(width, width // 2, 3, stride=2, padding=1,
-                                          output_padding=1),
-                       InstanceNorm(width // 2), nn.ReLU(True)]
+            if upsampling == "transpose":
+                layers.append(nn.ConvTranspose2d(width, width // 2, 3, stride=2, padding=1,
+                                                 output_padding=1))
+            else:
+                layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.ReflectionPad2d(1),
+                           nn.Conv2d(width, width // 2, 3)]
+            layers += [InstanceNorm(width // 2), nn.ReLU(True)]
             width //= 2
         layers += [nn.ReflectionPad2d(3), nn.Conv2d(width, out_channels, 7), nn.Tanh()]
         self.model = nn.Sequential(*layers)
@@ -422,7 +439,7 @@ def flops_per_slice(net: nn.Module, size: int, in_channels: int | None = None) -
 
 def _meta_networks(settings: dict) -> tuple[Generator, Discriminator]:
     with torch.device("meta"):
-        return (Generator(1, 1, settings["ngf"], settings["n_blocks"]),
+        return (Generator(1, 1, settings["ngf"], settings["n_blocks"], settings["upsampling"]),
                 Discriminator(1, settings["ndf"]))
 
 
@@ -821,8 +838,8 @@ class CycleGAN:
         # On the CPU the hole fill is one scikit-image reconstruction, faster than compiled steps.
         self.compile_fill = (self.device.type == "cuda"
                              if compile_fill is None else bool(compile_fill))
-        self.g_mr = init_weights(Generator(1, 1, s["ngf"], s["n_blocks"]), s["init_gain"])
-        self.g_ct = init_weights(Generator(1, 1, s["ngf"], s["n_blocks"]), s["init_gain"])
+        self.g_mr = init_weights(Generator(1, 1, s["ngf"], s["n_blocks"], s["upsampling"]), s["init_gain"])
+        self.g_ct = init_weights(Generator(1, 1, s["ngf"], s["n_blocks"], s["upsampling"]), s["init_gain"])
         self.d_mr = init_weights(Discriminator(1, s["ndf"]), s["init_gain"])
         self.d_ct = init_weights(Discriminator(1, s["ndf"]), s["init_gain"])
         for net in self.networks.values():
@@ -1476,13 +1493,13 @@ def _generators_from(data: dict, checkpoint, settings: dict | None, device):
     nets = []
     names = ("g_mr", "g_ct") if s["translator"] == "cyclegan" else ("g_mr",)
     for name in names:
-        net = Generator(1, 1, s["ngf"], s["n_blocks"])
+        net = Generator(1, 1, s["ngf"], s["n_blocks"], s["upsampling"])
         try:
             net.load_state_dict(data["networks"][name])
         except (RuntimeError, KeyError) as exc:
             reason = str(exc).splitlines()[0]
             raise CrossmodError(f"{checkpoint}: generator {name} does not match cyclegan.ngf="
-                                f"{s['ngf']}, n_blocks={s['n_blocks']} ({reason})") from None
+                                f"{s['ngf']}, n_blocks={s['n_blocks']}, upsampling={s['upsampling']} ({reason})") from None
         nets.append(net.to(device).eval())
     # CUT / FastCUT are one-sided: no MR -> CT generator (None)
     return nets[0], (nets[1] if len(nets) > 1 else None), s

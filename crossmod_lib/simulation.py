@@ -784,3 +784,61 @@ def write_simulated_cohort(out_dir, dataset: str, folders, *, seed: int,
         }
         (tmp / RawFiles.SIMULATION).write_text(json.dumps(summary, indent=1))
     return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# The ideal translation: the simulator itself as the CT -> MR translator
+
+
+def _ideal_one(task: tuple):
+    """Simulate one CT patient's MR and prepare its slices as an MR (pool worker)."""
+    from crossmod_lib.preparation import prepare_case
+
+    dataset, folder, seed, settings, preprocessing = task
+    source = read_source_case(dataset, folder)
+    mr = simulate_mr(source, seed, SimulationSettings(**settings))
+    return prepare_case(Case(mr.patient_id, mr.image, mr.structures, source=Path(folder)), "MR",
+                        preprocessing)
+
+
+def ideal_translation_slices(cohort_json, ct_folders, preprocessing: dict, *, workers: int = 1,
+                             progress: bool = False) -> dict[str, np.ndarray]:
+    """The CT patients' slices as a perfect CT -> MR translator would give them: the simulator's
+    own MR of each CT patient, drawn with the arguments of the simulated MR cohort
+    (``cohort_json``: its ``simulation.json``: source dataset, seed, settings) and prepared as
+    that cohort's MR (``preprocessing``), labelled by the patient's own contours carried onto the
+    MR's 4 mm slices (:func:`simulate_mr`). Arrays as the cleaning step's training slices
+    (image, labels, head_mask, patient, slice_index, z_mm, source_row, pixel_mm).
+
+    A control beyond the paper, possible only where the MR cohort is simulated: a U-Net trained on
+    these slices and tested on the MR cohort scores what the method would with a CycleGAN that
+    made no error, so its gap to the cross-modality network is what the translator costs.
+    """
+    path = Path(cohort_json)
+    try:
+        arguments = json.loads(path.read_text())["arguments"]
+        dataset, seed = arguments["dataset"], int(arguments["seed"])
+        settings = SimulationSettings(**{k: tuple(v) if isinstance(v, list) else v
+                                         for k, v in arguments["settings"].items()})
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CrossmodError(f"{path}: not a simulated MR cohort's record ({exc.__class__.__name__}: {exc})") from None
+    settings.check()
+    folders = [Path(f) for f in ct_folders]
+    if not folders:
+        raise CrossmodError(f"{path}: no CT patients to translate")
+    for folder in folders:
+        if not folder.is_dir():
+            raise CrossmodError(f"{folder}: CT patient folder not found")
+    tasks = [(dataset, str(f), seed, asdict(settings), dict(preprocessing)) for f in folders]
+    cases = run_tasks(_ideal_one, tasks, workers, progress, desc="ideal translation", unit="patient")
+    total = sum(len(c.image) for c in cases)
+    return {
+        "image": np.concatenate([c.image for c in cases]),
+        "labels": np.concatenate([c.labels for c in cases]),
+        "head_mask": np.concatenate([c.head_mask for c in cases]),
+        "patient": np.concatenate([np.full(len(c.image), c.patient_id) for c in cases]),
+        "slice_index": np.concatenate([c.slice_index for c in cases]).astype(np.int64),
+        "z_mm": np.concatenate([c.z_mm for c in cases]).astype(np.float32),
+        "source_row": np.arange(total, dtype=np.int64),
+        "pixel_mm": np.float64(preprocessing["pixel_mm"]),
+    }

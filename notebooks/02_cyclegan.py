@@ -83,6 +83,9 @@ print(f"profile {run.profile['name']}: ngf {settings['ngf']}, ndf {settings['ndf
 # ## The networks (Fig. 4)
 # Generator: 7×7 convolution, two stride-2 convolutions, residual blocks, two transposed
 # convolutions and a 7×7 convolution with tanh (reflection padding, instance normalisation).
+# Beyond the paper, `cyclegan.upsampling: resize` puts a nearest-neighbour enlargement and a 3×3
+# convolution in place of each transposed convolution, whose uneven overlap otherwise leaves a
+# checkerboard in the synthetic MR {cite}`odena2016` (chapter 10 measures it on the tier).
 # Discriminator: the 70×70 PatchGAN. Widths come from the profile; the paper's (`full`) are shown
 # beside this run's. FLOPs count multiply-adds × 2 at the profile's slice size.
 

@@ -306,7 +306,8 @@ if study is not None:
 # smaller than it is not one this study can see.
 
 # %%
-unet_studies = [r for r in recorded if r.info.get("kind") == "unet-seeds"]
+unet_studies = [r for r in recorded if r.info.get("kind") == "unet-seeds"  # the ideal translation: below
+                and not r.json(runs.RunFolder.unet_seeds_runs).get("training")]
 summaries, descriptions = [], []
 for rec in unet_studies:
     info = rec.json(runs.RunFolder.unet_seeds_runs)
@@ -325,6 +326,28 @@ if summaries:  # one table: the studies of one point side by side
 if not unet_studies:
     display(Markdown("*No recorded U-Net seed study* (`crossmod study unet-seeds --point DIR/seed2021/budget02150 "
                      "--out DIR2 --set cross_modality_appearance=true`, then `crossmod record`)."))
+
+# %% [markdown]
+# ## What does the translator cost? The ideal translation (beyond the paper)
+# Where the MR cohort is simulated from CT, the simulator is a CT → MR translator that makes no
+# error. `crossmod study ideal-translation --point DIR` trains a point's cross-modality U-Net again,
+# under U-Net seeds, on the simulator's own MR of the same CT patients (drawn with the MR cohort's
+# settings, prepared as its MR, labelled by the patients' own contours carried onto the 4 mm MR
+# slices: `simulation.ideal_translation_slices`) in place of the CycleGAN's cleaned synthetic MR,
+# and tests it on the same MR cohort. Its gap to the point's CycleGAN network is what the
+# translator costs; its gap to CT only on the same patients' CT (the paired control) is what the MR
+# itself costs: its thicker slices, noise and weaker contrast.
+
+# %%
+ideal = convergence.ideal_translation_table(
+    [(rec.root.name, rec.json(runs.RunFolder.unet_seeds_runs), rec.table(runs.RunFolder.unet_seeds))
+     for rec in recorded if rec.info.get("kind") == "unet-seeds"])
+if not ideal.empty:
+    display(ideal.drop(columns=["point"]).set_index(["profile", "study", "structure"]).round(3))
+    display(Markdown(convergence.ideal_translation_sentence(ideal)))
+else:
+    display(Markdown("*No recorded ideal-translation study* (`crossmod study ideal-translation --point "
+                     "STUDY/seed2021/budget08600 --out DIR`, then `crossmod record`)."))
 
 # %% [markdown]
 # ## Other translators and CycleGAN settings (beyond the paper)

@@ -768,3 +768,40 @@ def test_settings_without_pyyaml_need_a_complete_config(monkeypatch):
     incomplete = {k: v for k, v in complete.items() if k != "ngf"}
     with pytest.raises(CrossmodError, match="'cyclegan.ngf' is missing, and without PyYAML"):
         cg.check_settings(incomplete)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_resize_upsampling_leaves_no_checkerboard(seed):
+    """A constant slice far from the borders: the transposed convolutions' uneven overlap writes
+    a pattern into the output; a resize then convolution keeps it flat."""
+    torch.manual_seed(seed)
+    inner = {}
+    for upsampling in cg.UPSAMPLING:
+        net = cg.Generator(1, 1, ngf=8, n_blocks=1, upsampling=upsampling).eval()
+        with torch.no_grad():
+            out = net(torch.full((1, 1, 128, 128), 0.3))[0, 0]
+        inner[upsampling] = float(out[48:-48, 48:-48].std())
+    assert inner["transpose"] > 0.01
+    assert inner["resize"] < 1e-5
+
+
+def test_upsampling_setting_is_checked_and_defaults_to_the_papers():
+    settings = cg.check_settings({})
+    assert settings["upsampling"] == "transpose"  # a checkpoint from before the setting: as trained
+    with pytest.raises(CrossmodError, match="cyclegan.upsampling' must be one of transpose, resize"):
+        cg.check_settings({"upsampling": "bilinear"})
+    resize = cg.Generator(1, 1, ngf=8, n_blocks=1, upsampling="resize")
+    assert not any(isinstance(m, torch.nn.ConvTranspose2d) for m in resize.modules())
+    flops = {u: cg.training_flops_per_image({"ngf": 8, "ndf": 8, "n_blocks": 1, "upsampling": u}, 32)["total"]
+             for u in cg.UPSAMPLING}
+    assert flops["resize"] > flops["transpose"]  # the convolutions run at the enlarged size
+
+
+def test_a_resize_checkpoint_loads_back_with_its_upsampling(tiny_data, tmp_path):
+    ct, mr = tiny_data
+    cg.train(ct, mr, tmp_path / "run", {**TINY, "upsampling": "resize"}, 20.0, progress=False)
+    checkpoint = tmp_path / "run" / cg.CHECKPOINT_NAME
+    g_mr, g_ct = cg.load_generators(checkpoint, device="cpu")
+    assert any(isinstance(m, torch.nn.Upsample) for m in g_mr.modules())
+    with pytest.raises(CrossmodError, match="upsampling=transpose"):  # the wrong architecture, named
+        cg.load_generators(checkpoint, {**TINY, "upsampling": "transpose"}, device="cpu")

@@ -1,10 +1,15 @@
-"""The paired control: the CT-only network on the CT each simulated MR patient was made from.
+"""The controls of an MR cohort simulated from CT: the paired control (the CT-only network on the
+CT each simulated MR patient was made from) and the ideal translation (the cross-modality U-Net
+trained on the simulator's own MR of the CT patients).
 
 A run whose MR is simulated from CT patients (here synthetic CTs in the PDDCA layout, so no
 data is needed) contours those patients' own CT with the CT-only network beside its held-out CT
 test; chapter 5 compares it with the MR methods paired, on the same patients, and the
-convergence study's tier criteria set it beside CT only.
+convergence study's tier criteria set it beside CT only. Chapter 10 sets the ideal translation
+beside the CycleGAN's cross-modality network: what the translator costs.
 """
+
+import json
 
 import numpy as np
 import pandas as pd
@@ -14,6 +19,7 @@ import yaml
 from crossmod_lib import convergence, evaluation, preparation
 from crossmod_lib import segmentation as seg
 from crossmod_lib.config import load_profile
+from crossmod_lib.errors import CrossmodError
 from crossmod_lib.io import write_image
 from crossmod_lib.runs import RunFolder
 from test_simulation import _synthetic_ct
@@ -159,3 +165,89 @@ def test_the_unet_spread_sentence_reads_only_the_runs_trained_as_the_point():
     # one seed as the point: no spread to give; another model: nothing either
     assert convergence.unet_spread_sentence("s", info, pd.DataFrame(rows[:2] + rows[6:])) == ""
     assert convergence.unet_spread_sentence("s", info, pd.DataFrame(rows), model="ct_only") == ""
+
+
+# ----------------------------------------------------------------------------------------------
+# The ideal translation: the simulator's own MR of the CT patients in place of the synthetic MR
+
+
+def test_the_ideal_translation_trains_on_the_simulators_mr_of_the_ct_patients(simulated_run, tmp_path):
+    import shutil
+
+    run, _ = simulated_run
+    point = tmp_path / "point"
+    shutil.copytree(run.root, point, symlinks=True)
+    ct = preparation.load_slices(RunFolder.ct_slices.at(point))
+    # the cleaned synthetic MR stands in as the CT slices of three of the CT patients
+    chosen = np.isin(ct["patient"], CT_PATIENTS[:3])
+    (point / "synthetic").mkdir()
+    (point / "cleaned").mkdir()
+    np.savez(RunFolder.training_slices.at(point), **{k: ct[k][chosen] for k in ("image", "labels", "patient")})
+    table = convergence.run_ideal_translation_study(point, tmp_path / "study", seeds=[5], log=lambda *a: None)
+    assert set(table["structure"]) == {"Parotid_L", "Parotid_R"} and (table["variant"] == "ideal-translation").all()
+    assert table["dsc_mean"].notna().all()
+    ideal = preparation.load_slices(RunFolder.training_slices.at(tmp_path / "study" / "ideal_point"))
+    assert sorted(set(ideal["patient"])) == CT_PATIENTS[:3]  # the cleaned slices' patients, no others
+    assert (ideal["labels"] > 0).any() and ideal["image"].shape[1:] == ct["image"].shape[1:]
+    # MR of the CT patients, not their CT: 4 mm slices (16 at most), other intensities
+    assert len(ideal["image"]) <= 3 * 16 < chosen.sum()
+    info = json.loads(RunFolder.unet_seeds_runs.at(tmp_path / "study").read_text())
+    assert info["training"] == convergence.IDEAL_TRAINING and info["translated_point"] == str(point)
+    assert info["translated_profile"] == "sim"
+    # not a spread of the point's own U-Net; a row of the translator's cost
+    assert convergence.unet_spread_sentence("s", info, table) == ""
+    rows = convergence.ideal_translation_table([("ideal-x", info, table)])
+    assert list(rows["structure"]) == ["Parotid_R", "Parotid_L"] and rows["ideal"].notna().all()
+
+
+def test_the_ideal_translation_needs_an_mr_cohort_simulated_from_ct(tmp_path):
+    RunFolder.open(load_profile("smoke"), tmp_path / "point")
+    with pytest.raises(CrossmodError, match="needs an MR cohort simulated from CT"):
+        convergence.run_ideal_translation_study(tmp_path / "point", tmp_path / "study")
+    with pytest.raises(CrossmodError, match="not a run folder"):
+        convergence.run_ideal_translation_study(tmp_path / "nothing", tmp_path / "study")
+
+
+def test_the_ideal_translation_refuses_a_broken_cohort_record(tmp_path):
+    from crossmod_lib import simulation
+
+    record = tmp_path / "simulation.json"
+    record.write_text("{")
+    with pytest.raises(CrossmodError, match=r"simulation.json: not a simulated MR cohort's record"):
+        simulation.ideal_translation_slices(record, [tmp_path], {})
+    record.write_text(json.dumps({"arguments": {"dataset": "pddca", "seed": 1, "settings": {}}}))
+    with pytest.raises(CrossmodError, match="missing: CT patient folder not found"):
+        simulation.ideal_translation_slices(record, [tmp_path / "missing"], {})
+
+
+def test_the_translators_cost_is_the_ideal_minus_the_cyclegan():
+    rows = [{"variant": "ideal-translation", "unet_seed": seed, "model": "cross_modality", "title": "",
+             "structure": side, "dsc_mean": value + (0.02 if side == "Parotid_L" else 0.0), "dsc_sd": 0.1, "n": 12}
+            for seed, value in ((1, 0.70), (2, 0.74)) for side in ("Parotid_R", "Parotid_L")]
+    info = {"training": convergence.IDEAL_TRAINING, "translated_point": "/x/study/seed2021/budget08600",
+            "point_dsc": [{"model": "cross_modality", "structure": "Parotid_R", "dsc_mean": 0.62},
+                          {"model": "cross_modality", "structure": "Parotid_L", "dsc_mean": 0.65},
+                          {"model": "ct_only_paired", "structure": "Parotid_R", "dsc_mean": 0.66}]}
+    other = {"variants": {"paper": {}}}  # a U-Net seed study of the point's own slices: not a row
+    table = convergence.ideal_translation_table([("ideal", info, pd.DataFrame(rows)), ("seeds", other, pd.DataFrame(rows))])
+    assert list(table["study"]) == ["ideal", "ideal"] and set(table["point"]) == {"study/seed2021/budget08600"}
+    cost = table.set_index("structure")["translator_cost"]
+    assert cost["Parotid_R"] == pytest.approx(0.10) and cost["Parotid_L"] == pytest.approx(0.09)
+    assert table.set_index("structure").loc["Parotid_R", "ct_only_paired"] == pytest.approx(0.66)
+    assert np.isnan(table.set_index("structure").loc["Parotid_L", "ct_only_paired"])
+
+
+def test_the_ideal_translation_sentence_names_the_translators_cost_and_the_appearances():
+    rows = [{"variant": "ideal-translation", "unet_seed": seed, "model": "cross_modality", "title": "",
+             "structure": side, "dsc_mean": value, "dsc_sd": 0.1, "n": 12}
+            for seed, value in ((1, 0.68), (2, 0.70)) for side in ("Parotid_R", "Parotid_L")]
+    info = {"training": convergence.IDEAL_TRAINING, "translated_point": "/x/mr2/seed2021/budget08600",
+            "translated_profile": "mr2-seed2021",
+            "point_dsc": [{"model": m, "structure": side, "dsc_mean": v}
+                          for m, v in (("cross_modality", 0.58), ("ct_only_paired", 0.65))
+                          for side in ("Parotid_R", "Parotid_L")]}
+    sentence = convergence.ideal_translation_sentence(convergence.ideal_translation_table([("ideal-mr2", info, pd.DataFrame(rows))]))
+    assert "`ideal-mr2` (profile `mr2-seed2021`, point `mr2/seed2021/budget08600`)" in sentence
+    assert "scores right 0.69, left 0.69 (mean of 2 U-Net seeds, right 0.68–0.70, left 0.68–0.70)" in sentence
+    assert "against the CycleGAN's right 0.58, left 0.58: the translator costs right +0.11, left +0.11" in sentence
+    assert "(the paired control, right 0.65, left 0.65): right +0.04, left +0.04." in sentence
