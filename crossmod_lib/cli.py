@@ -229,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="override convergence.seeds (default: the profile's); unet-seeds, ideal-translation: the "
                         "U-Net seeds (default: the profile's convergence.seeds)")
+    p.add_argument("--slice-mm", type=float, default=None,
+                   help="ideal-translation: draw the ideal MR at this slice thickness (default: the MR "
+                        "cohort's; e.g. the CT's 2.5, as the CycleGAN sees its input)")
     p.add_argument("--budgets", type=int, nargs="+", default=None,
                    help="override convergence.budgets, in CycleGAN iterations")
     p.add_argument("--carry-on", type=Path, default=None, metavar="RECORDED",
@@ -475,7 +478,8 @@ def cmd_study(args) -> int:
     if args.name == "ideal-translation":
         if args.point is None:
             raise CrossmodError("study ideal-translation: give --point, a finished study point or run folder")
-        table = convergence.run_ideal_translation_study(args.point, args.out, args.seeds, log=print)
+        table = convergence.run_ideal_translation_study(args.point, args.out, args.seeds,
+                                                        slice_mm=args.slice_mm, log=print)
         if not table.empty:
             print(convergence.unet_seed_summary(table).drop(columns=["title"]).round(3).to_string(index=False))
         return 0

@@ -1204,8 +1204,8 @@ IDEAL_TRAINING = ("ideal translation: the simulator's own MR of each CT patient,
                   "its contours, in place of the cleaned synthetic MR")
 
 
-def run_ideal_translation_study(point_dir, out_dir, seeds=None, workers: int = 1,
-                                log=print) -> pd.DataFrame:
+def run_ideal_translation_study(point_dir, out_dir, seeds=None, slice_mm: float | None = None,
+                                workers: int = 1, log=print) -> pd.DataFrame:
     """What the CT -> MR translator costs a finished point whose MR cohort is simulated from CT:
     its cross-modality U-Net trained again, under U-Net ``seeds``, on the *ideal* translation of
     the same CT patients (:func:`crossmod_lib.simulation.ideal_translation_slices`: the
@@ -1216,7 +1216,8 @@ def run_ideal_translation_study(point_dir, out_dir, seeds=None, workers: int = 1
     linked); the U-Nets run as a U-Net seed study of it (:func:`run_unet_seed_study`, variant
     ``ideal-translation``), whose JSON also keeps ``training`` and the point's own DSC per model
     (``point_dsc``: the CycleGAN's cross-modality network, CT only and its paired control), so a
-    record of ``OUT`` holds both sides of the comparison.
+    record of ``OUT`` holds both sides of the comparison. ``slice_mm``: the ideal MR drawn at
+    another slice thickness than the MR cohort's (:func:`~crossmod_lib.simulation.ideal_translation_slices`).
     """
     import yaml
 
@@ -1248,7 +1249,18 @@ def run_ideal_translation_study(point_dir, out_dir, seeds=None, workers: int = 1
         raise CrossmodError(f"{point_dir}: CT patient(s) {', '.join(missing[:3])} of the cleaned slices "
                             "are not in the profile's CT cohort")
 
+    try:  # the slice thickness the ideal MR is drawn at
+        thickness = float(slice_mm if slice_mm is not None
+                          else json.loads(cohort_json.read_text())["arguments"]["settings"]["slice_mm"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CrossmodError(f"{cohort_json}: no slice thickness ({exc.__class__.__name__}: {exc})") from None
     ideal = out_dir / "ideal_point"
+    runs_path = RunFolder.unet_seeds_runs.at(out_dir)
+    if runs_path.is_file():  # resuming: the slices already made must be the ones asked for
+        made = json.loads(runs_path.read_text()).get("ideal_slice_mm")
+        if made != thickness:
+            raise CrossmodError(f"{out_dir}: its ideal translation was drawn at {made!r} mm slices, "
+                                f"not {thickness:g} mm; give another --out")
     (ideal / "cleaned").mkdir(parents=True, exist_ok=True)
     for stage in ("raw", "prepared", "synthetic"):
         _link(point_dir / stage, ideal / stage)
@@ -1261,8 +1273,8 @@ def run_ideal_translation_study(point_dir, out_dir, seeds=None, workers: int = 1
     if not slices_path.is_file():
         log(f"ideal translation of {len(patients)} CT patients ...")
         write_slices(simulation.ideal_translation_slices(
-            cohort_json, [folders[p] for p in patients], profile["preprocessing"], workers=workers),
-            slices_path)
+            cohort_json, [folders[p] for p in patients], profile["preprocessing"], slice_mm=slice_mm,
+            workers=workers), slices_path)
     point_dsc = []
     metrics_path = RunFolder.segmentation_metrics.at(point_dir)
     if metrics_path.is_file():
@@ -1270,6 +1282,7 @@ def run_ideal_translation_study(point_dir, out_dir, seeds=None, workers: int = 1
     return run_unet_seed_study(ideal, out_dir, seeds, {IDEAL_VARIANT: {}}, models=("cross_modality",),
                                log=log, extra={"training": IDEAL_TRAINING, "translated_point": str(point_dir),
                                                "translated_profile": profile.get("name", ""),
+                                               "ideal_slice_mm": thickness,
                                                "point_dsc": point_dsc})
 
 
@@ -1291,7 +1304,7 @@ def ideal_translation_table(records) -> pd.DataFrame:
                 continue
             cyclegan = point.get(("cross_modality", side), np.nan)
             rows.append({"study": name, "profile": info.get("translated_profile", ""), "point": where,
-                         "structure": side,
+                         "slice_mm": info.get("ideal_slice_mm", np.nan), "structure": side,
                          "cyclegan": cyclegan, "ideal": summary.loc[side, "dsc"],
                          "ideal_seed_sd": summary.loc[side, "seed_sd"],
                          "ideal_lowest": summary.loc[side, "lowest"], "ideal_highest": summary.loc[side, "highest"],
@@ -1299,7 +1312,7 @@ def ideal_translation_table(records) -> pd.DataFrame:
                          "translator_cost": summary.loc[side, "dsc"] - cyclegan,
                          "ct_only": point.get(("ct_only", side), np.nan),
                          "ct_only_paired": point.get(("ct_only_paired", side), np.nan)})
-    return pd.DataFrame(rows, columns=["study", "profile", "point", "structure", "cyclegan", "ideal", "ideal_seed_sd",
+    return pd.DataFrame(rows, columns=["study", "profile", "point", "slice_mm", "structure", "cyclegan", "ideal", "ideal_seed_sd",
                                        "ideal_lowest", "ideal_highest", "unet_seeds", "translator_cost",
                                        "ct_only", "ct_only_paired"])
 
@@ -1318,7 +1331,7 @@ def ideal_translation_sentence(table: pd.DataFrame) -> str:
 
         first = rows.iloc[0]
         text = (f"`{study}` (profile `{first['profile']}`, point `{first['point']}`): the ideal translation "
-                f"scores {per_side('ideal')} (mean of {int(first['unet_seeds'])} U-Net seeds, "
+                f"in {first['slice_mm']:g} mm slices scores {per_side('ideal')} (mean of {int(first['unet_seeds'])} U-Net seeds, "
                 + ", ".join(f"{SIDES[side]} {rows.loc[side, 'ideal_lowest']:.2f}–{rows.loc[side, 'ideal_highest']:.2f}"
                             for side in sides)
                 + f") against the CycleGAN's {per_side('cyclegan')}: the translator costs {per_side('translator_cost', True)}")

@@ -90,7 +90,7 @@ from __future__ import annotations
 
 import json
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -801,8 +801,8 @@ def _ideal_one(task: tuple):
                         preprocessing)
 
 
-def ideal_translation_slices(cohort_json, ct_folders, preprocessing: dict, *, workers: int = 1,
-                             progress: bool = False) -> dict[str, np.ndarray]:
+def ideal_translation_slices(cohort_json, ct_folders, preprocessing: dict, *, slice_mm: float | None = None,
+                             workers: int = 1, progress: bool = False) -> dict[str, np.ndarray]:
     """The CT patients' slices as a perfect CT -> MR translator would give them: the simulator's
     own MR of each CT patient, drawn with the arguments of the simulated MR cohort
     (``cohort_json``: its ``simulation.json``: source dataset, seed, settings) and prepared as
@@ -813,16 +813,24 @@ def ideal_translation_slices(cohort_json, ct_folders, preprocessing: dict, *, wo
     A control beyond the paper, possible only where the MR cohort is simulated: a U-Net trained on
     these slices and tested on the MR cohort scores what the method would with a CycleGAN that
     made no error, so its gap to the cross-modality network is what the translator costs.
+    ``slice_mm`` (default: the cohort's) draws the MR at another slice thickness, its slab as long
+    as the cohort's (e.g. the CT's 2.5 mm: the translation as the CycleGAN sees its input, slice for
+    slice, the 4 mm slab's partial volume and the contours' majority over it left out).
     """
     path = Path(cohort_json)
     try:
         arguments = json.loads(path.read_text())["arguments"]
         dataset, seed = arguments["dataset"], int(arguments["seed"])
-        settings = SimulationSettings(**{k: tuple(v) if isinstance(v, list) else v
-                                         for k, v in arguments["settings"].items()})
+        settings = SimulationSettings.from_dict(arguments["settings"], f"{path}: settings")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CrossmodError(f"{path}: not a simulated MR cohort's record ({exc.__class__.__name__}: {exc})") from None
-    settings.check()
+    if slice_mm is not None:
+        if isinstance(slice_mm, bool) or not isinstance(slice_mm, (int, float)) or slice_mm <= 0:
+            raise CrossmodError(f"ideal translation: slice_mm={slice_mm!r} must be a number > 0")
+        scale = settings.slice_mm / float(slice_mm)  # the same slab length in thinner or thicker slices
+        settings = replace(settings, slice_mm=float(slice_mm), slices=int(np.ceil(settings.slices * scale)),
+                           min_slices=int(np.ceil(settings.min_slices * scale)))
+        settings.check()
     folders = [Path(f) for f in ct_folders]
     if not folders:
         raise CrossmodError(f"{path}: no CT patients to translate")

@@ -336,14 +336,17 @@ if not unet_studies:
 # slices: `simulation.ideal_translation_slices`) in place of the CycleGAN's cleaned synthetic MR,
 # and tests it on the same MR cohort. Its gap to the point's CycleGAN network is what the
 # translator costs; its gap to CT only on the same patients' CT (the paired control) is what the MR
-# itself costs: its thicker slices, noise and weaker contrast.
+# itself costs: its thicker slices, noise and weaker contrast. The CycleGAN translates the CT's
+# 2.5 mm slices, labelled by the CT contours, while the MR has 4 mm slices whose contours take the
+# gland where it fills most of the slab; `--slice-mm 2.5` draws the ideal MR in the CT's slices,
+# so that the two ideal rows split the translator's cost into the slices' geometry and the rest.
 
 # %%
 ideal = convergence.ideal_translation_table(
     [(rec.root.name, rec.json(runs.RunFolder.unet_seeds_runs), rec.table(runs.RunFolder.unet_seeds))
      for rec in recorded if rec.info.get("kind") == "unet-seeds"])
 if not ideal.empty:
-    display(ideal.drop(columns=["point"]).set_index(["profile", "study", "structure"]).round(3))
+    display(ideal.drop(columns=["point"]).set_index(["profile", "study", "slice_mm", "structure"]).round(3))
     display(Markdown(convergence.ideal_translation_sentence(ideal)))
 else:
     display(Markdown("*No recorded ideal-translation study* (`crossmod study ideal-translation --point "

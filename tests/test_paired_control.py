@@ -193,7 +193,9 @@ def test_the_ideal_translation_trains_on_the_simulators_mr_of_the_ct_patients(si
     assert len(ideal["image"]) <= 3 * 16 < chosen.sum()
     info = json.loads(RunFolder.unet_seeds_runs.at(tmp_path / "study").read_text())
     assert info["training"] == convergence.IDEAL_TRAINING and info["translated_point"] == str(point)
-    assert info["translated_profile"] == "sim"
+    assert info["translated_profile"] == "sim" and info["ideal_slice_mm"] == 4.0
+    with pytest.raises(CrossmodError, match="drawn at 4.0 mm slices, not 2 mm; give another --out"):
+        convergence.run_ideal_translation_study(point, tmp_path / "study", seeds=[5], slice_mm=2.0)
     # not a spread of the point's own U-Net; a row of the translator's cost
     assert convergence.unet_spread_sentence("s", info, table) == ""
     rows = convergence.ideal_translation_table([("ideal-x", info, table)])
@@ -218,6 +220,26 @@ def test_the_ideal_translation_refuses_a_broken_cohort_record(tmp_path):
     record.write_text(json.dumps({"arguments": {"dataset": "pddca", "seed": 1, "settings": {}}}))
     with pytest.raises(CrossmodError, match="missing: CT patient folder not found"):
         simulation.ideal_translation_slices(record, [tmp_path / "missing"], {})
+    with pytest.raises(CrossmodError, match="slice_mm=0 must be a number > 0"):
+        simulation.ideal_translation_slices(record, [tmp_path], {}, slice_mm=0)
+
+
+def test_the_ideal_translation_draws_the_same_slab_in_thinner_slices(tmp_path):
+    from dataclasses import asdict
+
+    from crossmod_lib import simulation
+
+    _pddca(tmp_path / "ct")
+    settings = simulation.SimulationSettings(pixel_mm=2.0, matrix=64, slices=16, min_slices=8)
+    record = tmp_path / "simulation.json"
+    record.write_text(json.dumps({"arguments": {"dataset": "pddca", "seed": 3, "settings": asdict(settings)}}))
+    pre = load_profile("smoke")["preprocessing"]
+    thick = simulation.ideal_translation_slices(record, [tmp_path / "ct" / "case_a"], pre)
+    thin = simulation.ideal_translation_slices(record, [tmp_path / "ct" / "case_a"], pre, slice_mm=2.0)
+    assert len(thick["image"]) == 16 and len(thin["image"]) == 32
+    span = {name: np.ptp(arrays["z_mm"]) for name, arrays in (("thick", thick), ("thin", thin))}
+    assert span["thin"] == pytest.approx(span["thick"], abs=2.5)  # the same slab
+    assert (thin["labels"] > 0).any() and set(thin["patient"]) == {"case_a"}
 
 
 def test_the_translators_cost_is_the_ideal_minus_the_cyclegan():
@@ -242,12 +264,12 @@ def test_the_ideal_translation_sentence_names_the_translators_cost_and_the_appea
              "structure": side, "dsc_mean": value, "dsc_sd": 0.1, "n": 12}
             for seed, value in ((1, 0.68), (2, 0.70)) for side in ("Parotid_R", "Parotid_L")]
     info = {"training": convergence.IDEAL_TRAINING, "translated_point": "/x/mr2/seed2021/budget08600",
-            "translated_profile": "mr2-seed2021",
+            "translated_profile": "mr2-seed2021", "ideal_slice_mm": 4.0,
             "point_dsc": [{"model": m, "structure": side, "dsc_mean": v}
                           for m, v in (("cross_modality", 0.58), ("ct_only_paired", 0.65))
                           for side in ("Parotid_R", "Parotid_L")]}
     sentence = convergence.ideal_translation_sentence(convergence.ideal_translation_table([("ideal-mr2", info, pd.DataFrame(rows))]))
     assert "`ideal-mr2` (profile `mr2-seed2021`, point `mr2/seed2021/budget08600`)" in sentence
-    assert "scores right 0.69, left 0.69 (mean of 2 U-Net seeds, right 0.68–0.70, left 0.68–0.70)" in sentence
+    assert "the ideal translation in 4 mm slices scores right 0.69, left 0.69 (mean of 2 U-Net seeds, right 0.68–0.70, left 0.68–0.70)" in sentence
     assert "against the CycleGAN's right 0.58, left 0.58: the translator costs right +0.11, left +0.11" in sentence
     assert "(the paired control, right 0.65, left 0.65): right +0.04, left +0.04." in sentence
