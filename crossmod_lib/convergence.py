@@ -867,12 +867,15 @@ def verdict(points: pd.DataFrame, model: str = "cross_modality", baseline: str =
     return " ".join(sentences)
 
 
-def translator_table(studies: dict[str, pd.DataFrame], baseline: str = "domain_random") -> pd.DataFrame:
+def translator_table(studies: dict[str, pd.DataFrame], baseline: str = "domain_random",
+                     reference: str | None = None) -> pd.DataFrame:
     """The translators side by side (issue: CUT / FastCUT beside the CycleGAN): for each study
     (label -> its points) the cross-modality DSC per budget and parotid over the seeds it ran,
     beside the baselines of the same seeds (taken from whichever study trained them: they do not
     depend on the translator). Columns: translator, budget, structure, seeds, dsc, seed_sd,
-    worst_seed, and ``<baseline>`` / ``ct_only`` seed means."""
+    worst_seed, and ``<baseline>`` / ``ct_only`` seed means; with ``reference`` (a label of
+    ``studies``) also ``reference_dsc``: that study's cross-modality DSC on the same seeds and
+    budget (a variant run on one seed is compared with the reference's same seed, not its mean)."""
     baselines = pd.concat([p[p["model"] != "cross_modality"] for p in studies.values()])
     baselines = baselines.drop_duplicates(["seed", "budget", "model", "structure"])
     rows = []
@@ -890,6 +893,12 @@ def translator_table(studies: dict[str, pd.DataFrame], baseline: str = "domain_r
                 # a baseline is the same network at every budget of a seed: any budget will do
                 same = same.drop_duplicates("seed")
                 row[model] = same["dsc_mean"].mean() if len(same) == len(seeds) else float("nan")
+            if reference is not None:
+                theirs = studies[reference]
+                theirs = theirs[(theirs["model"] == "cross_modality") & (theirs["budget"] == budget)
+                                & (theirs["structure"] == structure) & theirs["seed"].isin(seeds)]
+                row["reference_dsc"] = (theirs["dsc_mean"].mean() if theirs["seed"].nunique() == len(seeds)
+                                        else float("nan"))
             rows.append(row)
     return pd.DataFrame(rows)
 

@@ -384,6 +384,19 @@ if study is not None:
     else:
         display(Markdown("*No recorded study of another translator yet* (`crossmod study convergence "
                          "--profile openkbp-cut --out DIR`, then `crossmod record`)."))
+# CycleGAN settings tried at the tier's settings as they stand (openkbp: its U-Nets of 1,600 steps),
+# each beside the tier's own cross-modality network on the same seeds
+tier_now = config.load_profile("openkbp")
+at_tier = {r.root.name: r.table(runs.RunFolder.convergence) for r in recorded
+           if r.info.get("kind") == "study" and r.table(runs.RunFolder.convergence) is not None
+           and convergence.shares_baselines(tier_now, r.root)}
+tier_found = convergence.tier_run(tier_now, recorded_studies)
+tier_name = (tier_found["cross_modality_from"] or [None])[0]
+if tier_name in at_tier and len(at_tier) > 1:
+    display(Markdown(f"At the tier's settings as they stand (`openkbp`; `reference_dsc`: the tier's own "
+                     f"cross-modality network, recorded `{tier_name}`, on the same seeds):"))
+    display(convergence.translator_table({tier_name: at_tier.pop(tier_name), **at_tier}, reference=tier_name)
+            .set_index(["translator", "budget", "structure"]).round(3))
 
 # %% [markdown]
 # ## Provenance of every point

@@ -316,6 +316,13 @@ def test_translator_table_sets_each_translator_beside_the_same_seeds_baselines()
     assert row["seeds"] == 2 and row["dsc"] == pytest.approx(0.745)
     assert row["domain_random"] == pytest.approx(0.6)
     assert len(table[table["translator"] == "CycleGAN"]) == 4 * 2
+    # beside the reference study's cross-modality network on the same seeds (not its mean)
+    one_seed = cut_rows[cut_rows["seed"] == 1]
+    versus = convergence.translator_table({"CycleGAN": main, "CUT": one_seed}, reference="CycleGAN")
+    row = versus[(versus["translator"] == "CUT") & (versus["structure"] == "Parotid_R")].iloc[0]
+    same = main[(main["model"] == "cross_modality") & (main["budget"] == 2150) & (main["seed"] == 1)
+                & (main["structure"] == "Parotid_R")]["dsc_mean"].iloc[0]
+    assert row["reference_dsc"] == pytest.approx(same) and row["dsc"] == pytest.approx(same + 0.1)
 
 
 def test_tier_criteria_name_every_failing_seed_and_side():
