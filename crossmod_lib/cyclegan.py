@@ -106,6 +106,7 @@ def __getattr__(name: str):
 
 TRANSLATORS = ("cyclegan", "cut", "fastcut")
 UPSAMPLING = ("transpose", "resize")
+DISC_AUGMENTS = ("brightness", "contrast", "translation", "cutout")
 DEFAULT_SEED = 2021
 DEFAULT_HEAD_THRESHOLD = 20.0
 
@@ -115,7 +116,7 @@ _TRAINING_KEYS = (
     "batch_size", "lr", "beta1", "beta2", "lambda_adv", "lambda_cycle", "lambda_identity",
     "lambda_geo", "geometric_loss", "mask_temperature", "pool_size", "init_gain", "seed",
     "head_threshold", "translator", "lambda_nce", "nce_patches", "nce_temperature", "nce_features",
-    "random_crop_scale", "random_flip", "cycle_noise_sd", "upsampling",
+    "random_crop_scale", "random_flip", "cycle_noise_sd", "upsampling", "disc_augment",
 )
 
 
@@ -233,6 +234,15 @@ def check_settings(settings: dict, source: str = "cyclegan settings") -> dict:
     if s["upsampling"] not in UPSAMPLING:
         raise _setting_error(source, "upsampling", f"must be one of {', '.join(UPSAMPLING)}, "
                                                    f"got {s['upsampling']!r}")
+    augments = s["disc_augment"]
+    if (not isinstance(augments, (list, tuple)) or len(set(augments)) != len(augments)
+            or any(a not in DISC_AUGMENTS for a in augments)):
+        raise _setting_error(source, "disc_augment", f"must be a list of distinct names among "
+                                                     f"{', '.join(DISC_AUGMENTS)}, got {augments!r}")
+    if augments and s["translator"] != "cyclegan":
+        raise _setting_error(source, "disc_augment", f"is for the CycleGAN's discriminators; "
+                                                     f"translator {s['translator']!r} does not use it")
+    s["disc_augment"] = list(augments)
     if s["cycle_noise_sd"] > 0 and s["translator"] != "cyclegan":
         raise _setting_error(source, "cycle_noise_sd", f"is for the CycleGAN's cycle passes; "
                                                        f"translator {s['translator']!r} has none")
@@ -907,6 +917,12 @@ class CycleGAN:
         with torch._dynamo.config.patch(suppress_errors=True):
             return self._step(ct, mr, ct_mask, mr_mask)
 
+    def _seen(self, images: torch.Tensor, augments) -> torch.Tensor:
+        """What a discriminator sees of ``images``: as they are, or augmented (``disc_augment``)."""
+        if not augments:
+            return images
+        return disc_augment(images, augments).contiguous(memory_format=self.memory_format)
+
     def _step(self, ct, mr, ct_mask, mr_mask) -> torch.Tensor:
         s, b = self.settings, ct.shape[0]
         zero = torch.zeros((), device=self.device)
@@ -922,8 +938,10 @@ class CycleGAN:
         with self._autocast():
             fake_mr, rec_ct, fake_ct, rec_mr, idt_mr, idt_ct = self._generators(ct, mr, *noise)
         fake_mr, rec_ct, fake_ct, rec_mr = (t.float() for t in (fake_mr, rec_ct, fake_ct, rec_mr))
+        augments = s["disc_augment"]
         with self._autocast():
-            score_mr, score_ct = self._d_mr_run(fake_mr), self._d_ct_run(fake_ct)
+            score_mr = self._d_mr_run(self._seen(fake_mr, augments))
+            score_ct = self._d_ct_run(self._seen(fake_ct, augments))
         adv_mr, adv_ct = lsgan_loss(score_mr, True), lsgan_loss(score_ct, True)
         cycle_ct, cycle_mr = F.l1_loss(rec_ct, ct), F.l1_loss(rec_mr, mr)
         if idt_mr is not None:
@@ -952,6 +970,8 @@ class CycleGAN:
         pooled_ct = self.pool_ct.query(fake_ct.detach(), self.draw_generator)
         pooled_mr = pooled_mr.contiguous(memory_format=self.memory_format)
         pooled_ct = pooled_ct.contiguous(memory_format=self.memory_format)
+        if augments:  # real and pooled fake alike (DiffAugment)
+            mr, pooled_mr, ct, pooled_ct = (self._seen(x, augments) for x in (mr, pooled_mr, ct, pooled_ct))
         with self._autocast():
             scores_mr, scores_ct = self._discriminators(mr, pooled_mr, ct, pooled_ct)
         d_mr = 0.5 * (lsgan_loss(scores_mr[:b], True) + lsgan_loss(scores_mr[b:], False))
@@ -1068,6 +1088,44 @@ def _pick_device(device, local_rank: int = 0) -> torch.device:
     if torch.cuda.is_available():
         return torch.device(f"cuda:{local_rank}")
     return torch.device("cpu")
+
+
+def disc_augment(images: torch.Tensor, augments) -> torch.Tensor:
+    """Differentiable augmentation of what a discriminator sees (DiffAugment, Zhao et al. 2020):
+    ``images`` [B, 1, H, W] in [-1, 1], each slice drawn on its own, from the global RNG (whose
+    state every checkpoint keeps, so a resumed run stays exact). Applied alike to real and
+    generated slices, in the generators' update too (gradients flow through it), the
+    discriminator cannot learn the few real MR slices by heart while the generator is still asked
+    for the un-augmented distribution. ``brightness``: + U(-0.5, 0.5); ``contrast``: about the
+    slice mean x U(0.5, 1.5); ``translation``: shifted by up to 1/8 of the size, the uncovered
+    border background (-1); ``cutout``: a square of half the size set to 0."""
+    if not augments:
+        return images
+    b, _, h, w = images.shape
+    x = images
+    if "brightness" in augments:
+        x = x + (torch.rand(b, 1, 1, 1, device=x.device) - 0.5).to(x.dtype)
+    if "contrast" in augments:
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = (x - mean) * (torch.rand(b, 1, 1, 1, device=x.device) + 0.5).to(x.dtype) + mean
+    if "translation" in augments:
+        ph, pw = h // 8, w // 8
+        dy = torch.randint(-ph, ph + 1, (b,), device=x.device)
+        dx = torch.randint(-pw, pw + 1, (b,), device=x.device)
+        padded = F.pad(x, (pw, pw, ph, ph), value=-1.0)
+        rows = (torch.arange(h, device=x.device).view(1, h, 1) + ph - dy.view(b, 1, 1)).expand(b, h, w)
+        cols = (torch.arange(w, device=x.device).view(1, 1, w) + pw - dx.view(b, 1, 1)).expand(b, h, w)
+        flat = (rows * (w + 2 * pw) + cols).view(b, 1, h * w)
+        x = padded.flatten(2).gather(2, flat).view(b, 1, h, w)
+    if "cutout" in augments:
+        ch, cw = h // 2, w // 2
+        top = torch.randint(0, h - ch + 1, (b, 1, 1, 1), device=x.device)
+        left = torch.randint(0, w - cw + 1, (b, 1, 1, 1), device=x.device)
+        ys = torch.arange(h, device=x.device).view(1, 1, h, 1)
+        xs = torch.arange(w, device=x.device).view(1, 1, 1, w)
+        hole = (ys >= top) & (ys < top + ch) & (xs >= left) & (xs < left + cw)
+        x = x.masked_fill(hole, 0.0)
+    return x
 
 
 def jitter_batch(images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator,

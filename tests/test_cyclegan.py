@@ -805,3 +805,40 @@ def test_a_resize_checkpoint_loads_back_with_its_upsampling(tiny_data, tmp_path)
     assert any(isinstance(m, torch.nn.Upsample) for m in g_mr.modules())
     with pytest.raises(CrossmodError, match="upsampling=transpose"):  # the wrong architecture, named
         cg.load_generators(checkpoint, {**TINY, "upsampling": "transpose"}, device="cpu")
+
+
+def test_disc_augment_changes_training_and_resumes_exactly(tiny_data, tmp_path):
+    ct, mr = tiny_data
+    augmented = {**TINY, "disc_augment": ["brightness", "contrast", "translation", "cutout"]}
+    assert_changes_training_and_resumes_exactly(tiny_data, tmp_path, augmented, split=4)
+    with pytest.raises(CrossmodError, match="disc_augment"):  # a checkpoint of other settings
+        cg.train(ct, mr, tmp_path / "part", TINY, 20.0, progress=False, resume=True)
+    with pytest.raises(CrossmodError, match="disc_augment' must be a list of distinct names"):
+        cg.check_settings({**TINY, "disc_augment": ["colour"]})
+    with pytest.raises(CrossmodError, match="disc_augment' must be a list"):
+        cg.check_settings({**TINY, "disc_augment": "translation"})
+    with pytest.raises(CrossmodError, match="disc_augment.*'cut' does not use it"):
+        cg.check_settings({**augmented, "translator": "cut"})
+
+
+def test_disc_augment_moves_each_slice_on_its_own_and_passes_gradients():
+    torch.manual_seed(0)
+    x = torch.linspace(-1, 1, 32 * 32).view(1, 1, 32, 32).repeat(6, 1, 1, 1).requires_grad_(True)
+    shifted = cg.disc_augment(x, ["translation"])
+    assert shifted.shape == x.shape
+    assert len({tuple(s.flatten()[:40].tolist()) for s in shifted.detach()}) > 1  # per slice
+    for k in range(6):  # a shift: each slice is the input moved, its uncovered border -1
+        s, found = shifted[k, 0].detach(), False
+        for dy in range(-4, 5):
+            for dx in range(-4, 5):
+                moved = torch.full_like(s, -1.0)
+                src = x[k, 0].detach()
+                moved[max(dy, 0):32 + min(dy, 0), max(dx, 0):32 + min(dx, 0)] = \
+                    src[max(-dy, 0):32 + min(-dy, 0), max(-dx, 0):32 + min(-dx, 0)]
+                found |= torch.equal(moved, s)
+        assert found
+    holes = cg.disc_augment(x, ["cutout"]).detach()
+    assert ((holes == 0) & (x.detach() != 0)).flatten(1).sum(1).eq(16 * 16).all()  # a 16 x 16 square each
+    cg.disc_augment(x, ["brightness", "contrast", "translation", "cutout"]).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert cg.disc_augment(x, []) is x
