@@ -271,7 +271,9 @@ if study is not None:
 # every MR a network is tested on; its four networks are trained on that MR. At the tier's
 # settings (`openkbp-mr2-background-8600-unet1600`: 8,600 iterations, the tier's U-Nets) the
 # verdict below is the tier's own, read from its recorded seeds; the paired control says what this
-# appearance costs on the same patients, beside the ~0 the tier's appearance costs.
+# appearance costs on the same patients, beside the ~0 the tier's appearance costs. Whether that
+# cost is the MR's or the translator's, the ideal translation below answers: a U-Net trained on the
+# simulator's own MR of the CT patients, in this appearance, is tested on the same MR.
 
 # %%
 if study is not None:
@@ -369,6 +371,16 @@ else:
 # translator nor CycleGAN settings). Studies of other MR or other U-Net settings train baselines
 # of their own and are set beside the tier in the section on variants above
 # (`convergence.shares_baselines`).
+#
+# A second table holds CycleGAN settings tried at the tier's settings as they stand (`openkbp`),
+# each beside the tier's own cross-modality network on the same seeds. They were asked because the
+# ideal translation (above) puts the translator's cost at ~0.1 DSC on the tier, and the synthetic
+# MR is checkerboarded and speckled: resize-convolution upsampling in the generators
+# (`cyclegan.upsampling: resize`, {cite}`odena2016`; profile `openkbp-resize`), the reference
+# implementation's random crop and mirror of the CycleGAN's slices (`random_crop_scale`,
+# `random_flip`; `openkbp-crop-flip`), and differentiable augmentation of what the discriminators
+# see, against a discriminator that learns the 353 real MR slices by heart
+# (`cyclegan.disc_augment`, {cite}`zhao2020diffaugment`; `openkbp-diffaugment`).
 
 # %%
 if study is not None:
