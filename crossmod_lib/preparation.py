@@ -402,6 +402,13 @@ def mr_coverage_mm(mr_cohort) -> float:
 
 def save_slices(cases: list[PreparedCase], path: Path) -> None:
     """All slices of a cohort in one compressed .npz (written atomically), the 2D networks' input."""
+    write_slices(stack_slices(cases), path)
+
+
+def stack_slices(cases: list[PreparedCase]) -> dict[str, np.ndarray]:
+    """The slices of prepared cases as one set of arrays, in case order (what :func:`save_slices`
+    writes): image, labels, head_mask, patient, slice_index, z_mm, annotated (and
+    labels_observer2 where every case has a second observer)."""
     arrays = {
         "image": np.concatenate([c.image for c in cases]),
         "labels": np.concatenate([c.labels for c in cases]),
@@ -413,7 +420,7 @@ def save_slices(cases: list[PreparedCase], path: Path) -> None:
     }
     if all(c.labels_observer2 is not None for c in cases):
         arrays["labels_observer2"] = np.concatenate([c.labels_observer2 for c in cases])
-    write_slices(arrays, path)
+    return arrays
 
 
 def load_slices(path: str | Path) -> dict[str, np.ndarray]:

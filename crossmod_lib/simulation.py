@@ -838,15 +838,11 @@ def ideal_translation_slices(cohort_json, ct_folders, preprocessing: dict, *, sl
         if not folder.is_dir():
             raise CrossmodError(f"{folder}: CT patient folder not found")
     tasks = [(dataset, str(f), seed, asdict(settings), dict(preprocessing)) for f in folders]
+    from crossmod_lib.preparation import stack_slices
+
     cases = run_tasks(_ideal_one, tasks, workers, progress, desc="ideal translation", unit="patient")
-    total = sum(len(c.image) for c in cases)
-    return {
-        "image": np.concatenate([c.image for c in cases]),
-        "labels": np.concatenate([c.labels for c in cases]),
-        "head_mask": np.concatenate([c.head_mask for c in cases]),
-        "patient": np.concatenate([np.full(len(c.image), c.patient_id) for c in cases]),
-        "slice_index": np.concatenate([c.slice_index for c in cases]).astype(np.int64),
-        "z_mm": np.concatenate([c.z_mm for c in cases]).astype(np.float32),
-        "source_row": np.arange(total, dtype=np.int64),
-        "pixel_mm": np.float64(preprocessing["pixel_mm"]),
-    }
+    arrays = stack_slices(cases)
+    arrays.pop("annotated")  # every CT patient is contoured; the training slices have no such array
+    return {**arrays, "slice_index": arrays["slice_index"].astype(np.int64),
+            "source_row": np.arange(len(arrays["image"]), dtype=np.int64),
+            "pixel_mm": np.float64(preprocessing["pixel_mm"])}

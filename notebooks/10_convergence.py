@@ -72,6 +72,8 @@ from crossmod_lib import config, convergence, plots, record, runs
 run = runs.RunFolder.open(profile_path or profile, run_dir or None)
 recorded = record.recorded_runs(recorded_dir or None)  # verified once, read by every section
 recorded_studies = [r.root for r in recorded if r.info.get("kind") == "study"]  # the tier and variant tables' input
+tier_profile = config.load_profile("openkbp")  # the tier as it stands on this commit
+tier = convergence.tier_run(tier_profile, recorded_studies)  # its recorded runs (Table II, CycleGAN settings)
 studies = [r for r in recorded if r.info.get("kind") == "study" and r.root.name == study_name]
 study = studies[0] if studies else None
 if study is None:
@@ -143,7 +145,6 @@ if study is not None and not points.empty:
 
 # %%
 if study is not None:
-    tier = convergence.tier_run(config.load_profile("openkbp"), recorded_studies)
     if tier["reason"]:
         display(Markdown(f"*No recorded run of `openkbp` as it stands: {tier['reason']}.*"))
     else:
@@ -384,11 +385,11 @@ else:
 
 # %%
 if study is not None:
-    tier_profile = config.load_profile("openkbp-2150")  # the U-Net settings these studies ran
+    first_settings = config.load_profile("openkbp-2150")  # the U-Net settings these studies ran
     others = {r.root.name: r for r in recorded
               if r.info.get("kind") == "study" and r.root.name != study_name
               and r.table(runs.RunFolder.convergence) is not None
-              and convergence.shares_baselines(tier_profile, r.root)}
+              and convergence.shares_baselines(first_settings, r.root)}
     if others:
         compared = convergence.translator_table(
             {"CycleGAN with identity loss": points, **{name: r.table(runs.RunFolder.convergence) for name, r in others.items()}})
@@ -398,12 +399,10 @@ if study is not None:
                          "--profile openkbp-cut --out DIR`, then `crossmod record`)."))
 # CycleGAN settings tried at the tier's settings as they stand (openkbp: its U-Nets of 1,600 steps),
 # each beside the tier's own cross-modality network on the same seeds
-tier_now = config.load_profile("openkbp")
 at_tier = {r.root.name: r.table(runs.RunFolder.convergence) for r in recorded
-           if r.info.get("kind") == "study" and r.table(runs.RunFolder.convergence) is not None
-           and convergence.shares_baselines(tier_now, r.root)}
-tier_found = convergence.tier_run(tier_now, recorded_studies)
-tier_name = (tier_found["cross_modality_from"] or [None])[0]
+           if r.info.get("kind") == "study" and convergence.shares_baselines(tier_profile, r.root)}
+at_tier = {name: points for name, points in at_tier.items() if points is not None}
+tier_name = (tier["cross_modality_from"] or [None])[0]
 if tier_name in at_tier and len(at_tier) > 1:
     display(Markdown(f"At the tier's settings as they stand (`openkbp`; `reference_dsc`: the tier's own "
                      f"cross-modality network, recorded `{tier_name}`, on the same seeds):"))
