@@ -238,9 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a recorded study of the same profile (e.g. recorded/openkbp-convergence): "
                         "its finished points are kept and only the missing ones run")
     p.add_argument("--translator-from", type=Path, default=None, metavar="STUDY_DIR",
-                   help="convergence: a local study folder of the same translator and cleaning "
-                        "settings (only U-Net settings differ): its points' CycleGANs, synthetic "
-                        "MR and cleaned slices are copied and only the U-Nets train")
+                   help="convergence: a local study folder of the same translator settings "
+                        "(only cleaning and U-Net settings differ): its points' CycleGANs and "
+                        "synthetic MR are copied, cleaned again and only the U-Nets train")
     p.add_argument("--no-new-points", action="store_true",
                    help="run no point: only bring the finished points' synthesis-quality measures "
                         "up to date (from their stored slices) and rewrite the tables")

@@ -449,17 +449,20 @@ def carried_points(profile: dict, recorded) -> dict:
 BASELINE_FREE_SETTINGS = ("cyclegan", "cleaning", "segmentation.cross_modality_appearance")
 #: The networks that never see the translator (``ct_only_paired``: segmentation.PAIRED_CT).
 BASELINE_MODELS = ("ct_only", "domain_random", "naive", "ct_only_paired")
-#: Settings neither the translator nor the cleaning sees: a study that differs from another only
-#: in these (its U-Nets) can take that study's CycleGANs, synthetic MR and cleaned slices as they
-#: are (``translator_from`` of :func:`run_study`) and train only its U-Nets.
-TRANSLATOR_FREE_SETTINGS = ("segmentation", "convergence.models")
+#: Settings the translator does not see: a study that differs from another only in these (its
+#: cleaning, its U-Nets) can take that study's CycleGANs and synthetic MR as they are
+#: (``translator_from`` of :func:`run_study`), clean them again and train only its U-Nets. The
+#: cleaning reruns in any case; it takes from the copied registration cache only registrations
+#: whose inputs and parameters are its own (:func:`crossmod_lib.cleaning.clean`).
+TRANSLATOR_FREE_SETTINGS = ("cleaning", "segmentation", "convergence.models")
 #: The stages of a point that a study taking another's translator copies (from the CycleGAN on).
 _TRANSLATOR_STAGES = ("synthetic", "cleaned")
 
 
-def _translator_source(profile: dict, study: Path) -> Path:
-    """Check that a local study folder ran the same translator and cleaning as ``profile`` (every
-    setting but :data:`TRANSLATOR_FREE_SETTINGS` and the study's own choices); returns it."""
+def _translator_source(profile: dict, study: Path) -> tuple[Path, bool]:
+    """Check that a local study folder ran the same translator as ``profile`` (every setting but
+    :data:`TRANSLATOR_FREE_SETTINGS` and the study's own choices); returns it and whether its
+    cleaning settings are the profile's too."""
     import yaml
 
     study = Path(study).absolute()
@@ -471,8 +474,9 @@ def _translator_source(profile: dict, study: Path) -> Path:
     if differ:
         raise CrossmodError(f"{study}: its translators were trained with other settings than this "
                             f"profile's ({', '.join(differ[:5])}{' ...' if len(differ) > 5 else ''}); "
-                            "only U-Net settings may differ")
-    return study
+                            "only cleaning and U-Net settings may differ")
+    not_cleaning = [key for key in STUDY_CHOICES + TRANSLATOR_FREE_SETTINGS if key != "cleaning"]
+    return study, not settings_differences(profile, theirs, not_cleaning)
 
 
 def taken_stage_seconds(seconds: dict, source_study: Path, key: str) -> dict:
@@ -681,19 +685,21 @@ def run_study(profile: dict, study_dir, log=print, progress: bool = False,
     a seed whose first point was carried trains its baselines again (same seed: same networks).
     ``new_points=False``: run no point, only bring the finished ones' quality measures up to
     :data:`QUALITY_DEFINITION` and rewrite the tables. ``translator_from``: a local study folder
-    of the same translator and cleaning settings (only U-Net settings may differ) whose finished
+    of the same translator settings (only cleaning and U-Net settings may differ) whose finished
     points' CycleGAN, synthetic MR and cleaned slices are copied, so that only the U-Nets train
-    (the synthesis is run again from the copied CycleGAN and the cleaning finds its registrations
-    in the copied cache); each such point names its source (``translator_from``) and keeps the
-    source's CycleGAN seconds.
+    (the synthesis is run again from the copied CycleGAN, the cleaning again with its own settings,
+    finding in the copied cache the registrations whose parameters are its own); each such point
+    names its source (``translator_from``) and keeps the source's CycleGAN seconds, and the
+    source's cleaning seconds where the cleaning settings are the same.
     """
     from . import cyclegan, preparation
     from .config import save_profile
     from .runs import git_commit
 
     study = study_settings(profile)
+    same_cleaning = True
     if translator_from is not None:
-        translator_from = _translator_source(profile, translator_from)
+        translator_from, same_cleaning = _translator_source(profile, translator_from)
     code_commit = git_commit()  # the code this process runs, whatever HEAD does meanwhile
     study_dir = Path(study_dir).absolute()
     study_dir.mkdir(parents=True, exist_ok=True)
@@ -784,7 +790,7 @@ def run_study(profile: dict, study_dir, log=print, progress: bool = False,
             started = _provenance(code_commit)
             outcome = run_point(point, trunk_dir, first_point, study["models"], log=log)
             outcome["seconds"]["trunk_this_point"] = trunk_seconds
-            if taken:  # its cleaning came with the slices: a run of the profile spends the source's
+            if taken and same_cleaning:  # its registrations came cached: a run spends the source's
                 outcome["seconds"] = taken_stage_seconds(outcome["seconds"], translator_from, key)
             quality = synthesis_quality(point.synthetic_mr, base.ct_slices, base.mr_slices,
                                         head_threshold, outline_threshold, seed=seed)

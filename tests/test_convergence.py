@@ -566,10 +566,24 @@ def test_a_study_of_other_unet_settings_takes_the_translators_and_trains_only_it
     summary = json.loads((tmp_path / "cos" / "seed5" / "budget00120" / "model" / "cross_modality"
                           / "summary.json").read_text())
     assert summary["best_epoch"] == summary["epochs_run"]          # the cosine schedule ran
+    # other cleaning settings: the same translator, cleaned again with its own settings and timed
+    unregistered = copy.deepcopy(cosine)
+    unregistered["cleaning"]["register"] = False
+    convergence.run_study(unregistered, tmp_path / "unreg", translator_from=out)
+    point_dir = tmp_path / "unreg" / "seed5" / "budget00120"
+    assert np.array_equal(np.load(point_dir / "synthetic" / "synthetic_mr.npz")["image"],
+                          np.load(out / "seed5" / "budget00120" / "synthetic" / "synthetic_mr.npz")["image"])
+    decisions = pd.read_csv(point_dir / "cleaned" / "decisions.csv")
+    assert set(decisions["registration_status"]) <= {"disabled", "not_run"}
+    assert (decisions["registration_status"] == "disabled").any()
+    unreg_point = json.loads((tmp_path / "unreg" / "metrics" / "convergence_runs.json").read_text())[
+        "points"]["seed5/budget00120"]
+    assert unreg_point["translator_from"] == point["translator_from"]
+    assert unreg_point["seconds"]["cleaning"] < source["seed5/budget00120"]["seconds"]["cleaning"]
     # another translator setting: refused, naming it
     other = copy.deepcopy(cosine)
     other["cyclegan"]["lambda_cycle"] = 3.0
-    with pytest.raises(CrossmodError, match="other settings than this profile's .*cyclegan.lambda_cycle"):
+    with pytest.raises(CrossmodError, match="other settings than this profile's .*cyclegan.lambda_cycle.*only cleaning and U-Net"):
         convergence.run_study(other, tmp_path / "other", translator_from=out)
 
 
