@@ -10,7 +10,8 @@ goes through:
    CycleGAN's geometric loss uses) against the CT's head mask; a slice with a Dice below
    ``cleaning.outline_dice_threshold`` (paper: 80 %) is rejected.
 2. **Refinement registration** (:func:`register_slice`): with elastix, in 2D, the synthetic MR
-   (moving) onto its CT slice (fixed): rigid (Euler) followed by a deformable B-spline with a final
+   (moving) onto its CT slice (fixed): rigid (Euler; beyond the paper, ``cleaning.rigid.transform:
+   similarity`` adds one isotropic scale) followed by a deformable B-spline with a final
    control-point spacing of 8 mm (on coarser pixels than the paper's 1 mm, never finer than
    ``cleaning.bspline.min_grid_spacing_px`` pixels: :func:`grid_spacing_mm`), Mattes mutual
    information, and elastix's adaptive stochastic
@@ -114,6 +115,8 @@ __all__ = [
 
 OPTIMIZERS = ("AdaptiveStochasticGradientDescent", "StandardGradientDescent")
 METRICS = ("AdvancedMattesMutualInformation", "AdvancedNormalizedCorrelation")
+#: The first stage's transform (``cleaning.rigid.transform``) and elastix's name for it.
+RIGID_TRANSFORMS = {"euler": "EulerTransform", "similarity": "SimilarityTransform"}
 
 DECISION_COLUMNS = [
     "row", "patient", "slice_index", "z_mm", "z_rel_mm", "position", "outline_dice",
@@ -164,6 +167,7 @@ def cleaning_settings(profile: dict) -> dict:
             "spatial_samples": block.get("spatial_samples"),
             "rigid_resolutions": block.get("rigid", {}).get("resolutions"),
             "rigid_iterations": block.get("rigid", {}).get("iterations"),
+            "rigid_transform": block.get("rigid", {}).get("transform", "euler"),
             "bspline_grid_spacing_mm": block.get("bspline", {}).get("grid_spacing_mm"),
             "bspline_min_grid_spacing_px": block.get("bspline", {}).get("min_grid_spacing_px"),
             "bspline_resolutions": block.get("bspline", {}).get("resolutions"),
@@ -231,6 +235,9 @@ def _check_settings(s: dict) -> None:
         raise CrossmodError(f"setting cleaning.register: expected true or false, got {s.get('register')!r}")
     if s.get("metric") not in METRICS:
         raise CrossmodError(f"setting cleaning.metric: expected one of {', '.join(METRICS)}, got {s.get('metric')!r}")
+    if s.setdefault("rigid_transform", "euler") not in RIGID_TRANSFORMS:
+        raise CrossmodError(f"setting cleaning.rigid.transform: expected one of {', '.join(RIGID_TRANSFORMS)}, "
+                            f"got {s.get('rigid_transform')!r}")
     if s.get("optimizer") not in OPTIMIZERS:
         raise CrossmodError(
             f"setting cleaning.optimizer: expected one of {', '.join(OPTIMIZERS)}, got {s.get('optimizer')!r}"
@@ -359,7 +366,7 @@ def elastix_parameter_maps(settings: dict) -> dict[str, dict[str, list[str]]]:
         common.update({"SP_a": ["1000"], "SP_A": ["50"], "SP_alpha": ["0.602"]})
     rigid = dict(common)
     rigid.update({
-        "Transform": ["EulerTransform"],
+        "Transform": [RIGID_TRANSFORMS[s["rigid_transform"]]],
         "AutomaticScalesEstimation": ["true"],
         "AutomaticTransformInitialization": ["true"],
         "AutomaticTransformInitializationMethod": ["GeometricalCenter"],
@@ -456,8 +463,11 @@ def _floats(parameter_map, key: str) -> np.ndarray:
 
 
 def _rigid_parameters(transforms) -> tuple[float, float]:
-    """(rotation in degrees, translation in mm) of the rigid stage."""
+    """(rotation in degrees, translation in mm) of the first stage: elastix's 2D Euler parameters
+    are (angle, tx, ty), its 2D similarity's (scale, angle, tx, ty)."""
     p = _floats(transforms.GetParameterMap(0), "TransformParameters")
+    if p.size == 4:
+        p = p[1:]
     if p.size != 3:
         return math.nan, math.nan
     return math.degrees(p[0]), float(math.hypot(p[1], p[2]))

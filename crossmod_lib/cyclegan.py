@@ -117,6 +117,7 @@ _TRAINING_KEYS = (
     "lambda_geo", "geometric_loss", "mask_temperature", "pool_size", "init_gain", "seed",
     "head_threshold", "translator", "lambda_nce", "nce_patches", "nce_temperature", "nce_features",
     "random_crop_scale", "random_flip", "cycle_noise_sd", "upsampling", "disc_augment",
+    "geo_mask_offset_px",
 )
 
 
@@ -231,6 +232,9 @@ def check_settings(settings: dict, source: str = "cyclegan settings") -> dict:
         raise _setting_error(source, "translator", f"must be one of {', '.join(TRANSLATORS)}, "
                                                    f"got {s['translator']!r}")
     number("cycle_noise_sd", 0.0, 2.0)
+    offset = s["geo_mask_offset_px"]
+    if isinstance(offset, bool) or not isinstance(offset, int) or abs(offset) > 8:
+        raise _setting_error(source, "geo_mask_offset_px", f"must be an integer from -8 to 8, got {offset!r}")
     if s["upsampling"] not in UPSAMPLING:
         raise _setting_error(source, "upsampling", f"must be one of {', '.join(UPSAMPLING)}, "
                                                    f"got {s['upsampling']!r}")
@@ -726,6 +730,39 @@ def geometric_loss(generated: torch.Tensor, source_mask: torch.Tensor,
     """
     logits = head_logits(generated, threshold, temperature)
     return F.binary_cross_entropy_with_logits(logits, source_mask.to(logits.dtype))
+
+
+def geometric_targets(ct_masks: np.ndarray, mr_masks: np.ndarray,
+                      offset_px: int) -> tuple[np.ndarray, np.ndarray]:
+    """The head masks the geometric loss holds each translation to (``cyclegan.geo_mask_offset_px``).
+
+    ``ct_masks``, ``mr_masks`` [N, H, W] bool: the prepared slices' head masks, each thresholded
+    on its own modality. Over the same anatomy the two thresholds need not find the same edge: on
+    an MR whose skin edge is blurred (partial volume, point-spread function) the threshold lies
+    further out than on the windowed CT. The loss then asks the synthetic MR for an MR outline
+    that matches the CT's threshold outline, and a generator meets both it and the discriminator
+    by drawing the anatomy smaller than the CT's. ``offset_px`` > 0 says that MR masks extend this
+    many pixels beyond the CT's: the synthetic MR is held to the CT mask grown by it, the
+    synthetic CT to the MR mask shrunk by it (4-connected steps); < 0 the other way; 0: the masks
+    as they are (the paper)."""
+    from scipy import ndimage
+
+    ct_masks, mr_masks = np.asarray(ct_masks, bool), np.asarray(mr_masks, bool)
+    k = int(offset_px)
+    if k == 0:
+        return ct_masks, mr_masks
+    step = np.zeros((3, 3, 3), dtype=bool)
+    step[1] = ndimage.generate_binary_structure(2, 1)  # in-plane only: slices stay apart
+
+    def grow(masks, n):
+        return ndimage.binary_dilation(masks, step, iterations=n)
+
+    def shrink(masks, n):  # the edge of the crop is no head edge: outside counts as head
+        return ndimage.binary_erosion(masks, step, iterations=n, border_value=1)
+
+    if k > 0:
+        return grow(ct_masks, k), shrink(mr_masks, k)
+    return shrink(ct_masks, -k), grow(mr_masks, -k)
 
 
 def lsgan_loss(prediction: torch.Tensor, real: bool) -> torch.Tensor:
@@ -1352,9 +1389,9 @@ def _train(ct, mr, out_dir, s, resume, progress, max_iterations, device, world, 
     log.start(state["iteration"] if found else None)
 
     ct_images = torch.from_numpy(ct["image"])
-    ct_masks = torch.from_numpy(ct["head_mask"].astype(bool))
     mr_images = torch.from_numpy(mr["image"])
-    mr_masks = torch.from_numpy(mr["head_mask"].astype(bool))
+    ct_target, mr_target = geometric_targets(ct["head_mask"], mr["head_mask"], s["geo_mask_offset_px"])
+    ct_masks, mr_masks = torch.from_numpy(ct_target), torch.from_numpy(mr_target)
     if cuda:   # uint8 slices and boolean masks: about 1.3 GB for the paper's ~10,000 CT slices
         ct_images, ct_masks, mr_images, mr_masks = (
             t.to(device) for t in (ct_images, ct_masks, mr_images, mr_masks))

@@ -235,6 +235,33 @@ def test_registration_recovers_a_known_deformation():
     assert 0 < info["max_displacement_mm"] < 25
 
 
+def test_similarity_first_stage_takes_out_a_uniformly_smaller_head():
+    from scipy import ndimage
+
+    settings = cleaning.cleaning_settings(load_profile("demo"))
+    case = cleaning.synthetic_registration_case(96, 2.5, seed=3, rotation_deg=0.0, shift_mm=(0.0, 0.0),
+                                                amplitude_mm=0.0, scale_x=1.0)
+    centre = (np.array(case["truth"].shape) - 1) / 2
+    shrunk = ndimage.affine_transform(case["truth"].astype(np.float32), np.eye(2) / 0.9,
+                                      centre - centre / 0.9, order=1)  # 10 % smaller about the centre
+    moving = np.clip(np.rint(shrunk), 0, 255).astype(np.uint8)
+    similarity = {**settings, "rigid_transform": "similarity"}
+    maps = cleaning.elastix_parameter_maps(similarity)
+    assert maps["rigid"]["Transform"] == ["SimilarityTransform"]
+    assert cleaning.elastix_parameter_maps(settings)["rigid"]["Transform"] == ["EulerTransform"]
+    head = case["head_mask"]
+    mse_before = np.mean((moving.astype(float) - case["truth"])[head] ** 2)
+    warped, info = cleaning.register_slice(case["ct"], moving, similarity, fixed_mask=head)
+    assert info["status"] == "ok" and info["accepted"]
+    assert np.mean((warped.astype(float) - case["truth"])[head] ** 2) < 0.4 * mse_before
+    # (scale, angle, tx, ty): the angle and the translation are read from their places
+    assert abs(info["rotation_deg"]) < 2 and info["translation_mm"] < 3
+    profile = load_profile("smoke")
+    profile["cleaning"]["rigid"]["transform"] = "affine"
+    with pytest.raises(CrossmodError, match="cleaning.rigid.transform: expected one of euler, similarity"):
+        cleaning.cleaning_settings(profile)
+
+
 @pytest.mark.parametrize("value", [0, 100])
 def test_constant_moving_image_is_rejected_with_a_reason(value):
     case = cleaning.synthetic_registration_case(SIZE, PIXEL, seed=1)

@@ -254,6 +254,24 @@ def test_geometric_loss_small_when_outlines_agree_large_when_not():
     assert swapped > 5 and shifted > 10 * agree
 
 
+def test_geometric_targets_grow_the_ct_mask_and_shrink_the_mr_mask_by_the_offset():
+    disc = np.hypot(*np.mgrid[-16:16, -16:16]) < 10
+    ct = np.stack([disc, np.zeros_like(disc)])       # a head and an empty slice
+    edge = np.zeros((2, 32, 32), bool)
+    edge[:, :, :8] = True                            # a head cut by the crop's left edge
+    same_ct, same_mr = cg.geometric_targets(ct, edge, 0)
+    assert same_ct is not None and np.array_equal(same_ct, ct) and np.array_equal(same_mr, edge)
+    grown, shrunk = cg.geometric_targets(ct, edge, 2)
+    radius = lambda m: np.sqrt(m.sum() / np.pi)  # noqa: E731
+    assert 1.5 < radius(grown[0]) - radius(ct[0]) < 2.5 and not grown[1].any()  # no slice bleeds into the next
+    assert shrunk[0, :, :6].all() and not shrunk[0, :, 6:].any()  # only the inner edge moves, not the crop's
+    back_ct, back_mr = cg.geometric_targets(grown, shrunk, -2)
+    assert np.array_equal(back_ct, ct) and back_mr[0, :, :8].all()
+    with pytest.raises(CrossmodError, match="cyclegan.geo_mask_offset_px"):
+        cg.check_settings({"geo_mask_offset_px": 1.5})
+    assert cg.check_settings({})["geo_mask_offset_px"] == 0   # the paper: the masks as they are
+
+
 def test_lsgan_targets():
     assert cg.lsgan_loss(torch.ones(2, 1, 3, 3), True) == 0
     assert cg.lsgan_loss(torch.zeros(2, 1, 3, 3), False) == 0
