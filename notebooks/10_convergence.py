@@ -381,7 +381,11 @@ else:
 # implementation's random crop and mirror of the CycleGAN's slices (`random_crop_scale`,
 # `random_flip`; `openkbp-crop-flip`), and differentiable augmentation of what the discriminators
 # see, against a discriminator that learns the 353 real MR slices by heart
-# (`cyclegan.disc_augment`, {cite}`zhao2020diffaugment`; `openkbp-diffaugment`).
+# (`cyclegan.disc_augment`, {cite}`zhao2020diffaugment`; `openkbp-diffaugment`, all four of
+# DiffAugment's policies, and `openkbp-diffaugment-geometric`, its translation and cutout only, which
+# leave the intensity levels under the discriminators' check). Neither policy helps: the first lets
+# the generator's intensity levels drift, the second gives synthetic MR closer to the real by KID
+# that no longer ties the parotid's appearance to the place of the CT contours (its U-Net fails).
 
 # %%
 if study is not None:

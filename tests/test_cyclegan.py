@@ -272,6 +272,20 @@ def test_geometric_targets_grow_the_ct_mask_and_shrink_the_mr_mask_by_the_offset
     assert cg.check_settings({})["geo_mask_offset_px"] == 0   # the paper: the masks as they are
 
 
+def test_training_with_a_mask_offset_holds_the_translations_to_the_moved_masks(tiny_data, tmp_path):
+    ct, mr = tiny_data
+    settings = {**TINY, "max_iterations_per_epoch": 1}
+    plain = cg.train(ct, mr, tmp_path / "plain", settings, 20.0, progress=False)
+    offset = cg.train(ct, mr, tmp_path / "offset", {**settings, "geo_mask_offset_px": 2}, 20.0, progress=False)
+    log = lambda run: np.genfromtxt(run / cg.LOSSES_NAME, delimiter=",", names=True)  # noqa: E731
+    first_plain, first_offset = log(tmp_path / "plain")[0], log(tmp_path / "offset")[0]
+    # the same networks and slices at the first iteration: only the masks they are held to differ
+    assert first_plain["cycle_CT"] == first_offset["cycle_CT"]
+    assert first_plain["geo_CT"] != first_offset["geo_CT"]
+    assert json.loads((tmp_path / "offset" / cg.SETTINGS_NAME).read_text())["geo_mask_offset_px"] == 2
+    assert plain["iteration"] == offset["iteration"] == 2
+
+
 def test_lsgan_targets():
     assert cg.lsgan_loss(torch.ones(2, 1, 3, 3), True) == 0
     assert cg.lsgan_loss(torch.zeros(2, 1, 3, 3), False) == 0
