@@ -78,6 +78,15 @@ print(f"profile {run.profile['name']}: ngf {settings['ngf']}, ndf {settings['ndf
 # `reconstruction` {cite}`vanderwalt2014`, on a GPU by iterated steps), and its gradient goes to that
 # wall's weakest pixel. At 0.5 it reproduces the hard mask; the cleaning step (chapter 3) decides on the *same* definition, so
 # the loss pushes the generator towards exactly what cleaning will check.
+#
+# **The same threshold need not find the same edge.** Each mask thresholds its own modality. On the
+# windowed CT, 20 of 255 lies near the attenuation of fat, at the inner edge of the subcutaneous
+# fat; on a T2-weighted MR fat is bright and the skin edge blurred, so over the same anatomy the MR
+# mask reaches further out. Held to the CT's outline, a generator that draws MR-like skin and fat
+# draws the anatomy inside it smaller. Beyond the paper, `cyclegan.geo_mask_offset_px: k` holds the
+# synthetic MR to the CT mask grown by `k` pixels and the synthetic CT to the MR mask shrunk by `k`
+# (`crossmod_lib.cyclegan.geometric_targets`); chapter 10 measures the offset on the tier and
+# what it changes.
 
 # %% [markdown]
 # ## The networks (Fig. 4)

@@ -20,7 +20,9 @@
 # against the CT's is below 0.8, and registers the rest onto their CT slice with elastix
 # {cite}`klein2010` (rigid, then a B-spline with an 8 mm control-point grid, mutual information,
 # gradient descent), so that the **CT contours label the synthetic MR**. What is kept here is the
-# training set of the segmentation network (chapter 4).
+# training set of the segmentation network (chapter 4). Beyond the paper, the first stage may also
+# scale (`cleaning.rigid.transform: similarity`), for synthetic MR drawn systematically smaller
+# or larger than its CT (chapter 2, the geometric loss's masks).
 #
 # | Prerequisite | Importance |
 # |---|---|

@@ -386,6 +386,18 @@ else:
 # leave the intensity levels under the discriminators' check). Neither policy helps: the first lets
 # the generator's intensity levels drift, the second gives synthetic MR closer to the real by KID
 # that no longer ties the parotid's appearance to the place of the CT contours (its U-Net fails).
+#
+# The last row asks why the registration of chapter 3 matters on this tier at all: the synthetic MR
+# is made from its CT and keeps the CT's head outline, yet the registration moves it by millimetres,
+# mostly outwards, and its first stage, allowed a scale (`cleaning.rigid.transform: similarity`),
+# finds the synthetic anatomy a few per cent smaller than the CT's. The geometric loss's two head
+# masks disagree (chapter 2): over the same anatomy the MR's threshold mask reaches about two pixels
+# beyond the windowed CT's, and held to the CT's outline the generator draws the anatomy inside
+# smaller. `openkbp-geo-offset` holds the synthetic MR to the CT mask grown by two pixels
+# (`cyclegan.geo_mask_offset_px: 2`). Its record ran on another CPU than the tier's (each record's
+# provenance names the device): bf16 numerics differ between CPUs, and the tier's own settings
+# rerun on that CPU with the same seed, and three U-Net seeds on each CycleGAN, put the offset's
+# change within the U-Net seeds' spread (numbers in the profile's comment; not recorded).
 
 # %%
 if study is not None:
