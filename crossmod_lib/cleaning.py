@@ -151,7 +151,7 @@ def cleaning_settings(profile: dict) -> dict:
     if not isinstance(profile, dict):
         raise CrossmodError(f"cleaning settings: expected a profile dict, got {type(profile).__name__}")
     if "outline_dice_threshold" in profile:
-        settings = dict(profile)
+        settings = {"rigid_transform": "euler", **profile}  # flat settings from before the option
     else:
         block = profile.get("cleaning")
         if not isinstance(block, dict):
@@ -167,7 +167,7 @@ def cleaning_settings(profile: dict) -> dict:
             "spatial_samples": block.get("spatial_samples"),
             "rigid_resolutions": block.get("rigid", {}).get("resolutions"),
             "rigid_iterations": block.get("rigid", {}).get("iterations"),
-            "rigid_transform": block.get("rigid", {}).get("transform", "euler"),
+            "rigid_transform": block.get("rigid", {}).get("transform"),
             "bspline_grid_spacing_mm": block.get("bspline", {}).get("grid_spacing_mm"),
             "bspline_min_grid_spacing_px": block.get("bspline", {}).get("min_grid_spacing_px"),
             "bspline_resolutions": block.get("bspline", {}).get("resolutions"),
@@ -235,7 +235,7 @@ def _check_settings(s: dict) -> None:
         raise CrossmodError(f"setting cleaning.register: expected true or false, got {s.get('register')!r}")
     if s.get("metric") not in METRICS:
         raise CrossmodError(f"setting cleaning.metric: expected one of {', '.join(METRICS)}, got {s.get('metric')!r}")
-    if s.setdefault("rigid_transform", "euler") not in RIGID_TRANSFORMS:
+    if s.get("rigid_transform") not in RIGID_TRANSFORMS:
         raise CrossmodError(f"setting cleaning.rigid.transform: expected one of {', '.join(RIGID_TRANSFORMS)}, "
                             f"got {s.get('rigid_transform')!r}")
     if s.get("optimizer") not in OPTIMIZERS:

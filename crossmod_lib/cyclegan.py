@@ -745,12 +745,12 @@ def geometric_targets(ct_masks: np.ndarray, mr_masks: np.ndarray,
     many pixels beyond the CT's: the synthetic MR is held to the CT mask grown by it, the
     synthetic CT to the MR mask shrunk by it (4-connected steps); < 0 the other way; 0: the masks
     as they are (the paper)."""
-    from scipy import ndimage
-
     ct_masks, mr_masks = np.asarray(ct_masks, bool), np.asarray(mr_masks, bool)
     k = int(offset_px)
     if k == 0:
         return ct_masks, mr_masks
+    from scipy import ndimage  # only here: the paper's path runs where torch and numpy are all there is
+
     step = np.zeros((3, 3, 3), dtype=bool)
     step[1] = ndimage.generate_binary_structure(2, 1)  # in-plane only: slices stay apart
 
