@@ -124,6 +124,7 @@ def _check_config(cfg: dict) -> None:
     need(len(bands) >= 1 and bands == sorted(bands) and all(0 < b < 255 for b in bands),
          "dr_bands must be increasing intensities in (0, 255)")
     need(0 <= cfg["dr_monotone_prob"] <= 1, "dr_monotone_prob must be in [0, 1]")
+    need(isinstance(cfg["augment"], bool), f"augment must be true or false, got {cfg['augment']!r}")
     need(isinstance(cfg["cross_modality_appearance"], bool),
          f"cross_modality_appearance must be true or false, got {cfg['cross_modality_appearance']!r}")
     need(cfg["seed"] is None or (isinstance(cfg["seed"], int) and not isinstance(cfg["seed"], bool)),

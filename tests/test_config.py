@@ -57,6 +57,9 @@ def test_openkbp_variants_change_only_what_they_name():
                  ("data", "mr_simulation"), ("preprocessing", "mr_background"), ("cyclegan", "epochs_constant"),
                  ("cyclegan", "epochs_decay"), ("segmentation", "epochs"), ("segmentation", "max_steps_per_epoch"),
                  ("segmentation", "cpu_bf16")},
+             "openkbp-8600-unet1600-augment": {
+                 ("cyclegan", "epochs_constant"), ("cyclegan", "epochs_decay"), ("segmentation", "epochs"),
+                 ("segmentation", "max_steps_per_epoch"), ("segmentation", "cpu_bf16"), ("segmentation", "augment")},
              "openkbp-8600-unet1600-appearance": {
                  ("cyclegan", "epochs_constant"), ("cyclegan", "epochs_decay"), ("segmentation", "epochs"),
                  ("segmentation", "max_steps_per_epoch"), ("segmentation", "cpu_bf16"),

@@ -812,3 +812,42 @@ def test_output_types_are_checked(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(CrossmodError, match="is a file"):
         seg.predict_path(stub_for(case), tmp_path / "mr.nii.gz", tmp_path / "file", settings())
+
+
+def test_augmentation_moves_image_and_labels_together_and_never_flips():
+    """The U-Nets' jitter (segmentation.augment, on in the openkbp tier) warps image and labels by
+    the same affine map within its stated ranges, keeps each gland on its own side, and is
+    reproducible from the generator."""
+    size = 64
+    x = torch.zeros(16, 1, size, size)
+    y = torch.zeros(16, size, size, dtype=torch.long)
+    x[:, :, 24:40, 8:24], y[:, 24:40, 8:24] = 1.0, 1  # one side's gland, bright
+    x[:, :, 24:40, 40:56], y[:, 24:40, 40:56] = 0.5, 2  # the other's, dimmer
+    xa, ya = seg.augment_batch(x, y, np.random.default_rng(3))
+    xb, yb = seg.augment_batch(x, y, np.random.default_rng(3))
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert not torch.equal(ya, y)  # it moved something
+    cols = torch.arange(size).float()
+    for label, side in ((1, lambda c: c < size / 2), (2, lambda c: c > size / 2)):
+        area = (ya == label).float().sum(dim=(1, 2))
+        # scale +-7 % changes an area by at most ~15 %; nothing lost at the crop's edge here
+        assert ((area > 0.8 * 256) & (area < 1.2 * 256)).all()
+        centre = ((ya == label).float() * cols).sum(dim=(1, 2)) / area
+        assert side(centre).all()  # never mirrored
+        # the image moved with its labels: inside the warped gland, the gland's own intensity
+        inside = xa[:, 0][ya == label]
+        assert inside.mean() > (0.6 if label == 1 else 0.3)
+    assert xa[:, 0][ya == 0].mean() < 0.1  # and outside, the background
+    with pytest.raises(CrossmodError, match="segmentation.augment must be true or false"):
+        seg.segmentation_config({"segmentation": {"augment": "yes"}})
+
+
+def test_training_with_augmentation_differs_and_stays_reproducible(tmp_path):
+    data = fake_slices()
+    plain = seg.train_unet(data, tmp_path / "plain", settings(epochs=1), progress=False)
+    jitter = seg.train_unet(data, tmp_path / "a", settings(epochs=1, augment=True), progress=False)
+    again = seg.train_unet(data, tmp_path / "b", settings(epochs=1, augment=True), progress=False)
+    weights = {name: seg.load_checkpoint(tmp_path / name / "last.pt")["model"] for name in ("plain", "a", "b")}
+    assert state_equal(weights["a"], weights["b"])
+    assert not state_equal(weights["plain"], weights["a"])
+    assert plain["epochs_run"] == jitter["epochs_run"] == again["epochs_run"] == 1
