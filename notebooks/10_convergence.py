@@ -410,6 +410,9 @@ else:
 # rerun on that CPU with the same seed, and three U-Net seeds on each CycleGAN, put the offset's
 # change within the U-Net seeds' spread (numbers in the profile's comment; not recorded). One pixel
 # (`openkbp-geo-offset-1px`, seed 2021, on the CPU of the offset's record) did worse than either.
+# `openkbp-ngf32-4300` asks whether the translator lacks capacity: the CycleGAN's widths doubled
+# (ngf / ndf 32) for half the iterations, about the tier's CycleGAN time (its reference column is
+# empty: the tier has no 4,300-iteration point).
 
 # %%
 if study is not None:
