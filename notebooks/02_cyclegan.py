@@ -87,6 +87,17 @@ print(f"profile {run.profile['name']}: ngf {settings['ngf']}, ndf {settings['ndf
 # synthetic MR to the CT mask grown by `k` pixels and the synthetic CT to the MR mask shrunk by `k`
 # (`crossmod_lib.cyclegan.geometric_targets`); chapter 10 measures the offset on the tier and
 # what it changes.
+#
+# **A structure loss inside the head (beyond the paper).** The geometric loss holds only the
+# outline; the cycle loss asks that the source can be recovered, not that its anatomy stays in
+# place in the translation. `cyclegan.lambda_mind` adds
+# $\lambda_{MIND}\big(\|\mathrm{MIND}(G_{MR}(x)) - \mathrm{MIND}(x)\|_1 + \|\mathrm{MIND}(G_{CT}(y)) - \mathrm{MIND}(y)\|_1\big)$,
+# each averaged over the source's head mask, as in the structure-constrained CycleGAN
+# {cite}`yang2018`. The modality independent neighbourhood descriptor {cite}`heinrich2012`
+# (`crossmod_lib.cyclegan.mind_descriptor`) says, for every pixel, how alike its small Gaussian
+# patch is to each of its 8 neighbours' patches, relative to the local contrast: an inverted or
+# rescaled intensity (CT's bright bone is dark on T2 MR) leaves it unchanged, an edge that moved
+# does not. 0 (the paper) switches it off; chapter 10 measures it on the tier.
 
 # %% [markdown]
 # ## The networks (Fig. 4)
@@ -123,7 +134,8 @@ summary, synthesis = stage["summary"], stage["synthesis"]
 print(f"{summary['iteration']} iterations ({summary['epochs_done']} epochs) in "
       f"{summary['seconds_total']:.0f} s on {summary['device']}")
 losses = pd.read_csv(run.cyclegan_dir / cyclegan.LOSSES_NAME)
-terms = [t for t in cyclegan.LOSS_TERMS if t in losses.columns and t != "G_total"]
+# terms switched off by the profile (identity, MIND structure loss) are logged as zeros: not drawn
+terms = [t for t in cyclegan.LOSS_TERMS if t in losses.columns and t != "G_total" and losses[t].any()]
 fig = plots.loss_curves(losses, terms)
 plots.save(fig, run, runs.Figures.CYCLEGAN_LOSSES)
 plt.show()

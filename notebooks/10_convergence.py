@@ -412,7 +412,14 @@ else:
 # (`openkbp-geo-offset-1px`, seed 2021, on the CPU of the offset's record) did worse than either.
 # `openkbp-ngf32-4300` asks whether the translator lacks capacity: the CycleGAN's widths doubled
 # (ngf / ndf 32) for half the iterations, about the tier's CycleGAN time (its reference column is
-# empty: the tier has no 4,300-iteration point).
+# empty: the tier has no 4,300-iteration point). `openkbp-mind` asks whether the translator moves
+# the anatomy inside the head, where the geometric loss does not look: a structure loss on both
+# translations (`cyclegan.lambda_mind: 5`, chapter 2; {cite}`heinrich2012`, {cite}`yang2018`). It
+# does what it asks: the synthetic MR then keeps its CT's structure in MIND's sense as closely as
+# the simulator's own MR of the same slices (the ideal translation) does. But its cross-modality
+# network loses to the tier's, and without the registration it loses far more (numbers in the
+# profile's comment): kept structure is not what the U-Net lacks; the parotid's appearance in the
+# synthetic MR is.
 
 # %%
 if study is not None:

@@ -146,3 +146,19 @@ def test_unknown_profile_and_invalid_yaml(tmp_path):
     bad.write_text("phantom: [unclosed\n")
     with pytest.raises(CrossmodError, match="not valid YAML"):
         load_profile(bad)
+
+
+@pytest.mark.parametrize("name, changed", [
+    ("openkbp-geo-offset", ["cyclegan.geo_mask_offset_px"]),
+    ("openkbp-geo-offset-1px", ["cyclegan.geo_mask_offset_px"]),
+    ("openkbp-mind", ["cyclegan.lambda_mind"]),
+])
+def test_tier_cyclegan_variants_change_only_what_they_name(name, changed):
+    """CycleGAN settings tried at the tier as it stands: the translator setting they name, and
+    only the cross-modality network trains (the baselines are the tier's)."""
+    from crossmod_lib.convergence import profile_budget, settings_differences, study_settings
+
+    variant, tier = load_profile(name), load_profile("openkbp")
+    assert settings_differences(variant, tier, ["convergence.models"]) == changed
+    assert study_settings(variant)["models"] == ["cross_modality"]
+    assert study_settings(variant)["budgets"] == [profile_budget(variant)] == [profile_budget(tier)]

@@ -874,3 +874,65 @@ def test_disc_augment_moves_each_slice_on_its_own_and_passes_gradients():
     cg.disc_augment(x, ["brightness", "contrast", "translation", "cutout"]).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     assert cg.disc_augment(x, []) is x
+
+
+def _smooth_field(seed: int, size: int = 40) -> torch.Tensor:
+    """A smooth random image [2, 1, size, size]: structure at a few pixels' scale."""
+    noise = torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(seed))
+    return cg._gaussian_blur(noise, 2.0)
+
+
+def test_mind_descriptor_ignores_contrast_but_not_moved_edges():
+    x = _smooth_field(0)
+    descriptor = cg.mind_descriptor(x)
+    assert descriptor.shape == (2, 8, 40, 40)
+    assert float(descriptor.amax(1).min()) == pytest.approx(1.0)     # each pixel's largest is 1
+    assert float(descriptor.min()) > 0
+    # CT -> T2 MR inverts contrasts: an inverted or rescaled image describes the same
+    for same in (-x, 3.0 * x + 0.5, 1.0 - 0.2 * x):
+        difference = (cg.mind_descriptor(same) - descriptor).abs()
+        assert float(difference.mean()) < 1e-3 and float(difference.max()) < 1e-2
+    moved = torch.roll(x, 2, dims=-1)
+    other = _smooth_field(1)
+    mask = torch.ones_like(x)
+    assert float(cg.mind_loss(-x, x, mask)) < 1e-4
+    moved_loss, other_loss = float(cg.mind_loss(moved, x, mask)), float(cg.mind_loss(other, x, mask))
+    assert 0.05 < moved_loss < other_loss
+    # only the mask's pixels count: a difference outside it costs nothing
+    changed = x.clone()
+    changed[..., :, 20:] = other[..., :, 20:]
+    left = torch.zeros_like(x)
+    left[..., :, :14] = 1      # beyond the descriptor's reach (patch radius 3 + 1 neighbour) of column 20
+    assert float(cg.mind_loss(changed, x, left)) < 1e-4
+    assert float(cg.mind_loss(changed, x, mask)) > 0.05
+
+
+def test_mind_loss_gradient_restores_the_source_structure():
+    """Descending the loss moves an unrelated image towards the source's edges (its contrast free)."""
+    source = _smooth_field(2)
+    image = _smooth_field(3).clone().requires_grad_(True)
+    mask = torch.ones_like(source)
+    optimiser = torch.optim.Adam([image], lr=0.02)
+    start = float(cg.mind_loss(image, source, mask))
+    for _ in range(150):
+        optimiser.zero_grad()
+        cg.mind_loss(image, source, mask).backward()
+        optimiser.step()
+    assert float(cg.mind_loss(image, source, mask)) < 0.5 * start
+
+
+def test_mind_loss_changes_training_logs_and_resumes_exactly(tiny_data, tmp_path):
+    ct, mr = tiny_data
+    structured = {**TINY, "lambda_mind": 2.0}
+    assert_changes_training_and_resumes_exactly(tiny_data, tmp_path, structured, split=4)
+    losses = np.genfromtxt(tmp_path / "whole" / cg.LOSSES_NAME, delimiter=",", names=True)
+    assert (losses["mind_CT"] > 0).all() and (losses["mind_MR"] > 0).all()
+    plain = np.genfromtxt(tmp_path / "plain" / cg.LOSSES_NAME, delimiter=",", names=True)
+    assert (plain["mind_CT"] == 0).all()                              # off: logged as zeros
+    assert cg.check_settings({})["lambda_mind"] == 0                  # the paper: no structure loss
+    with pytest.raises(CrossmodError, match="lambda_mind"):
+        cg.train(ct, mr, tmp_path / "part", TINY, 20.0, progress=False, resume=True)
+    with pytest.raises(CrossmodError, match="lambda_mind.*'cut' does not use it"):
+        cg.check_settings({**structured, "translator": "cut"})
+    with pytest.raises(CrossmodError, match="cyclegan.lambda_mind"):
+        cg.check_settings({**TINY, "lambda_mind": -1})
