@@ -117,7 +117,7 @@ _TRAINING_KEYS = (
     "lambda_geo", "geometric_loss", "mask_temperature", "pool_size", "init_gain", "seed",
     "head_threshold", "translator", "lambda_nce", "nce_patches", "nce_temperature", "nce_features",
     "random_crop_scale", "random_flip", "cycle_noise_sd", "upsampling", "disc_augment",
-    "geo_mask_offset_px", "lambda_mind",
+    "geo_mask_offset_px", "lambda_mind", "lambda_seg",
 )
 
 
@@ -139,7 +139,7 @@ def _changed_settings(old: dict, s: dict, ignore=()) -> list[str]:
 # ``geometric_loss`` is false (then computed without gradient), for the ablation.
 LOSS_TERMS = (
     "G_total", "G_adv_MR", "G_adv_CT", "cycle_CT", "cycle_MR", "identity_MR", "identity_CT",
-    "geo_CT", "geo_MR", "D_MR", "D_CT", "mind_CT", "mind_MR",
+    "geo_CT", "geo_MR", "D_MR", "D_CT", "mind_CT", "mind_MR", "seg_CT",
 )
 
 CHECKPOINT_NAME = TrainingFiles.CHECKPOINT
@@ -233,6 +233,10 @@ def check_settings(settings: dict, source: str = "cyclegan settings") -> dict:
                                                    f"got {s['translator']!r}")
     number("cycle_noise_sd", 0.0, 2.0)
     number("lambda_mind", 0.0)
+    number("lambda_seg", 0.0)
+    if s["lambda_seg"] > 0 and s["translator"] != "cyclegan":
+        raise _setting_error(source, "lambda_seg", f"is for the CycleGAN's CT -> MR generator; "
+                                                   f"translator {s['translator']!r} does not use it")
     if s["lambda_mind"] > 0 and s["translator"] != "cyclegan":
         raise _setting_error(source, "lambda_mind", f"is for the CycleGAN's two generators; "
                                                     f"translator {s['translator']!r} does not use it")
@@ -876,6 +880,29 @@ class ImagePool:
 # The model and one training iteration
 
 
+# The task network of ``lambda_seg``: a small U-Net (parotid vs background) on the synthetic MR.
+SEGMENTER_ARCH = {"base_features": 8, "levels": 4, "in_channels": 1, "classes": 2, "norm": "instance"}
+
+
+def build_segmenter() -> nn.Module:
+    """The CycleGAN's task network (``cyclegan.lambda_seg``): :data:`SEGMENTER_ARCH`."""
+    from .unet import UNet  # here: unet reaches back into this module for the CPU's bf16 check
+
+    return UNet(**SEGMENTER_ARCH)
+
+
+def task_loss(logits: torch.Tensor, parotid: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy plus the soft Dice loss of the parotid class: ``logits`` [B, 2, H, W] of the
+    segmenter, ``parotid`` [B, 1, H, W] (0/1, either gland). The Dice term keeps the small glands
+    (a few per cent of a slice) from drowning in the background's cross-entropy."""
+    logits = logits.float()
+    target = parotid[:, 0].long()
+    probability = torch.softmax(logits, 1)[:, 1]
+    hit = (probability * target).sum()
+    dice = (2.0 * hit + 1.0) / (probability.sum() + target.sum() + 1.0)
+    return F.cross_entropy(logits, target) + (1.0 - dice)
+
+
 class _GeneratorPair(nn.Module):
     """Both generators' passes of one iteration in one forward call (one DDP-synchronised unit).
 
@@ -884,9 +911,10 @@ class _GeneratorPair(nn.Module):
     separate calls.
     """
 
-    def __init__(self, g_mr, g_ct, identity: bool):
+    def __init__(self, g_mr, g_ct, identity: bool, segmenter=None):
         super().__init__()
         self.g_mr, self.g_ct, self.identity = g_mr, g_ct, identity
+        self.segmenter = segmenter
 
     def forward(self, ct, mr, noise_mr=None, noise_ct=None):
         b = ct.shape[0]
@@ -900,7 +928,8 @@ class _GeneratorPair(nn.Module):
         # by the caller, outside any compiled graph, so eager and compiled runs draw the same).
         rec_ct = self.g_ct(fake_mr if noise_mr is None else fake_mr + noise_mr)
         rec_mr = self.g_mr(fake_ct if noise_ct is None else fake_ct + noise_ct)
-        return fake_mr, rec_ct, fake_ct, rec_mr, idt_mr, idt_ct
+        segmented = self.segmenter(fake_mr) if self.segmenter is not None else None
+        return fake_mr, rec_ct, fake_ct, rec_mr, idt_mr, idt_ct, segmented
 
 
 class _DiscriminatorPair(nn.Module):
@@ -950,10 +979,13 @@ class CycleGAN:
         self.g_ct = init_weights(Generator(1, 1, s["ngf"], s["n_blocks"], s["upsampling"]), s["init_gain"])
         self.d_mr = init_weights(Discriminator(1, s["ndf"]), s["init_gain"])
         self.d_ct = init_weights(Discriminator(1, s["ndf"]), s["init_gain"])
+        self.segmenter = build_segmenter() if s["lambda_seg"] > 0 else None
         for net in self.networks.values():
             net.to(self.device, memory_format=self.memory_format)
         betas = (s["beta1"], s["beta2"])
-        self.opt_g = torch.optim.Adam(list(self.g_mr.parameters()) + list(self.g_ct.parameters()),
+        # the task network learns with the generators (one optimiser, one schedule)
+        task = list(self.segmenter.parameters()) if self.segmenter is not None else []
+        self.opt_g = torch.optim.Adam(list(self.g_mr.parameters()) + list(self.g_ct.parameters()) + task,
                                       lr=s["lr"], betas=betas)
         self.opt_d = torch.optim.Adam(list(self.d_mr.parameters()) + list(self.d_ct.parameters()),
                                       lr=s["lr"], betas=betas)
@@ -962,7 +994,7 @@ class CycleGAN:
         self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, lambda e: lr_factor(e, c, d))
         self.pool_mr = ImagePool(s["pool_size"])
         self.pool_ct = ImagePool(s["pool_size"])
-        self._generators = _GeneratorPair(self.g_mr, self.g_ct, s["lambda_identity"] > 0)
+        self._generators = _GeneratorPair(self.g_mr, self.g_ct, s["lambda_identity"] > 0, self.segmenter)
         self._discriminators = _DiscriminatorPair(self.d_mr, self.d_ct)
         if distributed:
             from torch.nn.parallel import DistributedDataParallel
@@ -987,7 +1019,10 @@ class CycleGAN:
 
     @property
     def networks(self) -> dict[str, nn.Module]:
-        return {"g_mr": self.g_mr, "g_ct": self.g_ct, "d_mr": self.d_mr, "d_ct": self.d_ct}
+        nets = {"g_mr": self.g_mr, "g_ct": self.g_ct, "d_mr": self.d_mr, "d_ct": self.d_ct}
+        if self.segmenter is not None:
+            nets["segmenter"] = self.segmenter
+        return nets
 
     def _autocast(self):
         if self.bf16:
@@ -1000,20 +1035,23 @@ class CycleGAN:
         return x.contiguous(memory_format=self.memory_format)
 
     def step(self, ct: torch.Tensor, mr: torch.Tensor, ct_mask: torch.Tensor,
-             mr_mask: torch.Tensor) -> torch.Tensor:
+             mr_mask: torch.Tensor, ct_parotid: torch.Tensor | None = None) -> torch.Tensor:
         """One iteration: update both generators, then both discriminators.
 
         ``ct``, ``mr`` [B, 1, H, W] in [-1, 1]; ``ct_mask``, ``mr_mask`` their binary head masks
-        (same shape). Returns the detached loss values in :data:`LOSS_TERMS` order (no GPU sync).
+        (same shape); ``ct_parotid`` the CT slices' parotid masks (0/1, same shape; needed with
+        ``lambda_seg``). Returns the detached loss values in :data:`LOSS_TERMS` order (no GPU sync).
         With ``compile``, a graph that fails to compile (no C compiler, say) runs eagerly instead,
         with torch's warning: the same mathematics, only slower.
         """
+        if self.segmenter is not None and ct_parotid is None:
+            raise CrossmodError("cyclegan.lambda_seg: the training step needs the CT slices' parotid masks")
         if not self.compiled:
-            return self._step(ct, mr, ct_mask, mr_mask)
+            return self._step(ct, mr, ct_mask, mr_mask, ct_parotid)
         import torch._dynamo
 
         with torch._dynamo.config.patch(suppress_errors=True):
-            return self._step(ct, mr, ct_mask, mr_mask)
+            return self._step(ct, mr, ct_mask, mr_mask, ct_parotid)
 
     def _seen(self, images: torch.Tensor, augments) -> torch.Tensor:
         """What a discriminator sees of ``images``: as they are, or augmented (``disc_augment``)."""
@@ -1021,7 +1059,7 @@ class CycleGAN:
             return images
         return disc_augment(images, augments).contiguous(memory_format=self.memory_format)
 
-    def _step(self, ct, mr, ct_mask, mr_mask) -> torch.Tensor:
+    def _step(self, ct, mr, ct_mask, mr_mask, ct_parotid=None) -> torch.Tensor:
         s, b = self.settings, ct.shape[0]
         zero = torch.zeros((), device=self.device)
         _set_requires_grad((self.d_mr, self.d_ct), False)
@@ -1034,7 +1072,7 @@ class CycleGAN:
             noise = tuple(torch.randn(x.shape, device=self.device).contiguous(
                 memory_format=self.memory_format) * s["cycle_noise_sd"] for x in (ct, mr))
         with self._autocast():
-            fake_mr, rec_ct, fake_ct, rec_mr, idt_mr, idt_ct = self._generators(ct, mr, *noise)
+            fake_mr, rec_ct, fake_ct, rec_mr, idt_mr, idt_ct, segmented = self._generators(ct, mr, *noise)
         fake_mr, rec_ct, fake_ct, rec_mr = (t.float() for t in (fake_mr, rec_ct, fake_ct, rec_mr))
         augments = s["disc_augment"]
         with self._autocast():
@@ -1064,6 +1102,11 @@ class CycleGAN:
             loss_g = loss_g + s["lambda_mind"] * (mind_ct + mind_mr)
         else:
             mind_ct = mind_mr = zero
+        if segmented is not None:  # beyond the paper: the CT's parotids must be findable in its synthetic MR
+            seg_ct = task_loss(segmented, ct_parotid)
+            loss_g = loss_g + s["lambda_seg"] * seg_ct
+        else:
+            seg_ct = zero
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         self.opt_g.step()
@@ -1083,7 +1126,7 @@ class CycleGAN:
         (d_mr + d_ct).backward()
         self.opt_d.step()
         return torch.stack([loss_g, adv_mr, adv_ct, cycle_ct, cycle_mr, identity_mr, identity_ct,
-                            geo_ct, geo_mr, d_mr, d_ct, mind_ct, mind_mr]).detach()
+                            geo_ct, geo_mr, d_mr, d_ct, mind_ct, mind_mr, seg_ct]).detach()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1351,7 +1394,8 @@ def train(ct_npz, mr_npz, out_dir, settings: dict, head_threshold: float, resume
     """
     s = check_settings({**settings, "head_threshold": float(head_threshold)})
     out_dir = Path(out_dir)
-    ct = _load_slices(ct_npz, "CT")
+    # the task loss (lambda_seg) needs the CT's contours; the CycleGAN itself never does
+    ct = _load_slices(ct_npz, "CT", ("image", "head_mask", "labels") if s["lambda_seg"] > 0 else ("image", "head_mask"))
     mr = _load_slices(mr_npz, "MR")
     if ct["image"].shape[1:] != mr["image"].shape[1:]:
         raise CrossmodError(f"{mr_npz}: MR slices are {list(mr['image'].shape[1:])}, CT slices "
@@ -1458,9 +1502,12 @@ def _train(ct, mr, out_dir, s, resume, progress, max_iterations, device, world, 
     mr_images = torch.from_numpy(mr["image"])
     ct_target, mr_target = geometric_targets(ct["head_mask"], mr["head_mask"], s["geo_mask_offset_px"])
     ct_masks, mr_masks = torch.from_numpy(ct_target), torch.from_numpy(mr_target)
+    # either gland is "parotid" for the task network, so a mirrored slice keeps its meaning
+    ct_parotids = torch.from_numpy(ct["labels"] > 0) if "labels" in ct else None
     if cuda:   # uint8 slices and boolean masks: about 1.3 GB for the paper's ~10,000 CT slices
         ct_images, ct_masks, mr_images, mr_masks = (
             t.to(device) for t in (ct_images, ct_masks, mr_images, mr_masks))
+        ct_parotids = ct_parotids.to(device) if ct_parotids is not None else None
 
     def checkpoint_now():
         state["elapsed"] = base_elapsed + time.perf_counter() - started
@@ -1527,14 +1574,20 @@ def _train(ct, mr, out_dir, s, resume, progress, max_iterations, device, world, 
                     index, mr_index = index.to(device), mr_index.to(device)
                 ct, mr = model.prepare(ct_images[index]), model.prepare(mr_images[mr_index])
                 ct_mask, mr_mask = ct_masks[index].unsqueeze(1), mr_masks[mr_index].unsqueeze(1)
+                ct_parotid = ct_parotids[index].unsqueeze(1) if ct_parotids is not None else None
                 if jitter:
                     # Seeded by the iteration itself, so a resumed run draws the same crops.
                     crops = torch.Generator().manual_seed(s["seed"] * 1_000_003 + state["iteration"] * 64 + rank)
-                    ct, ct_mask = jitter_batch(ct, ct_mask, crops, s["random_crop_scale"], s["random_flip"])
+                    if ct_parotid is None:
+                        ct, ct_mask = jitter_batch(ct, ct_mask, crops, s["random_crop_scale"], s["random_flip"])
+                    else:  # the parotid masks cropped and mirrored with their slices
+                        ct, both = jitter_batch(ct, torch.cat((ct_mask, ct_parotid), 1), crops,
+                                                s["random_crop_scale"], s["random_flip"])
+                        ct_mask, ct_parotid = both[:, :1], both[:, 1:]
                     mr, mr_mask = jitter_batch(mr, mr_mask, crops, s["random_crop_scale"], s["random_flip"])
                     ct = ct.contiguous(memory_format=model.memory_format)
                     mr = mr.contiguous(memory_format=model.memory_format)
-                losses = model.step(ct, mr, ct_mask, mr_mask)
+                losses = model.step(ct, mr, ct_mask, mr_mask, ct_parotid)
                 state["iteration_in_epoch"] += 1
                 state["iteration"] += 1
                 log.add(state["epoch"] + 1, state["iteration"], losses, lr,
@@ -1903,17 +1956,22 @@ def training_throughput(settings: dict, size: int, device, batch: int, *, bf16: 
     mr = model.prepare(images[-batch:])
     ct_mask = masks[:batch].to(device).unsqueeze(1)
     mr_mask = masks[-batch:].to(device).unsqueeze(1)
+    # with lambda_seg: a parotid-sized square on each CT slice for the task network
+    parotid = None
+    if model.segmenter is not None:
+        parotid = torch.zeros_like(ct_mask)
+        parotid[..., size // 2:size // 2 + size // 8, size // 4:size // 4 + size // 8] = True
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
     for _ in range(warmup):
-        model.step(ct, mr, ct_mask, mr_mask)
+        model.step(ct, mr, ct_mask, mr_mask, parotid)
     sync()
     started = time.perf_counter()
     for _ in range(iterations):
-        model.step(ct, mr, ct_mask, mr_mask)
+        model.step(ct, mr, ct_mask, mr_mask, parotid)
     sync()
     return iterations * batch / (time.perf_counter() - started)
 

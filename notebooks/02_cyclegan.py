@@ -98,6 +98,16 @@ print(f"profile {run.profile['name']}: ngf {settings['ngf']}, ndf {settings['ndf
 # patch is to each of its 8 neighbours' patches, relative to the local contrast: an inverted or
 # rescaled intensity (CT's bright bone is dark on T2 MR) leaves it unchanged, an edge that moved
 # does not. 0 (the paper) switches it off; chapter 10 measures it on the tier.
+#
+# **A task loss (beyond the paper).** The paper trains the translator and then, separately, the
+# U-Net on its output. `cyclegan.lambda_seg` joins them for the CT → MR direction, as SynSeg-Net
+# does {cite}`huo2019`: a small U-Net (`crossmod_lib.cyclegan.build_segmenter`) learns with the
+# generators to find the CT's parotids (either gland, against background) in their synthetic MR,
+# and its loss (cross-entropy plus soft Dice, `task_loss`), weighted $\lambda_{seg}$, also reaches
+# $G_{MR}$: the generator is asked to draw the glands where the CT's contours put them, and in a
+# way the discriminator accepts as MR. The small network is discarded after training; the rest
+# of the pipeline (cleaning, the cross-modality U-Net) is the paper's. It is the only part of the
+# CycleGAN that reads the CT's contours. 0 (the paper) switches it off; chapter 10 measures it.
 
 # %% [markdown]
 # ## The networks (Fig. 4)

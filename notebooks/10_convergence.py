@@ -419,7 +419,11 @@ else:
 # the simulator's own MR of the same slices (the ideal translation) does. But its cross-modality
 # network loses to the tier's, and without the registration it loses far more (numbers in the
 # profile's comment): kept structure is not what the U-Net lacks; the parotid's appearance in the
-# synthetic MR is.
+# synthetic MR is. `openkbp-seg` asks for that appearance directly: a task loss on the CT → MR
+# generator (`cyclegan.lambda_seg: 1`, chapter 2; SynSeg-Net, {cite}`huo2019`) makes the CT's
+# parotids findable in their synthetic MR by a small network trained alongside. The generator
+# obliges that network, but its cross-modality U-Net does worse still on the real MR: what the
+# task network reads in the synthetic MR is not what the real MR shows.
 
 # %%
 if study is not None:

@@ -152,6 +152,7 @@ def test_unknown_profile_and_invalid_yaml(tmp_path):
     ("openkbp-geo-offset", ["cyclegan.geo_mask_offset_px"]),
     ("openkbp-geo-offset-1px", ["cyclegan.geo_mask_offset_px"]),
     ("openkbp-mind", ["cyclegan.lambda_mind"]),
+    ("openkbp-seg", ["cyclegan.lambda_seg"]),
 ])
 def test_tier_cyclegan_variants_change_only_what_they_name(name, changed):
     """CycleGAN settings tried at the tier as it stands: the translator setting they name, and

@@ -913,12 +913,12 @@ def test_mind_loss_gradient_restores_the_source_structure():
     image = _smooth_field(3).clone().requires_grad_(True)
     mask = torch.ones_like(source)
     optimiser = torch.optim.Adam([image], lr=0.02)
-    start = float(cg.mind_loss(image, source, mask))
+    start = float(cg.mind_loss(image.detach(), source, mask))
     for _ in range(150):
         optimiser.zero_grad()
         cg.mind_loss(image, source, mask).backward()
         optimiser.step()
-    assert float(cg.mind_loss(image, source, mask)) < 0.5 * start
+    assert float(cg.mind_loss(image.detach(), source, mask)) < 0.5 * start
 
 
 def test_mind_loss_changes_training_logs_and_resumes_exactly(tiny_data, tmp_path):
@@ -936,3 +936,64 @@ def test_mind_loss_changes_training_logs_and_resumes_exactly(tiny_data, tmp_path
         cg.check_settings({**structured, "translator": "cut"})
     with pytest.raises(CrossmodError, match="cyclegan.lambda_mind"):
         cg.check_settings({**TINY, "lambda_mind": -1})
+
+
+def test_task_loss_rewards_finding_the_parotids():
+    parotid = torch.zeros(2, 1, 16, 16)
+    parotid[..., 4:8, 4:8] = 1
+    right = torch.cat((1 - parotid, parotid), 1) * 20.0 - 10.0     # confident and right
+    wrong = -right
+    assert float(cg.task_loss(right, parotid)) < 1e-3
+    assert float(cg.task_loss(wrong, parotid)) > 5.0
+    # the Dice term: missing the small glands costs ~1 even where the cross-entropy is small
+    background = torch.cat((torch.full_like(parotid, 3.0), torch.full_like(parotid, -3.0)), 1)
+    assert float(cg.task_loss(background, parotid)) > 0.9
+
+
+def test_task_loss_reaches_the_ct_to_mr_generator_only():
+    """One step with and without ``lambda_seg`` from the same initial networks: the task loss
+    changes G_MR (whose synthetic MR the task network reads), not G_CT."""
+    images, masks = cg._synthetic_heads(4, 32, seed=0)
+    parotid = torch.zeros(2, 1, 32, 32, dtype=torch.bool)
+    parotid[..., 16:20, 8:12] = True
+    after = {}
+    for weight in (0.0, 5.0):
+        torch.manual_seed(3)
+        model = cg.CycleGAN({**TINY, "lambda_seg": weight}, 20.0, "cpu",
+                            draw_generator=torch.Generator().manual_seed(0))
+        losses = model.step(model.prepare(images[:2]), model.prepare(images[2:]),
+                            masks[:2].unsqueeze(1), masks[2:].unsqueeze(1), parotid)
+        after[weight] = {name: [p.detach().clone() for p in net.parameters()]
+                         for name, net in model.networks.items()}
+        seg = losses[cg.LOSS_TERMS.index("seg_CT")]
+        assert (float(seg) > 0) == (weight > 0)
+        if weight:
+            with pytest.raises(CrossmodError, match="lambda_seg.*parotid masks"):
+                model.step(model.prepare(images[:2]), model.prepare(images[2:]),
+                           masks[:2].unsqueeze(1), masks[2:].unsqueeze(1))
+    same = lambda name: all(torch.equal(a, b) for a, b in zip(after[0.0][name], after[5.0][name]))  # noqa: E731
+    assert not same("g_mr") and same("g_ct") and "segmenter" in after[5.0] and "segmenter" not in after[0.0]
+
+
+def test_task_loss_changes_training_and_resumes_exactly(tiny_data, tmp_path):
+    ct, mr = tiny_data
+    tasked = {**TINY, "lambda_seg": 1.0}
+    assert_changes_training_and_resumes_exactly(tiny_data, tmp_path, tasked, split=4)
+    losses = np.genfromtxt(tmp_path / "whole" / cg.LOSSES_NAME, delimiter=",", names=True)
+    assert (losses["seg_CT"] > 0).all()
+    assert cg.check_settings({})["lambda_seg"] == 0                   # the paper: no task loss
+    with pytest.raises(CrossmodError, match="lambda_seg"):
+        cg.train(ct, mr, tmp_path / "part", TINY, 20.0, progress=False, resume=True)
+    with pytest.raises(CrossmodError, match="lambda_seg.*'fastcut' does not use it"):
+        cg.check_settings({**tasked, "translator": "fastcut"})
+    # with the reference's crop and mirror the parotid masks move with their slices
+    jittered = {**tasked, "random_crop_scale": 1.25, "random_flip": True}
+    cg.train(ct, mr, tmp_path / "jittered", jittered, 20.0, progress=False, max_iterations=2)
+    # CT slices without contours cannot train it: one line naming the file
+    unlabelled = tmp_path / "unlabelled.npz"
+    arrays = dict(np.load(ct))
+    del arrays["labels"]
+    np.savez(unlabelled, **arrays)
+    with pytest.raises(CrossmodError, match="unlabelled.npz.*labels"):
+        cg.train(unlabelled, mr, tmp_path / "none", tasked, 20.0, progress=False)
+    cg.train(unlabelled, mr, tmp_path / "plain", TINY, 20.0, progress=False, max_iterations=1)
