@@ -175,9 +175,10 @@ class CUT:
         return torch.stack(losses).mean()
 
     def step(self, ct: torch.Tensor, mr: torch.Tensor, ct_mask: torch.Tensor,
-             mr_mask: torch.Tensor) -> torch.Tensor:
+             mr_mask: torch.Tensor, ct_parotid: torch.Tensor | None = None) -> torch.Tensor:
         """One iteration: generator and heads, then the discriminator. Returns the detached
-        values of :data:`LOSS_TERMS` (``mr_mask`` is not used: one direction only)."""
+        values of :data:`LOSS_TERMS` (``mr_mask`` is not used: one direction only; nor is
+        ``ct_parotid``, the CycleGAN's task-loss input, which the settings refuse for CUT)."""
         s, b = self.settings, ct.shape[0]
         zero = torch.zeros((), device=self.device)
         cg._set_requires_grad((self.d_mr,), False)
