@@ -232,14 +232,12 @@ def check_settings(settings: dict, source: str = "cyclegan settings") -> dict:
         raise _setting_error(source, "translator", f"must be one of {', '.join(TRANSLATORS)}, "
                                                    f"got {s['translator']!r}")
     number("cycle_noise_sd", 0.0, 2.0)
-    number("lambda_mind", 0.0)
-    number("lambda_seg", 0.0)
-    if s["lambda_seg"] > 0 and s["translator"] != "cyclegan":
-        raise _setting_error(source, "lambda_seg", f"is for the CycleGAN's CT -> MR generator; "
-                                                   f"translator {s['translator']!r} does not use it")
-    if s["lambda_mind"] > 0 and s["translator"] != "cyclegan":
-        raise _setting_error(source, "lambda_mind", f"is for the CycleGAN's two generators; "
-                                                    f"translator {s['translator']!r} does not use it")
+    # loss terms of the CycleGAN alone: weights >= 0, and refused for a translator without them
+    for key, used_by in (("lambda_mind", "two generators"), ("lambda_seg", "CT -> MR generator")):
+        number(key, 0.0)
+        if s[key] > 0 and s["translator"] != "cyclegan":
+            raise _setting_error(source, key, f"is for the CycleGAN's {used_by}; "
+                                              f"translator {s['translator']!r} does not use it")
     offset = s["geo_mask_offset_px"]
     if isinstance(offset, bool) or not isinstance(offset, int) or abs(offset) > 8:
         raise _setting_error(source, "geo_mask_offset_px", f"must be an integer from -8 to 8, got {offset!r}")

@@ -478,6 +478,18 @@ def test_a_constant_rate_trunk_lengthened_onto_itself_equals_the_longer_trunk(ti
     assert logged("trunk") == logged("whole")
 
 
+def assert_refused_where_it_does_not_apply(tiny_data, tmp_path, key, value, bad, not_for):
+    """A CycleGAN-only training setting ``key`` set to ``value``: a run started with it does not
+    resume without it, CUT refuses it (``not_for``: the message's tail) and ``bad`` is refused."""
+    ct, mr = tiny_data
+    with pytest.raises(CrossmodError, match=key):
+        cg.train(ct, mr, tmp_path / "part", TINY, 20.0, progress=False, resume=True)
+    with pytest.raises(CrossmodError, match=f"{key}.*{not_for}"):
+        cg.check_settings({**TINY, key: value, "translator": not_for.split("'")[1]})
+    with pytest.raises(CrossmodError, match=f"cyclegan.{key}"):
+        cg.check_settings({**TINY, key: bad})
+
+
 def assert_changes_training_and_resumes_exactly(tiny_data, tmp_path, settings, split, part="part"):
     """A training option draws random numbers: it changes the weights against TINY, and a run
     stopped after ``split`` iterations and resumed ends bit-identical to one run through."""
@@ -491,15 +503,9 @@ def assert_changes_training_and_resumes_exactly(tiny_data, tmp_path, settings, s
 
 
 def test_cycle_noise_changes_training_and_resumes_exactly(tiny_data, tmp_path):
-    ct, mr = tiny_data
     noisy = {**TINY, "cycle_noise_sd": 0.3}
     assert_changes_training_and_resumes_exactly(tiny_data, tmp_path, noisy, split=4)
-    with pytest.raises(CrossmodError, match="cycle_noise_sd"):
-        cg.train(ct, mr, tmp_path / "part", TINY, 20.0, progress=False, resume=True)
-    with pytest.raises(CrossmodError, match="cycle_noise_sd.*'cut' has none"):
-        cg.check_settings({**noisy, "translator": "cut"})
-    with pytest.raises(CrossmodError, match="cycle_noise_sd"):
-        cg.check_settings({**TINY, "cycle_noise_sd": -0.1})
+    assert_refused_where_it_does_not_apply(tiny_data, tmp_path, "cycle_noise_sd", 0.3, -0.1, "'cut' has none")
 
 
 def test_branch_refuses_what_a_fresh_run_would_not_have_done(tiny_data, tmp_path):
@@ -922,7 +928,6 @@ def test_mind_loss_gradient_restores_the_source_structure():
 
 
 def test_mind_loss_changes_training_logs_and_resumes_exactly(tiny_data, tmp_path):
-    ct, mr = tiny_data
     structured = {**TINY, "lambda_mind": 2.0}
     assert_changes_training_and_resumes_exactly(tiny_data, tmp_path, structured, split=4)
     losses = np.genfromtxt(tmp_path / "whole" / cg.LOSSES_NAME, delimiter=",", names=True)
@@ -930,12 +935,7 @@ def test_mind_loss_changes_training_logs_and_resumes_exactly(tiny_data, tmp_path
     plain = np.genfromtxt(tmp_path / "plain" / cg.LOSSES_NAME, delimiter=",", names=True)
     assert (plain["mind_CT"] == 0).all()                              # off: logged as zeros
     assert cg.check_settings({})["lambda_mind"] == 0                  # the paper: no structure loss
-    with pytest.raises(CrossmodError, match="lambda_mind"):
-        cg.train(ct, mr, tmp_path / "part", TINY, 20.0, progress=False, resume=True)
-    with pytest.raises(CrossmodError, match="lambda_mind.*'cut' does not use it"):
-        cg.check_settings({**structured, "translator": "cut"})
-    with pytest.raises(CrossmodError, match="cyclegan.lambda_mind"):
-        cg.check_settings({**TINY, "lambda_mind": -1})
+    assert_refused_where_it_does_not_apply(tiny_data, tmp_path, "lambda_mind", 2.0, -1, "'cut' does not use it")
 
 
 def test_task_loss_rewards_finding_the_parotids():
@@ -982,10 +982,7 @@ def test_task_loss_changes_training_and_resumes_exactly(tiny_data, tmp_path):
     losses = np.genfromtxt(tmp_path / "whole" / cg.LOSSES_NAME, delimiter=",", names=True)
     assert (losses["seg_CT"] > 0).all()
     assert cg.check_settings({})["lambda_seg"] == 0                   # the paper: no task loss
-    with pytest.raises(CrossmodError, match="lambda_seg"):
-        cg.train(ct, mr, tmp_path / "part", TINY, 20.0, progress=False, resume=True)
-    with pytest.raises(CrossmodError, match="lambda_seg.*'fastcut' does not use it"):
-        cg.check_settings({**tasked, "translator": "fastcut"})
+    assert_refused_where_it_does_not_apply(tiny_data, tmp_path, "lambda_seg", 1.0, -1, "'fastcut' does not use it")
     # with the reference's crop and mirror the parotid masks move with their slices
     jittered = {**tasked, "random_crop_scale": 1.25, "random_flip": True}
     cg.train(ct, mr, tmp_path / "jittered", jittered, 20.0, progress=False, max_iterations=2)
